@@ -1,0 +1,58 @@
+"""Shared test fixtures. Tests are small and CPU-only; the real data in ../shared is optional."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LA_DIR = SHARED / "data" / "la"
+MONUSEG_DIR = SHARED / "data" / "monuseg"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+@pytest.fixture
+def la_dir() -> Path:
+    if not (LA_DIR / "train.list").exists():
+        pytest.skip("real LA data not available at ../shared/data/la")
+    return LA_DIR
+
+
+@pytest.fixture
+def monuseg_dir() -> Path:
+    if not (MONUSEG_DIR / "Train_Folder").exists():
+        pytest.skip("real MoNuSeg data not available at ../shared/data/monuseg")
+    return MONUSEG_DIR
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run `textseg ARGS` in-process; return (exit code, combined output)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from textseg_cli import console as console_mod
+    from textseg_cli.cli import run
+
+    buf = io.StringIO()
+    old_out, old_err = console_mod.console.file, console_mod.err_console.file
+    console_mod.console.file = buf
+    console_mod.err_console.file = buf
+    try:
+        with redirect_stdout(buf), redirect_stderr(buf):
+            code = run([str(a) for a in args])
+    finally:
+        console_mod.console.file, console_mod.err_console.file = old_out, old_err
+    return code, buf.getvalue()

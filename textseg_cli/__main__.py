@@ -1,0 +1,3 @@
+from textseg_cli.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""The `textseg` command: thin Typer commands over the Python API (see textseg_cli.api)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import click
+import typer
+
+from textseg_cli import __version__
+from textseg_cli.console import console, err_console
+from textseg_cli.errors import TextsegError
+
+app = typer.Typer(
+    name="textseg",
+    help="Text-guided semi-supervised medical image segmentation: prep → describe → encode → train → eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+prep_app = typer.Typer(help="Prepare a data set into textseg's prepared format (NIfTI + dataset.json).",
+                       no_args_is_help=True)
+app.add_typer(prep_app, name="prep")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"textseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    if debug:
+        os.environ["TEXTSEG_DEBUG"] = "1"
+
+
+# Each module registers its commands on `app` / `prep_app` when imported; add new ones here.
+_COMMAND_MODULES: list[str] = [
+]
+for _mod in _COMMAND_MODULES:
+    importlib.import_module(f"textseg_cli.cli.{_mod}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process and return the exit code (errors print one line, no traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TEXTSEG_DEBUG") == "1"
+    try:
+        rv = app(args=argv, prog_name="textseg", standalone_mode=False)
+        return int(rv) if isinstance(rv, int) else 0
+    except TextsegError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("[yellow]aborted[/]")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as exc:  # unexpected: still one line unless --debug
+        if debug:
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        return 1
+    finally:
+        os.environ.pop("TEXTSEG_DEBUG", None) if "--debug" in argv else None
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,107 @@
+"""Reading and writing volumes.
+
+Arrays are kept in (x, y, z) order as the h5 files of the semi-supervised literature store them;
+NIfTI files carry the spacing in their affine (diagonal, origin 0 unless a source gives one).
+Multi-channel images are stored as 4D NIfTI with channels last and returned channels first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from textseg_cli.errors import DataError
+from textseg_cli.utils import atomic_path
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (x, y, z) or (C, x, y, z) for images read with channels
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] | None = None  # flattened 3x3, row-major, LPS as SimpleITK gives
+
+
+def affine_from(spacing, origin=(0.0, 0.0, 0.0), direction=None) -> np.ndarray:
+    aff = np.eye(4)
+    d = np.eye(3) if direction is None else np.asarray(direction, dtype=float).reshape(3, 3)
+    aff[:3, :3] = d * np.asarray(spacing[:3], dtype=float)[None, :]
+    aff[:3, 3] = np.asarray(origin[:3], dtype=float)
+    return aff
+
+
+def write_nifti(path: str | Path, array: np.ndarray, spacing, origin=(0.0, 0.0, 0.0), direction=None) -> None:
+    """Write atomically; `array` is (x, y, z[, C]) for 3D or (x, y[, C]) for 2D."""
+    import nibabel as nib
+
+    sp = list(spacing) + [1.0] * (3 - len(spacing))
+    img = nib.Nifti1Image(np.asarray(array), affine_from(sp, origin, direction))
+    img.header.set_zooms(tuple(sp[: min(3, array.ndim)]) + (1.0,) * max(0, array.ndim - 3))
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, str(tmp))
+
+
+def read_nifti(path: str | Path, dtype=None) -> Volume:
+    """Read a NIfTI file fully into memory; a truncated or corrupt file raises DataError naming it."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path)
+    try:
+        img = nib.load(str(path))
+        arr = np.asarray(img.dataobj)
+        if dtype is not None:
+            arr = arr.astype(dtype, copy=False)
+    except Exception as exc:  # nibabel raises several types for truncated gzip / bad headers
+        raise DataError(f"unreadable NIfTI ({type(exc).__name__}: {exc})", path) from exc
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    aff = img.affine
+    origin = tuple(float(v) for v in aff[:3, 3])
+    return Volume(arr, zooms, origin)
+
+
+def read_h5(path: str | Path, keys=("image", "label")) -> dict[str, np.ndarray]:
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path)
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise DataError(f"missing dataset(s) {missing}; found {sorted(f.keys())}", path)
+            return {k: f[k][()] for k in keys}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"unreadable HDF5 ({type(exc).__name__}: {exc})", path) from exc
+
+
+def read_sitk(path: str | Path) -> Volume:
+    """Read any format SimpleITK knows (nrrd, mha, nii, single DICOM) into (x, y, z) order."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as exc:
+        raise DataError(f"unreadable image ({exc.__class__.__name__}: {str(exc).strip().splitlines()[-1]})", path) from exc
+    return sitk_to_volume(img)
+
+
+def sitk_to_volume(img) -> Volume:
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x[, C])
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        arr = np.moveaxis(arr, -1, 0)  # (C, z, y, x)
+        arr = np.ascontiguousarray(np.transpose(arr, (0,) + tuple(range(arr.ndim - 1, 0, -1))))
+    else:
+        arr = np.ascontiguousarray(np.transpose(arr, tuple(range(arr.ndim - 1, -1, -1))))
+    return Volume(arr, tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))

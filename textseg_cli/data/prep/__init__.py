@@ -1,0 +1,1 @@
+"""Preparers: turn a download (or a generator) into a prepared folder (see data/prepared.py)."""

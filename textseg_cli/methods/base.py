@@ -1,0 +1,117 @@
+"""The contract between a training method and the engine.
+
+The engine owns data loading, the optimiser and schedule, the loop, AMP, checkpoints, logging and
+validation. A method owns its networks (as sub-modules, so `state_dict()` checkpoints all of them,
+EMA teachers included), its training step and its losses, and how it predicts at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+from textseg_cli.errors import ConfigError
+
+
+@dataclass
+class Batch:
+    """One two-stream batch. Spatial dims are (x, y, z) for 3D and (x, y) for 2D."""
+
+    image_l: torch.Tensor  # (Bl, C, *spatial) float
+    label_l: torch.Tensor  # (Bl, *spatial) long class indices
+    image_u: torch.Tensor  # (Bu, C, *spatial) float; Bu may be 0
+    ids_l: Sequence[str] = ()
+    ids_u: Sequence[str] = ()
+    text_l: Sequence[str] | None = None  # per-case texts (2D referring data sets)
+    text_u: Sequence[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
+        mv = lambda t: t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Batch(mv(self.image_l), mv(self.label_l), mv(self.image_u), self.ids_l, self.ids_u, self.text_l,
+                     self.text_u, {k: mv(v) for k, v in self.extra.items()})
+
+
+@dataclass
+class StepContext:
+    iteration: int  # 0-based index of the step being computed
+    max_iterations: int
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, `paper`, and implement `training_step` and `predict_logits`."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs_unlabeled: ClassVar[bool] = True
+
+    def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.dim = dim
+        self.context = context  # e.g. text embeddings, dataset class names
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Return a dict with 'loss' (the total to back-propagate) and any scalars to log."""
+        raise NotImplementedError
+
+    def on_after_optimizer_step(self, ctx: StepContext) -> None:
+        """Hook for EMA teachers and the like."""
+
+    def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
+        """Network output at inference, (B, K, *spatial), as logits."""
+        raise NotImplementedError
+
+    def predict_proba(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
+        return torch.softmax(self.predict_logits(x, decoder).float(), dim=1)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameters the optimiser updates (frozen towers and EMA teachers excluded)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks that `textseg models` counts (name → module)."""
+        return {n: m for n, m in self.named_children()}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def _import_all() -> None:
+    import importlib
+
+    for mod in _METHOD_MODULES:
+        importlib.import_module(mod)
+
+
+# Modules that call @register_method; add new ones here.
+_METHOD_MODULES: list[str] = []
+
+
+def list_methods() -> dict[str, type[Method]]:
+    _import_all()
+    return dict(sorted(METHODS.items()))
+
+
+def build_method(name: str, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3,
+                 **context: Any) -> Method:
+    methods = list_methods()
+    if name not in methods:
+        raise ConfigError(f"unknown method '{name}'; available: {', '.join(methods)}")
+    return methods[name](cfg, in_channels, num_classes, dim=dim, **context)
