@@ -1,0 +1,116 @@
+"""Text-fusion modules and text-guided losses: shapes, text sensitivity, hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from textseg_cli.methods.text_losses import (ProjectionHead, csa_loss, dca_mix, dlb_pseudo_label, dlb_weights,
+                                             usl_loss, vtcm_loss)
+from textseg_cli.models.text_fusion import TMR, VWPM, RepeatTextFusion, TextInjection
+
+
+@pytest.fixture
+def fv():
+    torch.manual_seed(0)
+    return torch.randn(2, 32, 4, 5, 3)
+
+
+def test_tmr_shape_and_text_changes_output(fv):
+    tmr = TMR(channels=32, text_dim=64, heads=4).eval()
+    t1, t2 = torch.randn(2, 64), torch.randn(2, 64)
+    out1, out2 = tmr(fv, t1), tmr(fv, t2)
+    assert out1.shape == fv.shape
+    assert not torch.allclose(out1, out2, atol=1e-5)
+
+
+def test_tmr_official_ignores_text(fv):
+    tmr = TMR(channels=32, text_dim=64, heads=4, mode="official").eval()
+    out1, out2 = tmr(fv, torch.randn(2, 64)), tmr(fv, torch.randn(2, 64))
+    assert torch.allclose(out1, out2, atol=1e-6)
+
+
+def test_repeat_fusion_and_injection_use_text(fv):
+    rep = RepeatTextFusion(channels=32, text_dim=64, num_texts=2).eval()
+    assert not torch.allclose(rep(fv, torch.randn(2, 64)), rep(fv, torch.randn(2, 64)))
+    inj = TextInjection(channels=32, text_dim=16, hidden=8, beta=0.5)
+    a, b = inj(fv, torch.randn(15, 16)), inj(fv, torch.randn(15, 16))
+    assert a.shape == fv.shape and not torch.allclose(a, b)
+
+
+def test_vwpm_text_changes_output(fv):
+    m = VWPM(channels=32, text_dim=64, num_classes=2).eval()
+    smap = m.semantic_map(fv)
+    assert torch.allclose(smap.sum(1), torch.ones_like(smap[:, 0]), atol=1e-5)
+    out1, out2 = m(fv, torch.randn(2, 64)), m(fv, torch.randn(2, 64))
+    assert out1.shape == fv.shape and not torch.allclose(out1, out2)
+
+
+def test_csa_loss_hand_computed():
+    # One sample, feature grid 1x1x2, D=2, two classes; probabilities already on the grid.
+    feat = torch.tensor([[[[[1.0, 3.0]]], [[[2.0, 0.0]]]]])  # (1, 2, 1, 1, 2)
+    probs = torch.tensor([[[[[1.0, 0.0]]], [[[0.0, 1.0]]]]])  # class 0 at voxel 0, class 1 at voxel 1
+    text = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    # mean pooling: proto_0 = (1*[1,2] + 0)/2 = [0.5, 1]; proto_1 = [3, 0]/2 = [1.5, 0]
+    expected = (0.5**2 + 1**2) + (0.5**2 + 1**2)
+    assert csa_loss(feat, [probs], text, pool="mean").item() == pytest.approx(expected)
+    # masked: proto_0 = [1, 2], proto_1 = [3, 0]
+    expected_masked = (1 + 4) + (4 + 1)
+    assert csa_loss(feat, [probs, probs], text, pool="masked").item() == pytest.approx(2 * expected_masked)
+
+
+def test_vtcm_loss_hand_computed():
+    proj = torch.nn.functional.normalize(torch.tensor([[[[1.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]]]), dim=1)  # (1,2,1,3)
+    labels = torch.tensor([[[0, 1, 1]]])
+    pred_a = torch.tensor([[[0, 1, 0]]])  # disagrees at voxel 2
+    pred_b = torch.tensor([[[0, 1, 1]]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # class 0: voxel 0 -> [1,0], cos with [1,0] = 1; class 1: voxel 1 -> [0,1], cos 1 -> loss 0
+    assert vtcm_loss(proj, labels, [pred_a, pred_b], text).item() == pytest.approx(0.0, abs=1e-6)
+    text2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # class 0 now orthogonal -> (1 + 0) / 2
+    assert vtcm_loss(proj, labels, [pred_a, pred_b], text2).item() == pytest.approx(0.5, abs=1e-6)
+    none = vtcm_loss(proj, labels, [1 - labels], text)  # no agreement anywhere: zero, no NaN
+    assert none.item() == 0.0
+
+
+def test_dlb_weights_and_pseudo_label():
+    w = dlb_weights([torch.tensor(0.0), torch.tensor(1.0)])
+    a, b = 1 - 0.5, 1 - 1 / (1 + math.exp(-1))
+    assert w[0].item() == pytest.approx(math.exp(a) / (math.exp(a) + math.exp(b)))
+    p1 = torch.tensor([[[0.9, 0.4]], [[0.1, 0.6]]]).unsqueeze(0)  # (1, 2, 1, 2)
+    p2 = torch.tensor([[[0.2, 0.3]], [[0.8, 0.7]]]).unsqueeze(0)
+    pl = dlb_pseudo_label([p1, p2], torch.tensor([0.7, 0.3]))
+    # voxel 0: 0.7*0.9+0.3*0.2=0.69 vs 0.31 -> 0; voxel 1: 0.37 vs 0.63 -> 1
+    assert pl.tolist() == [[[0, 1]]]
+
+
+def test_usl_loss_hand_computed():
+    q = torch.tensor([[0.95, 0.5, 0.02], [0.05, 0.5, 0.98]]).unsqueeze(0)  # (1, 2, 3)
+    p = torch.tensor([[0.8, 0.6, 0.3], [0.2, 0.4, 0.7]]).unsqueeze(0)
+    t1, t2 = 0.9, 0.1
+    # voxel 0: conf (0.95>0.9) -> -0.95*log 0.8; comp (0.05<0.1) -> -(0.95)*log(1-0.2)
+    # voxel 1: uncertain -> mean((0.1)^2, (0.1)^2) = 0.01
+    # voxel 2: conf (0.98) -> -0.98*log 0.7; comp (0.02) -> -(0.98)*log(1-0.3)
+    l0 = -0.95 * math.log(0.8) - 0.95 * math.log(0.8)
+    l2 = -0.98 * math.log(0.7) - 0.98 * math.log(0.7)
+    expected = (l0 + 0.01 + l2) / 3
+    assert usl_loss(p, q, t1, t2).item() == pytest.approx(expected, rel=1e-5)
+    assert usl_loss(p, q, t1, t2, kind="nll").item() == pytest.approx((l0 + l2) / 3, rel=1e-5)
+    mse = ((p - q) ** 2).mean(1).mean().item()
+    assert usl_loss(p, q, kind="mse").item() == pytest.approx(mse, rel=1e-6)
+
+
+def test_dca_mix_pastes_foreground_both_ways():
+    x_l = torch.full((1, 1, 4), 1.0)
+    x_u = torch.full((1, 1, 4), 2.0)
+    y_l = torch.tensor([[1, 1, 0, 0]])
+    pu = torch.tensor([[0, 0, 0, 1]])
+    xu, yu, xl, yl = dca_mix(x_l, y_l, x_u, pu)
+    assert xu.flatten().tolist() == [1, 1, 2, 2] and yu.flatten().tolist() == [1, 1, 0, 1]
+    assert xl.flatten().tolist() == [1, 1, 1, 2] and yl.flatten().tolist() == [1, 1, 0, 1]
+
+
+def test_projection_head_normalised():
+    h = ProjectionHead(8, 16, hidden=8, normalize=True)
+    y = h(torch.randn(1, 8, 2, 2, 2))
+    assert torch.allclose(y.norm(dim=1), torch.ones(1, 2, 2, 2), atol=1e-5)

@@ -1,0 +1,24 @@
+"""`textseg demo`: the bundled end-to-end job on synthetic data (offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from textseg_cli.cli import app
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, text, runs, evaluation and table."),
+    iterations: int = typer.Option(300, "--iterations", help="Training iterations (CPU-friendly default)."),
+    method: str = typer.Option("mcnet", "--method", help="Training method to run."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data generation and training."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+) -> None:
+    """Run prep synthetic → describe → encode → train → eval → table on the bundled synthetic data."""
+    from textseg_cli.pipeline import run_demo
+
+    run_demo(out=out, force=force, iterations=iterations, method=method, seed=seed, device=device)

@@ -1,0 +1,143 @@
+"""Losses and mixing used by the text-guided methods (Text-SemiSeg, VCLIPSeg, LLM-SegNet).
+
+All functions take probabilities (B, K, *spatial) and integer labels (B, *spatial); text features are
+(K, D). They are plain functions so each can be checked against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from textseg_cli.models.text_fusion import resize_probs
+
+
+class ProjectionHead(nn.Module):
+    """1×1 conv head mapping bottleneck features to the text width (CSA: one conv; VTCM: conv-ReLU-conv, L2)."""
+
+    def __init__(self, channels: int = 256, text_dim: int = 512, hidden: int | None = None, normalize: bool = False,
+                 dim: int = 3):
+        super().__init__()
+        conv = nn.Conv3d if dim == 3 else nn.Conv2d
+        if hidden is None:
+            self.net = conv(channels, text_dim, 1)
+        else:
+            self.net = nn.Sequential(conv(channels, hidden, 1), nn.ReLU(inplace=True), conv(hidden, text_dim, 1))
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return F.normalize(y, dim=1) if self.normalize else y
+
+
+def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+    """Class-semantic alignment (Text-SemiSeg Eq. 4).
+
+    For each decoder's probabilities ŷ_d (resized to the feature grid) and class k, the prototype
+    avg_v(F_p(v) · ŷ_{d,k}(v)) is pulled to t_k by squared error; summed over classes and decoders,
+    averaged over the batch. pool="mean" divides by the voxel count as the paper's avg(·) does;
+    pool="masked" divides by Σ_v ŷ_{d,k}(v) (a soft masked mean).
+    """
+    b, _ = features.shape[:2]
+    spatial = features.shape[2:]
+    n = float(torch.tensor(spatial).prod())
+    total = features.new_zeros(())
+    for p in probs:
+        ps = resize_probs(p.float(), spatial).to(features.dtype)
+        proto = torch.einsum("bc...,bk...->bkc", features, ps)
+        if pool == "mean":
+            proto = proto / n
+        elif pool == "masked":
+            proto = proto / ps.flatten(2).sum(-1).clamp_min(1e-6).unsqueeze(-1)
+        else:
+            raise ValueError(f"csa pool must be 'mean' or 'masked', got {pool!r}")
+        total = total + ((proto - text.to(proto.dtype).unsqueeze(0)) ** 2).sum(dim=(1, 2)).mean()
+    return total
+
+
+def _nearest_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(labels.unsqueeze(1).float(), size=tuple(size), mode="nearest").squeeze(1).long()
+
+
+def vtcm_loss(proj: torch.Tensor, labels: torch.Tensor, preds: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+    """Vision-text consistency (VCLIPSeg): L_reg = mean_k (1 − cos(prototype_k, t_k)).
+
+    proj: L2-normalised projected features (B, D, *grid) of labeled samples; labels and each decoder's
+    argmax prediction (B, *full) are nearest-downsampled to the grid; the prototype of class k averages the
+    features of voxels where the label and every decoder agree on k. Classes with no such voxel are skipped
+    (a zero loss that keeps the graph when none qualifies).
+    """
+    grid = proj.shape[2:]
+    lab = _nearest_labels(labels, grid)
+    agree = torch.ones_like(lab, dtype=torch.bool)
+    for p in preds:
+        agree &= _nearest_labels(p, grid) == lab
+    feats = proj.movedim(1, -1)  # (B, *grid, D)
+    losses = []
+    for k in range(text.shape[0]):
+        m = agree & (lab == k)
+        if bool(m.any()):
+            proto = feats[m].mean(0)
+            losses.append(1 - F.cosine_similarity(proto, text[k].to(proto.dtype), dim=0))
+    if not losses:
+        return proj.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def dlb_weights(dice_losses: list[torch.Tensor]) -> torch.Tensor:
+    """Dynamic learning balance (VCLIPSeg): w = softmax_i(1 − sigmoid(DiceLoss_i)) over decoders."""
+    return torch.softmax(1 - torch.sigmoid(torch.stack([d.detach() for d in dice_losses])), dim=0)
+
+
+def dlb_pseudo_label(probs_u: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Pseudo-label argmax Σ_i w_i p_i of the decoders' unlabeled probabilities."""
+    fused = sum(w * p.detach() for w, p in zip(weights, probs_u))
+    return fused.argmax(dim=1)
+
+
+def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1, kind: str = "usl") -> torch.Tensor:
+    """Unified segmentation loss of LLM-SegNet (Eqs. 8–11), student probabilities p vs the other model's q.
+
+    - confident voxels (max q > t1): NLL of p at argmax q, weighted by max q;
+    - complementary voxels (min q < t2): NLL of the complement, −log(1 − p at argmin q), weighted by 1 − min q;
+    - uncertain voxels (t2 < min q and max q < t1): MSE between p and q (mean over classes).
+    Each term is summed over its voxels and divided by the total voxel count. kind="mse" uses MSE
+    everywhere, kind="nll" only the two NLL terms (paper Table 7).
+    """
+    q = q.detach()
+    eps = 1e-6
+    n = q[:, 0].numel()  # batch × voxels
+    mse_all = ((p - q) ** 2).mean(dim=1)
+    if kind == "mse":
+        return mse_all.sum() / n
+    qmax, qarg = q.max(dim=1)
+    qmin, qargmin = q.min(dim=1)
+    p_pos = p.gather(1, qarg.unsqueeze(1)).squeeze(1)
+    p_neg = p.gather(1, qargmin.unsqueeze(1)).squeeze(1)
+    conf, comp = qmax > t1, qmin < t2
+    l_pos = -(qmax * torch.log(p_pos.clamp_min(eps)))[conf].sum()
+    l_neg = -((1 - qmin) * torch.log((1 - p_neg).clamp_min(eps)))[comp].sum()
+    total = l_pos + l_neg
+    if kind == "usl":
+        unc = (qmin > t2) & (qmax < t1)
+        total = total + mse_all[unc].sum()
+    elif kind != "nll":
+        raise ValueError(f"unsupervised loss must be usl, mse or nll, got {kind!r}")
+    return total / n
+
+
+def dca_mix(x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, pseudo_u: torch.Tensor):
+    """Dual copy-paste of foreground (Text-SemiSeg DCA, Eqs. 5–6).
+
+    Labeled foreground is pasted onto the paired unlabeled image (labels: y_l there, pseudo-label elsewhere),
+    and pseudo-foreground onto the labeled image. Images (B, C, *s), labels (B, *s); returns
+    (x_u_mix, y_u_mix, x_l_mix, y_l_mix).
+    """
+    m_l = (y_l > 0)
+    m_u = (pseudo_u > 0)
+    x_u_mix = torch.where(m_l.unsqueeze(1), x_l, x_u)
+    y_u_mix = torch.where(m_l, y_l, pseudo_u)
+    x_l_mix = torch.where(m_u.unsqueeze(1), x_u, x_l)
+    y_l_mix = torch.where(m_u, pseudo_u, y_l)
+    return x_u_mix, y_u_mix, x_l_mix, y_l_mix
