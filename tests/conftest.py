@@ -56,3 +56,15 @@ def run_cli(*args: str) -> tuple[int, str]:
     finally:
         console_mod.console.file, console_mod.err_console.file = old_out, old_err
     return code, buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A tiny prepared synthetic 3D set, built once per session: 10 cases of 32×32×24 (train 6 / val 2 /
+    test 2), one foreground class, patch 32×32×16 (multiples of 16 for the V-Net family). Treat as read-only."""
+    from textseg_cli.data.prep.synthetic import prep_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic") / "prepared"
+    prep_synthetic(out, n_cases=10, size=(32, 32, 24), n_classes=1, seed=0, n_val=2, n_test=2,
+                   patch_size=(32, 32, 16))
+    return out

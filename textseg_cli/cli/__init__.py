@@ -43,6 +43,22 @@ def _root(
 
 # Each module registers its commands on `app` / `prep_app` when imported; add new ones here.
 _COMMAND_MODULES: list[str] = [
+    "train_cmd",
+    "models_cmd",
+    "prep_pancreas",
+    "prep_brats",
+    "prep_msd",
+    "prep_custom",
+    "demo_cmd",
+    "prep_lvit",
+    "prep_synthetic",
+    "prep_la",
+    "prep_check",
+    "predict_cmd",
+    "bench_cmd",
+    "eval_cmd",
+    "describe_cmd",
+    "encode_cmd",
 ]
 for _mod in _COMMAND_MODULES:
     importlib.import_module(f"textseg_cli.cli.{_mod}")

@@ -155,6 +155,10 @@ def validate_spec(spec: Any, where: Path) -> dict[str, Any]:
         raise DataError(f"field 'dim' is {spec['dim']!r}, expected 2 or 3", where)
     if not isinstance(spec["class_names"], list) or len(spec["class_names"]) < 2:
         raise DataError("field 'class_names' must list background and at least one class", where)
+    if not isinstance(spec["cases"], list):
+        raise DataError("field 'cases' must be a list", where)
+    if not isinstance(spec["splits"], dict):
+        raise DataError("field 'splits' must map split names to lists of case ids", where)
     ids = set()
     for i, c in enumerate(spec["cases"]):
         if not isinstance(c, dict) or "id" not in c or "image" not in c:

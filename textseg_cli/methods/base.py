@@ -44,7 +44,16 @@ class StepContext:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set `name`, `paper`, and implement `training_step` and `predict_logits`."""
+    """Base class. Subclasses set `name`, `paper`, and implement `training_step` and `predict_logits`.
+
+    `cfg` is the fully resolved run config (see `textseg_cli/configs/defaults.yaml`); a method reads its own
+    hyper-parameters from `cfg["method"]` (also available as `self.hparams`), which comes from
+    `textseg_cli/configs/<name>.yaml` plus per-dataset overrides and `--set method.KEY=VALUE`.
+    `training_step` runs under the engine's autocast (bf16 on CUDA): compute losses in float32.
+    `ctx.iteration` is 0-based; the field's ramp-ups use the 1-based step number `ctx.iteration + 1`.
+    `decoder` in `predict_logits` selects one output of a multi-decoder network (an index, or a name such
+    as "mean"); None means the method's default (`cfg["inference"]["decoder"]` or the method's own choice).
+    """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -57,6 +66,11 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.dim = dim
         self.context = context  # e.g. text embeddings, dataset class names
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """This method's hyper-parameters: `cfg["method"]` (empty when the config has none)."""
+        return dict(self.cfg.get("method") or {}) if isinstance(self.cfg, dict) else {}
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Return a dict with 'loss' (the total to back-propagate) and any scalars to log."""
@@ -101,7 +115,17 @@ def _import_all() -> None:
 
 
 # Modules that call @register_method; add new ones here.
-_METHOD_MODULES: list[str] = []
+_METHOD_MODULES: list[str] = [
+    "textseg_cli.methods.sup",
+    "textseg_cli.methods.mcnet",
+    "textseg_cli.methods.uamt",
+    "textseg_cli.methods.dtc",
+    "textseg_cli.methods.urpc",
+    "textseg_cli.methods.mcf",
+    "textseg_cli.methods.bcp",
+    "textseg_cli.methods.mlrp",
+    "textseg_cli.methods.cps",
+]
 
 
 def list_methods() -> dict[str, type[Method]]:

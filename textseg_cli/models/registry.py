@@ -41,4 +41,10 @@ def _import_all() -> None:
 
 
 # Modules that call @register_model; add new ones here.
-_MODEL_MODULES: list[str] = []
+_MODEL_MODULES: list[str] = [
+    "textseg_cli.models.vnet",
+    "textseg_cli.models.unet2d",
+    "textseg_cli.models.tgcnet.model",
+    "textseg_cli.models.unet3d",
+    "textseg_cli.models.resnet3d",
+]

@@ -1,0 +1,43 @@
+"""`textseg bench` on a tiny patch (CPU, one iteration)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from textseg_cli.bench import default_stride, run_benchmark
+from textseg_cli.errors import ConfigError
+from textseg_cli.methods.base import list_methods
+
+
+def test_default_strides_follow_the_literature():
+    assert default_stride((112, 112, 80)) == (18, 18, 4)
+    assert default_stride((96, 96, 96)) == (16, 16, 16)
+    assert default_stride((32, 16, 8)) == (16, 8, 4)
+
+
+def test_bench_rejects_bad_options():
+    with pytest.raises(ConfigError, match="unknown method"):
+        run_benchmark(method="no-such-method")
+    code, out = run_cli("bench", "--batch", "2x2", "--device", "cpu")
+    assert code == 2 and "--batch" in out
+
+
+@pytest.mark.skipif("mcnet" not in list_methods(), reason="mcnet method not registered yet")
+def test_bench_tiny_mcnet_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    code, text = run_cli("bench", "--method", "mcnet", "--patch", "16,16,16", "--batch", "1+1", "--iterations", "1",
+                         "--repeats", "1", "--device", "cpu", "--volume", "24,20,16", "--stride", "8,8,8",
+                         "--json", out)
+    assert code == 0, text
+    assert "train it/s" in text and "sliding s/volume" in text and "[cpu] training" in text
+    report = json.loads(out.read_text())
+    row = report["results"][0]
+    assert row["device"] == "cpu" and report["patch"] == [16, 16, 16]
+    assert row["train_it_per_s"] > 0 and row["train_peak_mem_mb"] > 0
+    assert row["windows"] == 2 * 2 * 1  # (24-16)/8+1, (20-16)/8 rounded up +1, one window along z
+    assert row["sliding_s"] > 0 and row["whole_s"] > 0
+    code, text = run_cli("bench", "--method", "mcnet", "--patch", "16,16,16", "--json", out, "--device", "cpu")
+    assert code == 2 and "--force" in text  # never overwrites silently

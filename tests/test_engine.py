@@ -1,0 +1,194 @@
+"""Engine: config resolution, sampling, resume exactness, labels of unlabeled cases, NaN handling, load_run."""
+
+import csv
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from textseg_cli.data.sampling import Augment, TwoStreamSampler
+from textseg_cli.engine import NonFiniteLossError, load_run, train
+from textseg_cli.engine.config import build_config
+from textseg_cli.engine.optim import lr_factor
+from textseg_cli.errors import ConfigError, DataError, OutputExistsError
+
+TINY = ["method.backbone.n_filters=4", "train.batch_labeled=1", "train.batch_unlabeled=1", "train.log_every=1",
+        "train.checkpoint_every=1000"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions run fastest single-threaded, especially on a shared machine
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from textseg_cli.data.prep.synthetic import prep_synthetic
+
+    out = tmp_path_factory.mktemp("syn") / "data"
+    prep_synthetic(out, n_cases=7, size=(32, 32, 16), n_val=1, n_test=1, patch_size=(16, 16, 16))
+    return out
+
+
+def _rows(run):
+    with open(run / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+def test_config_layers_and_overrides():
+    cfg = build_config("mcnet", "la", 3, None, sets=["optim.lr=0.005", "train.batch_labeled=1",
+                                                     "method.consistency.weight=0.3"])
+    assert cfg["data"]["patch_size"] == [112, 112, 80]  # defaults.yaml datasets.la
+    assert cfg["inference"]["stride"] == [18, 18, 4]
+    assert cfg["optim"]["lr"] == 0.005 and cfg["train"]["batch_labeled"] == 1
+    assert cfg["method"]["consistency"] == {"weight": 0.3, "rampup": 40, "per": 150, "temperature": 0.1,
+                                            "detach_target": False}
+    assert cfg["method"]["up_modes"] == [0, 1] and cfg["train"]["iterations"] == 15000
+    plus = build_config("mcnet+", "pancreas", 3, None)
+    assert plus["method"]["up_modes"] == [0, 1, 2] and plus["inference"]["stride"] == [16, 16, 16]
+    own = build_config("sup", "mydata", 3, [64, 64, 32])
+    assert own["data"]["patch_size"] == [64, 64, 32] and own["inference"]["stride"] == [32, 32, 16]
+    assert build_config("sup", "x", 3, [64, 64, 32], sets=["data.patch_size=32,32,16"])["data"]["patch_size"] == [32, 32, 16]
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        build_config("mcnet", "la", 3, None, sets=["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="test split is refused"):
+        build_config("mcnet", "la", 3, None, sets=["val.split=test"])
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        build_config("mcnet", "la", 3, None, sets=["optim.schedule=cosine"])
+    with pytest.raises(ConfigError, match="data.patch_size"):
+        build_config("mcnet", "la", 3, None, sets=["data.patch_size=16,16"])
+
+
+def test_lr_schedules():
+    o = {"schedule": "constant"}
+    assert lr_factor(500, 1000, o) == 1.0
+    assert lr_factor(500, 1000, {"schedule": "poly", "poly_power": 0.9}) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(5000, 6000, {"schedule": "step", "step_size": 2500, "step_gamma": 0.1}) == pytest.approx(0.01)
+    assert lr_factor(250, 1000, {"schedule": "linear"}) == pytest.approx(0.75)
+    assert lr_factor(4, 1000, {"schedule": "constant", "warmup_iterations": 10}) == pytest.approx(0.5)
+
+
+# --- sampling ---------------------------------------------------------------------------------------
+
+def test_sampler_pads_crops_and_restores_state():
+    rng = np.random.default_rng(0)
+    imgs = [rng.normal(size=(1, 20, 12, 9)).astype(np.float32) for _ in range(3)]
+    labs = [(i[0] > 0).astype(np.uint8) for i in imgs]
+    unl = [rng.normal(size=(1, 24, 24, 24)).astype(np.float32) for _ in range(2)]
+    s = TwoStreamSampler(imgs, labs, unl, (16, 16, 8), 2, 3, seed=[1, 0], augment=Augment(flip=True, rot90=True))
+    b = s.next_batch()
+    assert b.image_l.shape == (2, 1, 16, 16, 8) and b.label_l.shape == (2, 16, 16, 8)
+    assert b.image_u.shape == (3, 1, 16, 16, 8) and b.label_l.dtype == torch.long
+    # labels stay aligned with images through crops, rotations and flips
+    assert torch.equal((b.image_l[:, 0] > 0).long() & (b.image_l[:, 0] != 0).long(), b.label_l)
+    state = s.state_dict()
+    nxt = [s.next_batch() for _ in range(4)]
+    s.load_state_dict(state)
+    again = [s.next_batch() for _ in range(4)]
+    for a, c in zip(nxt, again):
+        assert torch.equal(a.image_l, c.image_l) and torch.equal(a.image_u, c.image_u) and a.ids_l == c.ids_l
+    # each labeled pass visits every case once
+    fresh = TwoStreamSampler(imgs, labs, unl, (16, 16, 8), 2, 3, seed=[2, 0])
+    seen = [cid for _ in range(3) for cid in fresh.next_batch().ids_l]
+    assert sorted(seen) == sorted(["0", "0", "1", "1", "2", "2"])
+
+
+# --- training runs ----------------------------------------------------------------------------------
+
+def test_resume_continues_the_loss_curve_exactly(tiny_data, tmp_path, monkeypatch):
+    args = dict(labeled="2", iterations=8, seed=3, device="cpu", quiet=True, sets=TINY + ["val.every=0"])
+    train("mcnet", tiny_data, out=tmp_path / "full", **args)
+    full = {int(r["iteration"]): float(r["loss"]) for r in _rows(tmp_path / "full")}
+    assert sorted(full) == list(range(1, 9))
+
+    calls = {"n": 0}
+    real = TwoStreamSampler.next_batch
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 5:  # Ctrl-C while step 5 runs: the engine finishes it, saves and stops
+            signal.raise_signal(signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(TwoStreamSampler, "next_batch", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train("mcnet", tiny_data, out=tmp_path / "cut", **args)
+    monkeypatch.setattr(TwoStreamSampler, "next_batch", real)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == 5
+    train(resume=True, out=tmp_path / "cut", quiet=True)
+    rows = _rows(tmp_path / "cut")
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 9))
+    for r in rows:
+        assert float(r["loss"]) == pytest.approx(full[int(r["iteration"])], rel=1e-5, abs=1e-6)
+
+
+def test_unlabeled_labels_are_never_read(tiny_data, tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    spec = json.loads((data / "dataset.json").read_text())
+    unlabeled = spec["splits"]["train"][2:]
+    for cid in unlabeled:
+        (data / "labels" / f"{cid}.nii.gz").unlink()  # dataset.json still lists them: reading would fail
+    res = train("mcnet", data, labeled="2", iterations=3, out=tmp_path / "run", device="cpu", quiet=True,
+                sets=TINY + ["val.every=3"])
+    assert res.iteration == 3
+    cases = json.loads((tmp_path / "run" / "cases.json").read_text())
+    assert cases["unlabeled"] == unlabeled and cases["val"] == spec["splits"]["val"]
+    with pytest.raises(DataError, match="label file is missing"):  # the deletion really removed needed labels
+        train("mcnet", data, labeled="4", iterations=1, out=tmp_path / "run2", device="cpu", quiet=True, sets=TINY)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from textseg_cli.methods.mcnet import MCNet
+
+    real = MCNet.training_step
+
+    def poisoned(self, batch, ctx):
+        out = real(self, batch, ctx)
+        if ctx.iteration == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MCNet, "training_step", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="iteration 4.*last good checkpoint"):
+        train("mcnet", tiny_data, labeled="2", iterations=6, out=run, device="cpu", quiet=True,
+              sets=TINY + ["train.checkpoint_every=2", "val.every=0"])
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["method"].values() if v.is_floating_point())
+
+
+def test_outputs_guarded_and_load_run(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    res = train("sup", tiny_data, labeled="2", iterations=2, out=run, device="cpu", quiet=True,
+                sets=TINY + ["val.every=2", "train.batch_labeled=2"])
+    assert (run / "config.yaml").exists() and (run / "env.json").exists()
+    assert (run / "checkpoints" / "best.pt").exists() and res.best_iteration == 2
+    with pytest.raises(OutputExistsError):
+        train("sup", tiny_data, labeled="2", iterations=2, out=run, device="cpu", quiet=True, sets=TINY)
+    loaded = load_run(run, "best")
+    assert not loaded.method.training and loaded.iteration == 2 and loaded.checkpoint_rule == "best"
+    assert loaded.config["method"]["name"] == "sup" and loaded.dataset.name == "synthetic"
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    for k, v in loaded.method.state_dict().items():
+        assert torch.equal(v, ckpt["method"][k])
+    import json
+
+    env = json.loads((run / "env.json").read_text())
+    assert env["seed"] == 1337 and env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert json.loads((run / "cases.json").read_text())["unused_unlabeled"]  # sup never loads unlabeled cases

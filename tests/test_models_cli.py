@@ -1,0 +1,46 @@
+from conftest import run_cli
+
+from textseg_cli.engine.listing import list_models
+
+
+def test_models_prints_the_published_parameter_counts():
+    code, out = run_cli("models", "--in-channels", "1", "--classes", "2", "--patch", "112,112,80")
+    assert code == 0, out
+    for number in ("9,448,866", "7,376,896", "2,071,970", "12,347,716", "15,246,566"):
+        assert number in out
+    for name in ("vnet", "vnet_multi", "sup", "mcnet", "mcnet+"):
+        assert name in out
+
+
+def test_list_models_rows_and_registry_pickup():
+    from textseg_cli.methods.base import METHODS, Method, register_method
+    from textseg_cli.models.registry import MODELS, register_model
+
+    import torch.nn as nn
+
+    @register_model("_test_tiny", "a test-only model")
+    def _tiny(in_channels=1, num_classes=2, dim=3):
+        return nn.Conv3d(in_channels, num_classes, 1)
+
+    @register_method("_test_method")
+    class _M(Method):
+        paper = "test"
+
+        def __init__(self, cfg, in_channels, num_classes, dim=3, **ctx):
+            super().__init__(cfg, in_channels, num_classes, dim, **ctx)
+            self.net = nn.Conv3d(in_channels, num_classes, 1)
+            self.frozen = nn.Linear(3, 3).requires_grad_(False)
+
+    try:
+        rows = list_models(in_channels=4, num_classes=3)
+        models = {r["name"]: r for r in rows["models"]}
+        methods = {r["name"]: r for r in rows["methods"]}
+        assert models["_test_tiny"]["total"] == 4 * 3 + 3
+        assert methods["_test_method"]["total"] == 15 + 12 and methods["_test_method"]["trainable"] == 15
+        assert models["vnet"]["total"] != 9_448_866  # 4 input channels, 3 classes
+        assert methods["mcnet"]["parts"]["net.encoder"] == models["vnet"]["parts"]["encoder"]
+        rows2d = list_models(patch_size="64,64")
+        assert rows2d["dim"] == 2 and {r["name"]: r for r in rows2d["models"]}["vnet"]["total"] > 0
+    finally:
+        MODELS.pop("_test_tiny", None)
+        METHODS.pop("_test_method", None)

@@ -1,0 +1,239 @@
+"""`textseg bench`: training speed, peak memory and inference time of a method on random data.
+
+No data set is needed: a random two-stream batch of the chosen patch size drives the method's own
+`training_step` (forward + loss), backward and an SGD step, and a random volume is segmented with
+the literature's sliding window and with one whole-volume pass. Each figure is the median of
+`repeats` timed runs after one untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from textseg_cli.errors import ConfigError
+
+# The sliding-window strides the papers use for these patch sizes (LA; Pancreas-CT).
+LITERATURE_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {
+    (112, 112, 80): (18, 18, 4),
+    (96, 96, 96): (16, 16, 16),
+}
+
+
+def default_stride(patch: Sequence[int]) -> tuple[int, ...]:
+    patch = tuple(int(p) for p in patch)
+    return LITERATURE_STRIDES.get(patch, tuple(max(1, p // 2) for p in patch))
+
+
+def method_config(name: str, patch: Sequence[int]) -> dict[str, Any]:
+    """The run config `textseg train` would resolve for `name` (packaged defaults, no data-set profile)."""
+    from textseg_cli.engine.config import build_config
+
+    return build_config(name, None, len(patch), [int(p) for p in patch])
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn: Callable[[], Any], dev: torch.device) -> float:
+    _sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS; the process-wide peak, not resettable
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if platform.system() == "Darwin" else rss / 1024
+
+
+def _random_batch(in_channels: int, num_classes: int, patch: tuple[int, ...], n_l: int, n_u: int, dev: torch.device):
+    from textseg_cli.methods.base import Batch
+
+    gen = torch.Generator().manual_seed(0)
+    return Batch(image_l=torch.randn((n_l, in_channels) + patch, generator=gen),
+                 label_l=torch.randint(0, num_classes, (n_l,) + patch, generator=gen),
+                 image_u=torch.randn((n_u, in_channels) + patch, generator=gen),
+                 ids_l=[f"l{i}" for i in range(n_l)], ids_u=[f"u{i}" for i in range(n_u)]).to(dev)
+
+
+def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: int) -> dict[str, Any]:
+    from textseg_cli.methods.base import StepContext
+
+    method.to(dev)
+    memory_format = torch.channels_last_3d if batch.image_l.ndim == 5 else torch.channels_last
+    if dev.type == "cuda":
+        method.to(memory_format=memory_format)
+        torch.backends.cudnn.benchmark = True
+    method.train()
+    opt = torch.optim.SGD(method.param_groups(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    total = (1 + repeats) * iterations
+    step_no = [0]
+
+    def step() -> None:
+        ctx = StepContext(iteration=step_no[0], max_iterations=total, device=dev)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            out = method.training_step(batch, ctx)
+        out["loss"].float().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.on_after_optimizer_step(ctx)
+        step_no[0] += 1
+
+    def run() -> None:
+        for _ in range(iterations):
+            step()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    run()  # warm-up: cudnn autotuning, allocator growth
+    times = [_timed(run, dev) for _ in range(repeats)]
+    med = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
+    return {"train_it_per_s": iterations / med, "train_s_per_it": med / iterations, "train_times_s": times,
+            "train_peak_mem_mb": peak}
+
+
+def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_size: int, dev: torch.device,
+                     repeats: int, modes: Sequence[str]) -> dict[str, Any]:
+    from textseg_cli.inference.predict import predict_case
+    from textseg_cli.inference.sliding_window import window_starts
+
+    image = torch.randn((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1))
+    method.eval()
+    out: dict[str, Any] = {"windows": int(torch.tensor([len(window_starts(max(v, p), p, s))
+                                                        for v, p, s in zip(volume, patch, stride)]).prod())}
+    for mode in modes:
+        cfg = {"mode": mode, "patch_size": list(patch), "stride": list(stride), "sw_batch_size": sw_batch_size}
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        run = lambda: predict_case(method, image, cfg, dev)  # noqa: E731
+        if dev.type == "cuda":
+            run()  # warm-up (cudnn autotuning); on CPU a warm-up would only double a long wait
+        times = [_timed(run, dev) for _ in range(repeats)]
+        out[f"{mode}_s"] = statistics.median(times)
+        out[f"{mode}_times_s"] = times
+        out[f"{mode}_peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+                                      else _peak_rss_mb())
+    if "sliding_s" in out and "whole_s" in out:
+        out["whole_speedup"] = out["sliding_s"] / out["whole_s"]
+    return out
+
+
+def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), batch: tuple[int, int] = (2, 2),
+                  iterations: int = 5, repeats: int = 3, device: str | None = None,
+                  volume: Sequence[int] | None = (140, 140, 88), stride: Sequence[int] | None = None,
+                  sw_batch_size: int = 4, in_channels: int = 1, num_classes: int = 2, train: bool = True,
+                  inference_modes: Sequence[str] = ("sliding", "whole"), json_out: str | Path | None = None,
+                  force: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Benchmark `method` on random data; returns (and optionally writes as JSON) the figures.
+
+    `device` None benchmarks the CPU and, when available, CUDA. Training: `iterations` steps of a batch
+    of `batch` = (labeled, unlabeled) patches per timed run. Inference: one `volume` with sliding windows
+    (`stride` defaults to the literature's for LA/Pancreas patches, else half the patch) and whole-volume.
+    Memory: CUDA peak allocated by torch; on CPU the process's peak resident set size.
+    """
+    from textseg_cli.methods.base import build_method, list_methods
+    from textseg_cli.utils import atomic_write_json, guard_output_file
+
+    if method not in list_methods():
+        raise ConfigError(f"unknown method '{method}'; available: {', '.join(list_methods()) or 'none registered'}")
+    patch = tuple(int(p) for p in patch)
+    if len(patch) not in (2, 3):
+        raise ConfigError(f"--patch needs 2 or 3 sizes, got {list(patch)}")
+    stride = tuple(int(s) for s in stride) if stride is not None else default_stride(patch)
+    volume = tuple(int(v) for v in volume) if volume is not None else None
+    for name, val in (("--stride", stride), ("--volume", volume)):
+        if val is not None and len(val) != len(patch):
+            raise ConfigError(f"{name} {list(val)} must have as many sizes as --patch {list(patch)}")
+    if iterations < 1 or repeats < 1:
+        raise ConfigError("--iterations and --repeats must be >= 1")
+    if json_out is not None:
+        guard_output_file(json_out, force)
+    if device is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda requested but CUDA is not available")
+        devices = [device]
+    log = log or (lambda msg: None)
+    cfg = method_config(method, patch)
+    n_l, n_u = (int(b) for b in batch)
+
+    results = []
+    for dev_name in devices:
+        dev = torch.device(dev_name)
+        torch.manual_seed(0)
+        m = build_method(method, cfg, in_channels, num_classes, dim=len(patch))
+        row: dict[str, Any] = {"device": dev_name,
+                               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+                               "threads": torch.get_num_threads(),
+                               "memory": "torch peak allocated" if dev.type == "cuda" else "process peak RSS"}
+        if train:
+            log(f"[{dev_name}] training: {repeats} x {iterations} iteration(s) of {n_l}+{n_u} x {list(patch)}")
+            row.update(_bench_training(m, _random_batch(in_channels, num_classes, patch, n_l, n_u, dev), dev,
+                                       iterations, repeats))
+        if volume is not None and inference_modes:
+            log(f"[{dev_name}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
+            row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats, inference_modes))
+        results.append(row)
+        del m
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    report = {"method": method, "patch": list(patch), "batch": {"labeled": n_l, "unlabeled": n_u},
+              "volume": list(volume) if volume else None, "stride": list(stride), "sw_batch_size": sw_batch_size,
+              "iterations": iterations, "repeats": repeats, "in_channels": in_channels, "num_classes": num_classes,
+              "torch": torch.__version__, "results": results}
+    if json_out is not None:
+        atomic_write_json(json_out, report)
+    return report
+
+
+def print_benchmark(report: dict[str, Any]) -> None:
+    """Print a benchmark report as a Rich table: one row per measure, one column per device (medians)."""
+    from rich.table import Table
+
+    from textseg_cli.console import console
+
+    b = report["batch"]
+    title = (f"{report['method']}: patch {report['patch']}, batch {b['labeled']}+{b['unlabeled']}, "
+             f"volume {report['volume']}, stride {report['stride']}; median of {report['repeats']}")
+    table = Table(title=title)
+    table.add_column("measure")
+    for row in report["results"]:
+        table.add_column(row["device"], justify="right")
+    measures = [("device_name", "hardware"), ("threads", "threads"), ("train_it_per_s", "train it/s"),
+                ("train_s_per_it", "train s/it"), ("train_peak_mem_mb", "train peak MiB"), ("windows", "windows"),
+                ("sliding_s", "sliding s/volume"), ("whole_s", "whole s/volume"), ("whole_speedup", "whole speed-up"),
+                ("memory", "memory measured")]
+    for key, label in measures:
+        values = [row.get(key) for row in report["results"]]
+        if all(v is None for v in values):
+            continue
+        table.add_row(label, *("-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in values))
+    console.print(table)

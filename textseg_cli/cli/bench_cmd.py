@@ -1,0 +1,47 @@
+"""`textseg bench`: training speed, memory and inference time of a method on random data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from textseg_cli.cli import app
+
+
+@app.command("bench")
+def bench(
+    method: str = typer.Option("mcnet", "--method", help="Registered method to benchmark (see `textseg models`)."),
+    patch: str = typer.Option("112,112,80", "--patch", help="Training patch / inference window, e.g. 112,112,80."),
+    batch: str = typer.Option("2+2", "--batch", help="Labeled+unlabeled patches per training batch."),
+    iterations: int = typer.Option(5, "--iterations", help="Training iterations per timed run."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs; the median is reported."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: CPU, and CUDA when available)."),
+    volume: str = typer.Option("140,140,88", "--volume", help="Volume size for inference timing; 'none' skips it."),
+    stride: str = typer.Option(None, "--stride", help="Sliding-window stride (default: the literature's for LA "
+                                                      "112,112,80 → 18,18,4 and 96³ → 16, else half the patch)."),
+    sw_batch_size: int = typer.Option(4, "--sw-batch-size", help="Windows per forward pass."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Time training iterations."),
+    whole: bool = typer.Option(True, "--whole/--no-whole", help="Also time whole-volume inference."),
+    json_out: Path = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
+) -> None:
+    """Measure training it/s and peak memory, and sliding-window vs whole-volume seconds per volume."""
+    from textseg_cli.bench import print_benchmark, run_benchmark
+    from textseg_cli.console import err_console
+    from textseg_cli.errors import ConfigError
+    from textseg_cli.inference.predict import parse_int_list
+
+    parts = batch.replace(",", "+").split("+")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) < 1:
+        raise ConfigError(f"--batch must look like 2+2 (labeled+unlabeled, labeled >= 1), got {batch!r}")
+    report = run_benchmark(
+        method=method, patch=parse_int_list(patch, "--patch"), batch=(int(parts[0]), int(parts[1])),
+        iterations=iterations, repeats=repeats, device=device,
+        volume=None if volume.lower() == "none" else parse_int_list(volume, "--volume"),
+        stride=parse_int_list(stride, "--stride"), sw_batch_size=sw_batch_size, train=train,
+        inference_modes=("sliding", "whole") if whole else ("sliding",), json_out=json_out, force=force,
+        log=lambda msg: err_console.print(msg, highlight=False, markup=False))
+    print_benchmark(report)
+    if json_out is not None:
+        err_console.print(f"wrote {json_out}")

@@ -1,0 +1,153 @@
+"""`textseg eval`: metrics of predicted masks, of a training run, or a comparison table of results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from textseg_cli.cli import app
+from textseg_cli.console import console, err_console
+from textseg_cli.errors import ConfigError
+
+_RUN_SPLITS = ("val", "test")
+
+
+def warn_test_split() -> None:
+    err_console.print("[bold white on red] WARNING [/] [bold red]evaluating on the TEST split: test results must NOT "
+                      "be used for model selection[/] (checkpoints, iterations, hyper-parameters, methods). Select on "
+                      "the validation split and report test numbers once.", highlight=False, soft_wrap=True)
+
+
+def _forbid(mode: str, **given) -> None:
+    bad = [f"--{k.replace('_', '-')}" for k, v in given.items() if v not in (None, False)]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} cannot be used {mode}")
+
+
+def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc, spacing_mm, empty_policy, table,
+              force, device) -> None:
+    split = split or "val"
+    if split not in _RUN_SPLITS:
+        raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
+    if inference not in (None, "sliding", "whole"):
+        raise ConfigError(f"--inference {inference!r}: expected sliding or whole")
+    try:
+        from textseg_cli.inference.run_eval import evaluate_run
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("textseg_cli"):
+            raise
+        raise ConfigError("evaluating a run folder needs textseg_cli.inference.run_eval, which this installation "
+                          "lacks; evaluate saved predictions with --pred/--labels instead") from None
+    if split == "test":
+        warn_test_split()
+    evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
+                 inference=inference or "sliding", out=out, lcc=lcc, spacing_mm=spacing_mm,
+                 empty_policy=empty_policy, table=table, force=force, device=device)
+
+
+@app.command("eval")
+def eval_command(
+    targets: Optional[List[Path]] = typer.Argument(
+        None, metavar="RUN_DIR|RESULTS", show_default=False,
+        help="A training run folder to evaluate (see --split), or with --compare the evaluation folders or "
+             "CSV files to put in one table."),
+    pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted masks, one <case id>.nii.gz each."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Folder of reference masks (<case id>.nii.gz), or a prepared data folder."),
+    compare: bool = typer.Option(False, "--compare", help="Combine the RESULTS arguments into one results table."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default <pred>/../eval_<name>); with --compare, the table file "
+                            "(default: print only)."),
+    table: Optional[str] = typer.Option(
+        None, "--table", help="Results table format: csv, md or latex (with --compare default md, or from --out's "
+                              "suffix)."),
+    lcc: bool = typer.Option(False, "--lcc", help="Keep only the largest connected component of each predicted "
+                                                  "class before measuring (recorded in the table)."),
+    spacing_mm: bool = typer.Option(False, "--spacing-mm", help="Give HD95/ASD in mm using the NIfTI header spacing "
+                                                                "(default: voxels)."),
+    empty_policy: str = typer.Option(
+        "nan", "--empty-policy", help="When exactly one of prediction/reference is empty: nan (Dice 0, HD95/ASD "
+                                      "NaN and counted as empty), penalty (HD95/ASD = image diagonal) or zero "
+                                      "(HD95/ASD 0; legacy)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Method/run name for the table (default: the --pred "
+                                                            "folder name)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing evaluation files / table file."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Split to evaluate: val (default for RUN_DIR) or test; with a prepared --labels "
+                              "folder, restricts the references to that split."),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint", help="RUN_DIR: best (on validation; default) or last. With --pred: records how the "
+                                   "predictions were chosen."),
+    decoder: Optional[int] = typer.Option(None, "--decoder", help="RUN_DIR: which decoder of a multi-decoder model "
+                                                                  "predicts (default: the method's choice)."),
+    inference: Optional[str] = typer.Option(None, "--inference", help="RUN_DIR: sliding (default) or whole volume."),
+    device: Optional[str] = typer.Option(None, "--device", help="RUN_DIR: cpu, cuda or cuda:N."),
+    num_classes: Optional[int] = typer.Option(
+        None, "--num-classes", help="Classes including background for plain --labels folders (default 2)."),
+    labeled: Optional[int] = typer.Option(None, "--labeled", help="Labeled training cases (for the table)."),
+    unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Unlabeled training cases (for the table)."),
+    std: bool = typer.Option(False, "--std", help="--compare: print mean ± SD over cases instead of the mean."),
+    class_name: Optional[str] = typer.Option(
+        None, "--class", help="--compare: report this class instead of the mean over foreground classes."),
+) -> None:
+    """Evaluate predictions (Dice, Jaccard, 95HD, ASD; equal to medpy) and build results tables.
+
+    \b
+    textseg eval --pred PRED_DIR --labels LABELS_DIR [--lcc] [--spacing-mm] [--table latex]
+    textseg eval RUN_DIR --split val [--checkpoint best|last]
+    textseg eval --compare EVAL_A EVAL_B ... --table latex --out table.tex
+    """
+    from textseg_cli.evaluation import check_empty_policy
+
+    targets = list(targets or [])
+    check_empty_policy(empty_policy)
+    if compare:
+        _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
+                checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
+                labeled=labeled, unlabeled=unlabeled)
+        if empty_policy != "nan":
+            raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
+        _compare_mode(targets, table, out, force, std, class_name)
+        return
+    _forbid("without --compare", std=std, class_name=class_name)
+    if pred is not None or labels is not None:
+        if targets:
+            raise ConfigError("give either RUN_DIR or --pred/--labels, not both")
+        if pred is None or labels is None:
+            raise ConfigError("--pred and --labels must be given together")
+        _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device)
+        _folder_mode(pred, labels, out=out, table=table, lcc=lcc, spacing_mm=spacing_mm, empty_policy=empty_policy,
+                     name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
+                     labeled=labeled, unlabeled=unlabeled)
+        return
+    if len(targets) > 1:
+        raise ConfigError(f"{len(targets)} paths given; add --compare to combine evaluation results into a table")
+    if not targets:
+        raise ConfigError("nothing to evaluate: give RUN_DIR, or --pred and --labels, or --compare RESULTS... "
+                          "(see textseg eval --help)")
+    _forbid("with RUN_DIR", name=name, num_classes=num_classes, labeled=labeled, unlabeled=unlabeled)
+    _run_mode(targets[0], split=split, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
+              spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device)
+
+
+def _folder_mode(pred: Path, labels: Path, **kw) -> None:
+    from textseg_cli.evaluation import evaluate_folders
+
+    if kw["split"] == "test":
+        warn_test_split()
+    kw["checkpoint_rule"] = kw.pop("checkpoint")
+    df = evaluate_folders(pred, labels, kw.pop("out"), **kw)
+    for key, path in (df.attrs.get("paths") or {}).items():
+        console.print(f"[green]wrote[/] {key}: {path}", highlight=False, soft_wrap=True)
+
+
+def _compare_mode(targets: list[Path], table: Optional[str], out: Optional[Path], force: bool, std: bool,
+                  class_name: Optional[str]) -> None:
+    from textseg_cli.reports.compare import compare_results
+
+    text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if out is not None:
+        console.print(f"[green]wrote[/] table: {out}", highlight=False, soft_wrap=True)

@@ -1,0 +1,39 @@
+"""`textseg models`: registered backbones and methods with their parameter counts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from textseg_cli.cli import app
+from textseg_cli.console import console
+
+
+@app.command("models")
+def models_command(
+    in_channels: int = typer.Option(1, "--in-channels", help="Input channels (modalities)."),
+    classes: int = typer.Option(2, "--classes", help="Output classes, background included."),
+    patch: Optional[str] = typer.Option(None, "--patch", help="Patch size, e.g. 112,112,80 (3D) or 224,224 (2D); "
+                                        "its length picks 2D or 3D networks."),
+) -> None:
+    """List backbones and training methods with total and trainable parameter counts."""
+    from rich.table import Table
+
+    from textseg_cli.engine.listing import list_models
+
+    rows = list_models(in_channels=in_channels, num_classes=classes, patch_size=patch)
+    for kind, title in (("model", "Backbones / networks"), ("method", "Training methods")):
+        table = Table(title=f"{title} ({in_channels} input channel(s), {classes} classes, {rows['dim']}D)")
+        table.add_column("name", no_wrap=True)
+        table.add_column("parameters", justify="right", no_wrap=True)
+        table.add_column("trainable", justify="right", no_wrap=True)
+        table.add_column("parts", overflow="fold")
+        table.add_column("description", overflow="fold")
+        for r in rows[kind + "s"]:
+            if r.get("error"):
+                table.add_row(r["name"], "n/a", "n/a", "", f"[red]cannot build:[/] {r['error']}")
+                continue
+            parts = "; ".join(f"{n} {c:,}" for n, c in r["parts"].items())
+            table.add_row(r["name"], f"{r['total']:,}", f"{r['trainable']:,}", parts, r["description"])
+        console.print(table)

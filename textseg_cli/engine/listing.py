@@ -1,0 +1,72 @@
+"""Parameter listing behind `textseg models`: every registered backbone and method, built on the fly."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from textseg_cli.errors import ConfigError
+
+
+def _parts(module) -> dict[str, int]:
+    """Parameter counts of the module's direct children (encoder/decoder, student/teacher, ...)."""
+    from textseg_cli.models.registry import count_parameters
+
+    out = {}
+    for name, child in module.named_children():
+        n = count_parameters(child)
+        if n:
+            out[name] = n
+    return out
+
+
+def _flatten_parts(method) -> dict[str, int]:
+    """A method's networks, one level down when a method wraps a single network (e.g. net.encoder)."""
+    nets = {n: m for n, m in method.networks().items() if sum(p.numel() for p in m.parameters())}
+    if len(nets) == 1:
+        (name, net), = nets.items()
+        inner = _parts(net)
+        return {f"{name}.{k}": v for k, v in inner.items()} if inner else {name: sum(p.numel() for p in net.parameters())}
+    return {n: sum(p.numel() for p in m.parameters()) for n, m in nets.items()}
+
+
+def list_models(in_channels: int = 1, num_classes: int = 2,
+                patch_size: str | Sequence[int] | None = None) -> dict[str, Any]:
+    """Build every registered model and method with default settings and count parameters.
+
+    Returns {"dim", "patch_size", "models": [...], "methods": [...]}, each row {name, description, total,
+    trainable, parts} or {name, error} when it cannot be built here (e.g. it needs text embeddings).
+    """
+    from textseg_cli.engine.config import build_config
+    from textseg_cli.methods.base import list_methods
+    from textseg_cli.models.registry import MODEL_DOCS, MODELS, _import_all, build_model, count_parameters
+
+    if isinstance(patch_size, str):
+        try:
+            patch_size = [int(v) for v in patch_size.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--patch {patch_size!r}: expected sizes such as 112,112,80") from None
+    dim = len(patch_size) if patch_size else 3
+    if dim not in (2, 3):
+        raise ConfigError(f"--patch {patch_size}: expected 2 or 3 sizes")
+    patch_size = list(patch_size) if patch_size else ([112, 112, 80] if dim == 3 else [224, 224])
+    _import_all()
+    models = []
+    for name in sorted(MODELS):
+        try:
+            kw = {"dim": dim} if dim != 3 else {}
+            m = build_model(name, in_channels, num_classes, **kw)
+            models.append({"name": name, "description": MODEL_DOCS.get(name, ""), "total": count_parameters(m),
+                           "trainable": count_parameters(m, trainable_only=True), "parts": _parts(m)})
+        except Exception as exc:  # a model that needs extra arguments is still listed
+            models.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    methods = []
+    for name, cls in list_methods().items():
+        try:
+            cfg = build_config(name, None, dim, patch_size)
+            meth = cls(cfg, in_channels, num_classes, dim=dim, class_names=[f"class{i}" for i in range(num_classes)],
+                       dataset_name=None, data_root=None, patch_size=cfg["data"]["patch_size"])
+            methods.append({"name": name, "description": cls.paper, "total": count_parameters(meth),
+                            "trainable": count_parameters(meth, trainable_only=True), "parts": _flatten_parts(meth)})
+        except Exception as exc:
+            methods.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    return {"dim": dim, "patch_size": patch_size, "models": models, "methods": methods}

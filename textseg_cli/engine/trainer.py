@@ -1,0 +1,645 @@
+"""The training loop shared by every method (`textseg train`).
+
+One iteration: draw a two-stream batch → `method.training_step` under autocast → backward → optimiser
+and scheduler step → `method.on_after_optimizer_step`. Around it: validation on the validation split,
+atomic checkpoints (last + best), a CSV log, Ctrl-C handling, non-finite loss detection and DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from textseg_cli.console import console, err_console, progress
+from textseg_cli.data.prepared import PreparedDataset, load_prepared
+from textseg_cli.data.sampling import Augment, TwoStreamSampler, load_training_cases
+from textseg_cli.data.splits import labeled_subset
+from textseg_cli.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from textseg_cli.engine.config import build_config, load_config, save_config
+from textseg_cli.engine.optim import build_optimizer, build_scheduler
+from textseg_cli.engine.runlog import RunLog
+from textseg_cli.engine.runs import build_run_method
+from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
+
+
+class NonFiniteLossError(TextsegError):
+    """The loss (or the weights) became NaN/inf; the run stopped without overwriting its last checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iteration: int
+    best_metric: float | None
+    best_iteration: int | None
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --- devices and processes --------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _dist_from_env() -> Dist:
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws <= 1:
+        return Dist()
+    return Dist(ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(device: str | None, dist: Dist) -> torch.device:
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        if dist.enabled:
+            dev = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+class _StepModule(nn.Module):
+    """Routes `training_step` through `forward` so DistributedDataParallel can sync its gradients."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch, ctx):
+        return self.method.training_step(batch, ctx)
+
+
+def _to_channels_last(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() == 5:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        elif p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> list[float]:
+    """Hard Dice of foreground classes 1..K-1 (NaN when both masks are empty)."""
+    out = []
+    for c in range(1, num_classes):
+        p, r = pred == c, ref == c
+        denom = int(p.sum()) + int(r.sum())
+        out.append(float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom)
+    return out
+
+
+def validate(method: Method, cases: list[tuple[str, np.ndarray, np.ndarray]], cfg: dict[str, Any],
+             device: torch.device, num_classes: int, class_names: list[str]) -> dict[str, float]:
+    """Mean Dice over validation cases (sliding-window or whole-volume inference, the run's settings)."""
+    from textseg_cli.inference import sliding_window as sw  # lazy: inference is optional at import time
+
+    inf, val = cfg["inference"], cfg["val"]
+    mode = val.get("mode") or inf["mode"]
+    stride = val.get("stride") or inf["stride"]
+    decoder = inf.get("decoder")
+    amp = device.type == "cuda" and cfg["train"]["amp"]
+    method.eval()
+
+    def predict_fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            return method.predict_proba(x, decoder).float()
+
+    per_case = []
+    with torch.no_grad():
+        for _cid, image, label in cases:
+            img = torch.from_numpy(image).to(device)
+            if mode == "whole":
+                probs = sw.whole_volume_inference(predict_fn, img, patch_size=inf["patch_size"], stride=stride,
+                                                  sw_batch_size=inf["sw_batch_size"], out_device=device)
+            else:
+                probs = sw.sliding_window_inference(predict_fn, img, inf["patch_size"], stride,
+                                                    sw_batch_size=inf["sw_batch_size"], out_device=device)
+            pred = probs.argmax(0).cpu()
+            per_case.append(dice_per_class(pred, torch.from_numpy(label.astype(np.int64)), num_classes))
+    method.train()
+    arr = np.array(per_case, dtype=float)  # (cases, K-1)
+    with np.errstate(all="ignore"), _warnings_off():
+        per_class = np.nanmean(arr, axis=0) if arr.size else np.array([])
+    res = {"val_dice": float(np.nanmean(per_class)) if per_class.size and not np.all(np.isnan(per_class)) else 0.0}
+    if num_classes > 2:
+        for c, v in enumerate(per_class, start=1):
+            res[f"val_dice_{class_names[c]}"] = float(v)
+    return res
+
+
+@contextlib.contextmanager
+def _warnings_off():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+# --- the trainer --------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: dict[str, Any], ds: PreparedDataset, run_dir: Path, device: torch.device, dist: Dist,
+                 resume_from: Path | None = None, quiet: bool = False):
+        self.cfg, self.ds, self.run_dir, self.device, self.dist = cfg, ds, run_dir, device, dist
+        self.quiet = quiet or not dist.main
+        self.stop_requested = False
+        tr = cfg["train"]
+        self.max_iterations = tr["iterations"]
+
+        # cases: labeled = first N of splits.train, unlabeled = the rest, validation from the val split only
+        train_ids = ds.split("train")
+        self.labeled_ids, unlabeled_ids = labeled_subset(train_ids, cfg["data"]["labeled"])
+        self.method = build_run_method(cfg, ds)
+        self.uses_unlabeled = bool(self.method.needs_unlabeled) and tr["batch_unlabeled"] > 0
+        self.unlabeled_ids = unlabeled_ids if self.uses_unlabeled else []
+        self.unused_ids = [] if self.uses_unlabeled else unlabeled_ids
+        self.val_ids = self._val_ids(train_ids)
+        self._check_files()
+
+        seed_everything(cfg["seed"] + dist.rank, deterministic=cfg["deterministic"])
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(tr["cudnn_benchmark"]) and not cfg["deterministic"]
+        # build again after seeding so weight initialisation depends only on the seed
+        self.method = build_run_method(cfg, ds).to(device)
+        self.channels_last = device.type == "cuda" and bool(tr["channels_last"])
+        if self.channels_last:
+            _to_channels_last(self.method)
+        self.amp = device.type == "cuda" and bool(tr["amp"])
+
+        self.sampler = self._make_sampler()
+        self.val_cases = [(cid, *self._load_val(cid)) for cid in self.val_ids] if dist.main else []
+        self.optimizer = build_optimizer(self.method.param_groups(), cfg["optim"])
+        self.scheduler = build_scheduler(self.optimizer, self.max_iterations, cfg["optim"])
+        self.iteration = 0
+        self.best_metric: float | None = None
+        self.best_iteration: int | None = None
+        self.window: dict[str, float] = {}
+        self.window_n = 0
+        tb = self._tensorboard_dir() if dist.main else None
+        self.log = RunLog(run_dir / "log.csv", tb) if dist.main else None
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.step_module: nn.Module = _StepModule(self.method)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.step_module = DDP(self.step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=bool(tr["ddp_find_unused_parameters"]))
+
+    # --- setup helpers ---------------------------------------------------------------------------
+    def _val_ids(self, train_ids: list[str]) -> list[str]:
+        val = self.cfg["val"]
+        if not val["every"] and not val["at_start"]:
+            return []
+        if val["split"] not in self.ds.spec["splits"]:
+            err_console.print(f"[yellow]warning:[/] no '{val['split']}' split in {self.ds.root}; validation is off "
+                              "and no best.pt is written (carve one with `textseg prep ... --val N`)")
+            return []
+        ids = self.ds.split(val["split"])
+        overlap = sorted(set(ids) & set(train_ids))
+        if overlap:
+            raise DataError(f"validation split '{val['split']}' shares cases with splits.train: {overlap[:5]}",
+                            self.ds.root / "dataset.json")
+        if val.get("max_cases"):
+            ids = ids[: int(val["max_cases"])]
+        return ids
+
+    def _check_files(self) -> None:
+        """Check the files this run reads exist — and only those: labels of unlabeled cases are not touched."""
+        for cid in self.labeled_ids + self.unlabeled_ids + self.val_ids:
+            if not self.ds.image_path(cid).exists():
+                raise DataError(f"case '{cid}': image file missing", self.ds.image_path(cid))
+        for cid in self.labeled_ids + self.val_ids:
+            lp = self.ds.label_path(cid)
+            if lp is None or not lp.exists():
+                raise DataError(f"case '{cid}' is used with its label but the label file is missing",
+                                lp or self.ds.root / "dataset.json")
+
+    def _load_val(self, cid: str):
+        case = self.ds.load_case(cid, with_label=True)
+        return case.image.astype(np.float32, copy=False), case.label
+
+    def _make_sampler(self) -> TwoStreamSampler:
+        tr, data = self.cfg["train"], self.cfg["data"]
+        n = len(self.labeled_ids) + len(self.unlabeled_ids)
+        with self._progress() as bar:
+            task = bar.add_task("load cases", total=n, info="")
+            images_l, labels_l, images_u = load_training_cases(
+                self.ds, self.labeled_ids, self.unlabeled_ids, progress_cb=lambda: bar.advance(task))
+        aug = Augment(**{k: bool(v) for k, v in (data.get("augment") or {}).items()})
+        texts = [self.ds.text(c) for c in self.labeled_ids], [self.ds.text(c) for c in self.unlabeled_ids]
+        return TwoStreamSampler(images_l, labels_l, images_u, data["patch_size"], tr["batch_labeled"],
+                                tr["batch_unlabeled"] if self.uses_unlabeled else 0,
+                                seed=[int(self.cfg["seed"]), self.dist.rank], augment=aug,
+                                ids_l=self.labeled_ids, ids_u=self.unlabeled_ids,
+                                texts_l=texts[0] if any(t is not None for t in texts[0]) else None,
+                                texts_u=texts[1] if any(t is not None for t in texts[1]) else None)
+
+    def _tensorboard_dir(self) -> Path | None:
+        flag = self.cfg["train"].get("tensorboard", "auto")
+        if flag is False or flag == "false":
+            return None
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            if flag is True:
+                err_console.print("[yellow]warning:[/] train.tensorboard=true but tensorboard is not installed "
+                                  "(pip install 'textseg-cli[tensorboard]'); logging to log.csv only")
+            return None
+        return self.run_dir / "tb"
+
+    def _progress(self):
+        if self.quiet:
+            return _NullProgress()
+        return progress()
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        mine = {**capture_rng(), "sampler": self.sampler.state_dict()}
+        if not self.dist.enabled:
+            return [mine]
+        import torch.distributed as tdist
+
+        allr: list[Any] = [None] * self.dist.world_size
+        tdist.all_gather_object(allr, mine)
+        return allr
+
+    def save(self, name: str = "last") -> None:
+        """Collective under DDP (all ranks gather RNG states); only rank 0 writes."""
+        rng = self._gather_rng()
+        if not self.dist.main:
+            return
+        bad = [n for n, p in self.method.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"weights became NaN/inf at iteration {self.iteration} ({bad[0]}, ...); "
+                                     f"not saving. The last good checkpoint stays at {self.run_dir / 'checkpoints'}")
+        state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "iteration": self.iteration,
+                 "rng": {"world_size": self.dist.world_size, "ranks": rng}, "config": self.cfg,
+                 "best_metric": self.best_metric, "best_iteration": self.best_iteration,
+                 "log_window": {"n": self.window_n, "sums": dict(self.window)},
+                 "method_name": self.cfg["method"]["name"], "dataset": self.ds.name}
+        save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", state)
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.iteration = int(ckpt["iteration"])
+        self.best_metric, self.best_iteration = ckpt.get("best_metric"), ckpt.get("best_iteration")
+        ranks = ckpt["rng"]["ranks"]
+        if len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            restore_rng(mine)
+            self.sampler.load_state_dict(mine["sampler"])
+        else:
+            err_console.print(f"[yellow]warning:[/] checkpoint was written by {len(ranks)} process(es), this run has "
+                              f"{self.dist.world_size}; sampling continues from fresh seeded streams")
+        lw = ckpt.get("log_window") or {}
+        self.window, self.window_n = dict(lw.get("sums") or {}), int(lw.get("n") or 0)
+        if self.log is not None:
+            self.log.resume(self.iteration)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _all_any(self, flag: bool) -> bool:
+        if not self.dist.enabled:
+            return flag
+        import torch.distributed as tdist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def handler(signum, frame):
+            if self.stop_requested:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            if self.dist.main:
+                err_console.print("[yellow]interrupt received: finishing this step and saving a checkpoint "
+                                  "(press Ctrl-C again to abort without saving)[/]")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    def _validate(self) -> dict[str, float]:
+        if not self.dist.main or not self.val_cases:
+            return {}
+        t0 = time.perf_counter()
+        res = validate(self.method, self.val_cases, self.cfg, self.device, self.ds.num_classes, self.ds.class_names)
+        res["val_seconds"] = round(time.perf_counter() - t0, 3)
+        if self.best_metric is None or res["val_dice"] > self.best_metric:
+            self.best_metric, self.best_iteration = res["val_dice"], self.iteration
+            res["val_best"] = 1
+        return res
+
+    def _log_window(self, lr: float, t_start: float, it_start: int) -> dict[str, float]:
+        row = {k: v / max(1, self.window_n) for k, v in self.window.items()}
+        row["lr"] = lr
+        el = time.perf_counter() - t_start
+        row["it_per_s"] = round((self.iteration - it_start) / el, 4) if el > 0 else 0.0
+        self.window, self.window_n = {}, 0
+        return row
+
+    def run(self) -> TrainResult:
+        cfg, tr, val = self.cfg, self.cfg["train"], self.cfg["val"]
+        old_handlers = self._install_signals()
+        history: list[tuple[int, float]] = []
+        t_start, it_start = time.perf_counter(), self.iteration
+        self.method.train()
+        try:
+            with self._progress() as bar:
+                task = bar.add_task(f"train {cfg['method']['name']}", total=self.max_iterations,
+                                    completed=self.iteration, info="")
+                if self.iteration == 0 and val["at_start"] and self.val_ids:
+                    res = self._validate()
+                    if res:
+                        history.append((0, res["val_dice"]))
+                        self.log.log(0, res)
+                        self.log.flush()
+                    if self._from_main(bool(res.get("val_best"))):
+                        self.save("best")
+                while self.iteration < self.max_iterations:
+                    if self._all_any(self.stop_requested):
+                        self._save_and_stop()
+                    loss_terms = self._step()
+                    self.iteration += 1
+                    for k, v in loss_terms.items():
+                        self.window[k] = self.window.get(k, 0.0) + v
+                    self.window_n += 1
+                    it = self.iteration
+                    row: dict[str, Any] = {}
+                    if it % tr["log_every"] == 0 or it == self.max_iterations:
+                        row.update(self._log_window(self.scheduler.get_last_lr()[0], t_start, it_start))
+                        row["time_s"] = round(time.perf_counter() - t_start, 3)
+                    do_val = bool(self.val_ids) and ((val["every"] and it % val["every"] == 0)
+                                                     or it == self.max_iterations)
+                    if do_val:
+                        res = self._validate()
+                        row.update(res)
+                        if res:
+                            history.append((it, res["val_dice"]))
+                        if self._from_main(bool(res.get("val_best"))):
+                            self.save("best")
+                    if row and self.log is not None:
+                        self.log.log(it, row)
+                        self.log.flush()
+                    if do_val or it % tr["checkpoint_every"] == 0 or it == self.max_iterations:
+                        self.save("last")
+                    bar.update(task, completed=it, info=self._info(row, loss_terms))
+            if it_start >= self.max_iterations:  # nothing to train (0 iterations or already done)
+                self.save("last")
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            if self.log is not None:
+                self.log.close()
+        return TrainResult(self.run_dir, self.iteration, self.best_metric, self.best_iteration, history,
+                           time.perf_counter() - t_start)
+
+    def _from_main(self, flag: bool) -> bool:
+        """Rank 0's value of `flag` on every rank (only rank 0 validates)."""
+        if not self.dist.enabled:
+            return flag
+        import torch.distributed as tdist
+
+        box = [flag]
+        tdist.broadcast_object_list(box, src=0)
+        return bool(box[0])
+
+    def _step(self) -> dict[str, float]:
+        ctx = StepContext(self.iteration, self.max_iterations, self.device,
+                          extra={"world_size": self.dist.world_size, "rank": self.dist.rank})
+        batch = self.sampler.next_batch().to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch.image_l, batch.image_u = _channels_last(batch.image_l), _channels_last(batch.image_u)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.step_module(batch, ctx)
+        loss = out["loss"]
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._all_any(bad):
+            terms = {k: _scalar(v) for k, v in out.items() if _scalar(v) is not None}
+            last = self.run_dir / "checkpoints" / "last.pt"
+            if self.log is not None:
+                self.log.flush()
+            raise NonFiniteLossError(
+                f"loss is not finite at iteration {self.iteration + 1} ({_fmt(terms)}); stopped without saving. "
+                + (f"The last good checkpoint is {last}" if last.exists() else "No checkpoint was written yet")
+                + "; try a lower optim.lr or --set train.amp=false")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.method.on_after_optimizer_step(ctx)
+        return {k: v for k, v in ((k, _scalar(v)) for k, v in out.items()) if v is not None}
+
+    def _save_and_stop(self) -> None:
+        self.save("last")
+        if self.log is not None:
+            self.log.flush()
+        if self.dist.main:
+            err_console.print(f"[yellow]stopped at iteration {self.iteration}; checkpoint saved to "
+                              f"{self.run_dir / 'checkpoints' / 'last.pt'}; continue with "
+                              f"`textseg train --resume --out {self.run_dir}`[/]")
+        raise KeyboardInterrupt
+
+    def _info(self, row: dict[str, Any], terms: dict[str, float]) -> str:
+        parts = [f"loss {terms.get('loss', float('nan')):.4f}", f"lr {self.scheduler.get_last_lr()[0]:.2e}"]
+        if self.best_metric is not None:
+            parts.append(f"best val {self.best_metric:.4f}@{self.best_iteration}")
+        if "val_dice" in row:
+            parts.append(f"val {row['val_dice']:.4f}")
+        return " | ".join(parts)
+
+
+class _NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+    def update(self, *a, **k):
+        pass
+
+
+def _scalar(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.detach().float().item())
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _fmt(terms: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+
+
+# --- entry point --------------------------------------------------------------------------------------
+
+def train(method: str | None = None, data: str | Path | None = None, *, labeled: str | int | None = None,
+          iterations: int | None = None, out: str | Path | None = None, seed: int | None = None,
+          device: str | None = None, val_every: int | None = None, resume: bool = False,
+          deterministic: bool = False, force: bool = False, sets: list[str] | tuple[str, ...] = (),
+          config: str | Path | dict | None = None, quiet: bool = False) -> TrainResult:
+    """Train `method` on a prepared data folder; the Python API of `textseg train`.
+
+    labeled: count ("8") or percentage ("10%") of splits.train taken from its head; the rest is
+    unlabeled (labels never read). out: the run folder (default runs/<data>/<method>_<labeled>L_s<seed>).
+    sets: overrides such as ["optim.lr=0.005", "train.batch_labeled=1"]. resume: continue RUN=out from
+    checkpoints/last.pt (only `iterations` and `device` may change). Under `torchrun` each process trains
+    with DistributedDataParallel and only rank 0 writes.
+    """
+    dist = _dist_from_env()
+    t0 = time.perf_counter()
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        run_dir = Path(out)
+        cfg = load_config(run_dir / "config.yaml")
+        if method is not None and method != cfg["method"]["name"]:
+            raise ConfigError(f"--method {method} differs from the run's method {cfg['method']['name']}")
+        if iterations is not None:
+            cfg["train"]["iterations"] = int(iterations)
+        ds = load_prepared(cfg["data"]["root"], check_files=False)
+        last = run_dir / "checkpoints" / "last.pt"
+        if not last.exists():
+            raise DataError("no checkpoint to resume from", last)
+    else:
+        if method is None or data is None:
+            raise ConfigError("--method and --data are required (or --resume --out RUN_DIR)")
+        ds = load_prepared(data, check_files=False)  # the trainer checks the files it will read
+        flags = {"data.labeled": None if labeled is None else str(labeled), "train.iterations": iterations,
+                 "seed": seed, "val.every": val_every, "deterministic": True if deterministic else None}
+        cfg = build_config(method, ds.name, ds.dim, ds.patch_size, user_config=config, flags=flags, sets=sets)
+        cfg["data"]["root"] = str(Path(data).resolve())
+        if out is None:
+            lab = str(cfg["data"]["labeled"] or "all").replace("%", "pct")
+            out = Path("runs") / ds.name / f"{method.replace('+', '_plus')}_{lab}L_s{cfg['seed']}"
+        run_dir = Path(out)
+        # every rank checks, so a refused folder fails everywhere instead of hanging the others
+        if run_dir.exists() and any(run_dir.iterdir()) and not force:
+            raise OutputExistsError(run_dir)
+        last = None
+
+    dev = resolve_device(device, dist)
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                     timeout=_dt.timedelta(hours=2))
+    try:
+        if dist.main and not resume:
+            prepare_output_dir(run_dir, force=force)
+        if dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+        trainer = Trainer(cfg, ds, run_dir, dev, dist, resume_from=last, quiet=quiet)
+        if dist.main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            _write_env(run_dir, cfg, dev, dist, resume)
+            atomic_write_json(run_dir / "cases.json", {
+                "labeled": trainer.labeled_ids, "unlabeled": trainer.unlabeled_ids,
+                "unused_unlabeled": trainer.unused_ids, "val_split": cfg["val"]["split"], "val": trainer.val_ids})
+            if not quiet:
+                _print_header(trainer, cfg, dev, dist)
+        result = trainer.run()
+        result.seconds = time.perf_counter() - t0
+        if dist.main and not quiet:
+            best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f} at iteration {result.best_iteration}"
+            console.print(f"done: {result.iteration} iterations in {result.seconds:.1f} s; best validation Dice {best}; "
+                          f"run folder {run_dir}")
+        return result
+    finally:
+        if dist.enabled:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool) -> None:
+    import json
+
+    path = run_dir / "env.json"
+    env = json.loads(path.read_text()) if (resume and path.exists()) else {"sessions": []}
+    info = environment_info()
+    info.update({"device": str(dev), "world_size": dist.world_size, "seed": cfg["seed"],
+                 "deterministic": cfg["deterministic"], "resumed": resume, "argv": sys.argv,
+                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "torch_threads": torch.get_num_threads()})
+    if dev.type == "cuda":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    env["sessions"].append(info)
+    env.update({k: v for k, v in info.items() if k != "argv"})
+    atomic_write_json(path, env)
+
+
+def _print_header(tr: Trainer, cfg: dict[str, Any], dev: torch.device, dist: Dist) -> None:
+    from textseg_cli.models.registry import count_parameters
+
+    d, t = cfg["data"], cfg["train"]
+    console.print(
+        f"[bold]{cfg['method']['name']}[/] on {tr.ds.name}: {len(tr.labeled_ids)} labeled, "
+        f"{len(tr.unlabeled_ids)} unlabeled, {len(tr.val_ids)} validation cases; patch {d['patch_size']}, "
+        f"batch {t['batch_labeled']}+{t['batch_unlabeled'] if tr.uses_unlabeled else 0}"
+        f"{f' ×{dist.world_size} processes' if dist.enabled else ''}; {t['iterations']} iterations on {dev}"
+        f"{' (bf16)' if tr.amp else ''}; {count_parameters(tr.method, trainable_only=True):,} trainable parameters; "
+        f"run folder {tr.run_dir}", highlight=False)
+    if tr.iteration:
+        console.print(f"resuming at iteration {tr.iteration}", highlight=False)

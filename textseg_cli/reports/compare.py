@@ -1,0 +1,202 @@
+"""Combine evaluation results into one results table (`textseg eval --compare`).
+
+Each input is an evaluation folder written by `textseg eval` (per_case.csv, summary.csv,
+meta.json) or one of its CSV files; a per-case CSV from another tool works too if it has a `case`
+and a `dice` column. Rows keep the order given; the first row is the reference of the paired test.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.reports.summary import METRICS, case_level, headline, summarize
+from textseg_cli.reports.tables import TABLE_SUFFIX, ResultRow, check_table_format, render_table
+
+PER_CASE = "per_case.csv"
+SUMMARY = "summary.csv"
+META = "meta.json"
+
+
+@dataclass
+class EvalResult:
+    name: str
+    summary: pd.DataFrame
+    per_case: pd.DataFrame | None
+    meta: dict
+    source: Path
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except Exception as exc:
+        raise DataError(f"unreadable CSV ({type(exc).__name__}: {exc})", path) from exc
+
+
+def normalize_per_case(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Check a per-case table; fill what other tools' CSVs lack (one class, no empty flags)."""
+    missing = [c for c in ("case", "dice") if c not in df.columns]
+    if missing:
+        raise DataError(f"per-case CSV lacks column(s) {missing}; found {list(df.columns)}", path)
+    df = df.copy()
+    df["case"] = df["case"].astype(str)
+    for m in METRICS:
+        if m not in df.columns:
+            df[m] = np.nan
+    for flag in ("pred_empty", "ref_empty"):
+        df[flag] = df[flag].astype(bool) if flag in df.columns else False
+    if "class_name" not in df.columns:
+        df["class_name"] = df["class"].astype(str) if "class" in df.columns else "foreground"
+    return df
+
+
+def load_result(path: str | Path) -> EvalResult:
+    """Read an evaluation folder or CSV file (and the meta.json beside it, when present)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("evaluation result not found", path)
+    folder = path if path.is_dir() else path.parent
+    per_case_path = summary_path = None
+    if path.is_dir():
+        per_case_path = path / PER_CASE if (path / PER_CASE).exists() else None
+        summary_path = path / SUMMARY if (path / SUMMARY).exists() else None
+        if per_case_path is None and summary_path is None:
+            raise DataError(f"no {PER_CASE} or {SUMMARY} here; run `textseg eval` first", path)
+    elif path.suffix == ".json":
+        return load_result(folder)
+    elif path.suffix == ".csv":
+        columns = list(_read_csv(path).columns)
+        if "metric" in columns and "mean" in columns:
+            summary_path = path
+            sibling = folder / PER_CASE
+            per_case_path = sibling if sibling.exists() else None
+        else:
+            per_case_path = path
+    else:
+        raise DataError("expected an evaluation folder, a .csv written by `textseg eval`, or its meta.json", path)
+
+    meta: dict = {}
+    if (folder / META).exists():
+        try:
+            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc})", folder / META) from exc
+    per_case = None
+    if per_case_path is not None:
+        per_case = normalize_per_case(_read_csv(per_case_path), per_case_path)
+        summary = summarize(per_case)
+    else:
+        summary = _read_csv(summary_path)
+        missing = [c for c in ("class", "metric", "mean", "std") if c not in summary.columns]
+        if missing:
+            raise DataError(f"summary CSV lacks column(s) {missing}", summary_path)
+    default_name = folder.name if path.is_dir() or path.name in (PER_CASE, SUMMARY) else path.stem
+    return EvalResult(str(meta.get("name") or default_name), summary, per_case, meta, path)
+
+
+def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float | None, int]:
+    """Two-sided Wilcoxon signed-rank p-value of paired values over the common (finite) index."""
+    from scipy.stats import wilcoxon
+
+    joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
+    n = len(joined)
+    if n == 0:
+        return None, 0
+    diff = joined["a"].to_numpy(float) - joined["b"].to_numpy(float)
+    if not np.any(diff != 0):
+        return 1.0, n  # identical per-case values: no evidence of a difference
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(wilcoxon(joined["a"], joined["b"]).pvalue), n
+
+
+def _settings(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule")}
+
+
+def _n_cases(stats: dict) -> int | None:
+    for row in stats.values():
+        if "n_cases" in row and pd.notna(row["n_cases"]):
+            return int(row["n_cases"])
+    return None
+
+
+def build_rows(results: Sequence[EvalResult], class_name: str | None = None) -> list[ResultRow]:
+    rows: list[ResultRow] = []
+    seen: dict[str, int] = {}
+    first_cases = None
+    for i, res in enumerate(results):
+        try:
+            stats = headline(res.summary, class_name)
+        except KeyError:
+            raise ConfigError(f"class {class_name!r} not in {sorted(set(res.summary['class'].astype(str)))}",
+                              res.source) from None
+        name = res.name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name} ({seen[name]})"
+        dice_cases = case_level(res.per_case, class_name)["dice"] if res.per_case is not None else None
+        p_value = n_common = None
+        if i == 0:
+            first_cases = dice_cases
+        elif dice_cases is not None and first_cases is not None:
+            p_value, n_common = paired_wilcoxon(dice_cases, first_cases)
+        meta = res.meta
+        rows.append(ResultRow(
+            method=name, stats=stats, labeled=meta.get("labeled"), unlabeled=meta.get("unlabeled"),
+            n_train=meta.get("n_train"), n_cases=_n_cases(stats), p_value=p_value,
+            n_common=n_common, settings=_settings(meta)))
+    return rows
+
+
+def table_format_for(out: str | Path | None, table: str | None) -> str:
+    """--table wins; otherwise the suffix of --out (.tex/.md/.csv); otherwise Markdown."""
+    if table:
+        return check_table_format(table)
+    if out is not None:
+        for fmt, suffix in TABLE_SUFFIX.items():
+            if str(out).endswith(suffix):
+                return fmt
+    return "md"
+
+
+def compare_results(paths: Sequence[str | Path], table: str | None = None, out: str | Path | None = None, *,
+                    force: bool = False, std: bool = False, class_name: str | None = None) -> str:
+    """Render one results table (rows = the given evaluations, in order) and return its text.
+
+    `table` is csv, md or latex; None takes the format from `out`'s suffix (.csv/.md/.tex), else md.
+
+    With `out`, the text is also written there (refused if it exists, unless `force`). With two or
+    more results sharing cases, each row after the first gets the Wilcoxon p-value of its per-case
+    Dice against the first row's.
+    """
+    from textseg_cli.console import err_console
+    from textseg_cli.utils import atomic_write_text, guard_output_file
+
+    if not paths:
+        raise ConfigError("--compare needs at least one evaluation folder or CSV")
+    try:
+        fmt = table_format_for(out, table)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if out is not None:
+        guard_output_file(out, force)
+    results = [load_result(p) for p in paths]
+    rows = build_rows(results, class_name)
+    for key in ("distance_unit", "empty_policy", "lcc"):
+        values = {str(r.settings.get(key)) for r in rows}
+        if len(values) > 1:
+            err_console.print(f"[bold yellow]warning:[/] the compared results differ in {key} ({', '.join(sorted(values))}); "
+                              "their numbers are not comparable", highlight=False, soft_wrap=True)
+    text = render_table(rows, fmt, std=std)
+    if out is not None:
+        atomic_write_text(out, text)
+    return text

@@ -1,0 +1,220 @@
+"""Results tables in the field's layout: one row per method/run, columns Labeled, Unlabeled,
+Dice (%)↑, Jaccard (%)↑, 95HD↓, ASD↓ (and a Wilcoxon p-value when runs are compared), rendered as
+CSV, Markdown or LaTeX (booktabs; best value per column in bold). A footnote states the empty-mask
+policy, LCC, distance unit and checkpoint rule."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+TABLE_FORMATS = ("csv", "md", "latex")
+TABLE_SUFFIX = {"csv": ".csv", "md": ".md", "latex": ".tex"}
+# metric → (header, scale, higher is better)
+COLUMNS = {"dice": ("Dice (%)", 100.0, True), "jaccard": ("Jaccard (%)", 100.0, True),
+           "hd95": ("95HD", 1.0, False), "asd": ("ASD", 1.0, False)}
+
+
+@dataclass
+class ResultRow:
+    method: str
+    stats: dict[str, dict]  # metric → {"mean", "std", ...} as in reports.summary
+    labeled: int | None = None
+    unlabeled: int | None = None
+    n_train: int | None = None
+    n_cases: int | None = None
+    p_value: float | None = None  # Wilcoxon vs the first row; None = not computed
+    n_common: int | None = None
+    settings: dict = field(default_factory=dict)  # empty_policy, lcc, distance_unit, checkpoint_rule
+
+
+def check_table_format(fmt: str) -> str:
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"unknown table format {fmt!r}; choose one of {', '.join(TABLE_FORMATS)}")
+    return fmt
+
+
+def _count(n: int | None, n_train: int | None) -> str:
+    if n is None:
+        return "–"
+    if n_train:
+        return f"{n} ({100.0 * n / n_train:.0f}%)"
+    return str(n)
+
+
+def _value(row: ResultRow, metric: str) -> float:
+    s = row.stats.get(metric)
+    return float("nan") if s is None else float(s["mean"]) * COLUMNS[metric][1]
+
+
+def _best(rows: list[ResultRow], metric: str) -> float | None:
+    vals = [v for v in (_value(r, metric) for r in rows) if math.isfinite(v)]
+    if len(rows) < 2 or not vals:
+        return None
+    return max(vals) if COLUMNS[metric][2] else min(vals)
+
+
+def _cell(row: ResultRow, metric: str, std: bool) -> str:
+    v = _value(row, metric)
+    if not math.isfinite(v):
+        return "–"
+    text = f"{v:.2f}"
+    if std:
+        sd = float(row.stats[metric]["std"]) * COLUMNS[metric][1]
+        if math.isfinite(sd):
+            text += f" ± {sd:.2f}"
+    return text
+
+
+def _p_cell(row: ResultRow, first: bool) -> str:
+    if first:
+        return "ref."
+    if row.p_value is None or not math.isfinite(row.p_value):
+        return "–"
+    return "<0.001" if row.p_value < 0.001 else f"{row.p_value:.3f}"
+
+
+def _unit(rows: list[ResultRow]) -> str:
+    units = {r.settings.get("distance_unit") for r in rows} - {None}
+    return units.pop() if len(units) == 1 else "mixed units"
+
+
+def has_p_values(rows: list[ResultRow]) -> bool:
+    return len(rows) > 1 and any(r.p_value is not None for r in rows[1:])
+
+
+def render_csv(rows: list[ResultRow]) -> str:
+    """Full precision, raw fractions for Dice/Jaccard, one settings column per footnote item."""
+    records = []
+    for r in rows:
+        rec = {"method": r.method, "labeled": r.labeled, "unlabeled": r.unlabeled, "n_cases": r.n_cases}
+        for m in COLUMNS:
+            s = r.stats.get(m, {})
+            rec[f"{m}_mean"], rec[f"{m}_std"] = s.get("mean"), s.get("std")
+            rec[f"{m}_median"] = s.get("median")
+        rec["n_empty"] = r.stats.get("dice", {}).get("n_empty")
+        rec["wilcoxon_p_dice_vs_first"] = r.p_value
+        rec["n_common_cases"] = r.n_common
+        for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule"):
+            rec[k] = r.settings.get(k)
+        records.append(rec)
+    frame = pd.DataFrame(records).astype({"labeled": "Int64", "unlabeled": "Int64", "n_cases": "Int64",
+                                           "n_empty": "Int64", "n_common_cases": "Int64"})
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    return buf.getvalue()
+
+
+def _header(rows: list[ResultRow], latex: bool) -> list[str]:
+    unit = _unit(rows)
+    up, down = (r"$\uparrow$", r"$\downarrow$") if latex else ("↑", "↓")
+    heads = ["Method", "Labeled", "Unlabeled"]
+    for m, (title, _, higher) in COLUMNS.items():
+        if latex:
+            title = title.replace("%", r"\%")
+        if m in ("hd95", "asd"):
+            title = f"{title} ({unit})"
+        heads.append(f"{title}{up if higher else down}")
+    if has_p_values(rows):
+        heads.append("$p$ (Wilcoxon)" if latex else "p (Wilcoxon)")
+    return heads
+
+
+def _body(rows: list[ResultRow], std: bool, bold) -> list[list[str]]:
+    best = {m: _best(rows, m) for m in COLUMNS}
+    body = []
+    for i, r in enumerate(rows):
+        cells = [r.method, _count(r.labeled, r.n_train), _count(r.unlabeled, r.n_train)]
+        for m in COLUMNS:
+            text = _cell(r, m, std)
+            v = _value(r, m)
+            if best[m] is not None and math.isfinite(v) and round(v, 2) == round(best[m], 2):
+                text = bold(text)
+            cells.append(text)
+        if has_p_values(rows):
+            cells.append(_p_cell(r, i == 0))
+        body.append(cells)
+    return body
+
+
+def render_markdown(rows: list[ResultRow], notes: list[str], std: bool = False) -> str:
+    head = _header(rows, latex=False)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
+    for cells in _body(rows, std, lambda t: f"**{t}**"):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"{n}  " for n in notes).rstrip() + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False) -> str:
+    """A booktabs `tabular` inside a `table`; needs \\usepackage{booktabs}."""
+    head = _header(rows, latex=True)
+    ncol = len(head)
+
+    def fmt(text: str) -> str:
+        return latex_escape(text).replace("±", r"$\pm$").replace("–", "--").replace("<", "$<$")
+
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "c" * (ncol - 1) + "}", r"\toprule",
+             " & ".join(head) + r" \\", r"\midrule"]
+    for cells in _body(rows, std, lambda t: "\x00" + t + "\x01"):
+        out = [fmt(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in cells]
+        lines.append(" & ".join(out) + r" \\")
+    lines.append(r"\bottomrule")
+    for n in notes:
+        lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize {fmt(n)}}} \\")
+    lines += [r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
+    """The settings every reader needs to compare numbers across papers, stated once or per row."""
+    from textseg_cli.metrics.case import EMPTY_POLICIES
+
+    def describe(key: str, fmt) -> str:
+        values = {r.method: r.settings.get(key) for r in rows}
+        distinct = list(dict.fromkeys(values.values()))
+        if len(distinct) == 1:
+            return fmt(distinct[0])
+        return "MIXED " + "; ".join(f"{m}: {fmt(v)}" for m, v in values.items())
+
+    def policy(p):
+        return f"'{p}' ({EMPTY_POLICIES[p]})" if p in EMPTY_POLICIES else str(p or "unknown")
+
+    notes = [
+        "Empty-mask policy: " + describe("empty_policy", policy) + ".",
+        "LCC post-processing: " + describe("lcc", lambda v: "unknown" if v is None else ("on" if v else "off"))
+        + "; distances in " + describe("distance_unit", lambda v: str(v or "unknown"))
+        + "; checkpoint: " + describe("checkpoint_rule", lambda v: str(v or "unknown")) + ".",
+    ]
+    n_cases = {r.n_cases for r in rows}
+    stat = "mean ± SD over cases" if std else "mean over cases"
+    notes.append(f"Values: {stat}" + (f" (n = {n_cases.pop()})." if len(n_cases) == 1 else "; case counts differ: "
+                 + ", ".join(f"{r.method}: {r.n_cases}" for r in rows) + "."))
+    empties = [f"{r.method}: {r.stats['dice']['n_empty']}" for r in rows
+               if r.stats.get("dice") and r.stats["dice"].get("n_empty")]
+    if empties:
+        notes.append("Cases with one mask empty (policy applied): " + ", ".join(empties) + ".")
+    if has_p_values(rows):
+        commons = {r.n_common for r in rows[1:] if r.p_value is not None}
+        n_txt = f" over {commons.pop()} common cases" if len(commons) == 1 else " over the cases each shares with it"
+        notes.append("p: two-sided Wilcoxon signed-rank test of per-case Dice against the first row (ref.)"
+                     + n_txt + "; not corrected for multiple comparisons.")
+    return notes
+
+
+def render_table(rows: list[ResultRow], fmt: str, std: bool = False) -> str:
+    check_table_format(fmt)
+    if fmt == "csv":
+        return render_csv(rows)
+    notes = footnotes(rows, std)
+    return render_markdown(rows, notes, std) if fmt == "md" else render_latex(rows, notes, std)

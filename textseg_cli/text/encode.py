@@ -1,0 +1,159 @@
+"""`textseg encode`: turn class prompts (CLIP) or task descriptions (BERT) into an embedding file.
+
+* ``encoder="clip"``: one prompt per class from the data set's CLIP template
+  ("A pixel of a {class}.", background included) → ``embeddings`` (K, D), L2-normalised by default.
+* ``encoder="bert"``: the descriptions (a `describe` JSON, a text file with one per line, or the
+  prompt file's bundled set) → ``embeddings`` (N, D) with CLS or masked-mean pooling; optionally
+  ``token_embeddings`` (N, L, D) and ``attention_mask`` (N, L).
+
+Without ``out`` the file goes to ``text_embeddings/<dataset>_<encoder>_<key>.safetensors`` where
+``key`` hashes the encoder, model, weights, options and texts: an existing file with that name is
+reused instead of recomputed. An explicit ``out`` that exists needs ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textseg_cli import __version__
+from textseg_cli.errors import ConfigError, OutputExistsError
+from textseg_cli.text.embeddings import load_embeddings, save_embeddings, sidecar_path, tensor_path
+from textseg_cli.text.encoders import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED
+from textseg_cli.text.prompts import load_prompts
+
+ENCODERS = ("bert", "clip")
+DEFAULT_OUT_DIR = Path("text_embeddings")
+
+
+@dataclass
+class EncodeResult:
+    path: Path
+    meta: dict[str, Any]
+    reused: bool  # an identical default-named file existed and was kept
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def encode(encoder: str = "clip", dataset: str = "synthetic", *, model: str | None = None,
+           pretrained: str | None = None, descriptions: str | Path | None = None, texts: list[str] | None = None,
+           class_names: list[str] | None = None, data: str | Path | None = None, template: str | None = None,
+           pooling: str = "cls", tokens: bool = False, normalize: bool | None = None,
+           out: str | Path | None = None, force: bool = False, device: str | None = None, batch_size: int = 16,
+           prompts_dir: str | Path | None = None) -> EncodeResult:
+    """Encode texts of `dataset` with a BERT or CLIP text encoder and write `.safetensors` + `.json`.
+
+    model: BERT hub name or local folder (default bert-base-uncased); open_clip architecture for
+    CLIP (default ViT-B-32). pretrained (CLIP only): open_clip tag (default "openai"), a checkpoint
+    file, or "none" for random weights. class_names / data (a prepared folder whose dataset.json
+    class names are used) override the prompt file's classes for CLIP. texts overrides everything
+    (Python API). normalize: default True for CLIP, False for BERT.
+    """
+    encoder = encoder.lower()
+    if encoder not in ENCODERS:
+        raise ConfigError(f"--encoder must be one of {ENCODERS}, got {encoder!r}")
+    if pooling not in ("cls", "mean"):
+        raise ConfigError(f"--pooling must be 'cls' or 'mean', got {pooling!r}")
+    if pretrained is not None and encoder == "bert":
+        raise ConfigError("--pretrained applies to --encoder clip only (BERT weights come with --model)")
+    if data is not None and class_names is None:
+        from textseg_cli.data.prepared import load_prepared
+
+        class_names = load_prepared(data, check_files=False).class_names
+    ps = load_prompts(dataset, prompts_dir)
+    normalize = (encoder == "clip") if normalize is None else bool(normalize)
+    provenance: dict[str, Any] = {}
+    if encoder == "clip":
+        model = model or DEFAULT_CLIP
+        pretrained = DEFAULT_CLIP_PRETRAINED if pretrained is None else pretrained
+        template = template or ps.clip_templates[0]
+        names = list(class_names) if class_names is not None else ps.class_names
+        texts = list(texts) if texts is not None else ps.class_prompts(template, names)
+        source = {"kind": "class_prompts", "class_names": names, "prompt_template": template}
+    else:
+        model = model or DEFAULT_BERT
+        if texts is not None:
+            texts, source = list(texts), {"kind": "given"}
+        elif descriptions is not None:
+            from textseg_cli.text.describe import load_descriptions
+
+            dpath = Path(descriptions)
+            texts, provenance = load_descriptions(dpath)
+            source = {"kind": "descriptions_file", "path": str(dpath.resolve()), "sha256": _file_sha256(dpath)}
+        else:
+            texts = list(ps.descriptions)
+            source = {"kind": "bundled_descriptions", "path": str(ps.path), "sha256": ps.sha256}
+        source["prompt_template"] = provenance.get("prompt") or ps.llm_messages(15, 60)
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise ConfigError("no texts to encode (empty list or empty text)",
+                          hint="check --descriptions, the prompt file's descriptions or class names")
+
+    settings = {"encoder": encoder, "model": model, "pretrained": pretrained if encoder == "clip" else None,
+                "pooling": pooling if encoder == "bert" else "eot", "tokens": bool(tokens), "normalized": normalize,
+                "texts": texts}
+    key = hashlib.sha256(json.dumps({**settings, "model": _model_identity(model)}, sort_keys=True,
+                                    ensure_ascii=False).encode()).hexdigest()[:12]
+    if out is None:
+        path = tensor_path(DEFAULT_OUT_DIR / f"{ps.name}_{encoder}_{key}.safetensors")
+        if path.exists() and not force:
+            try:
+                _, meta = load_embeddings(path)
+                if meta.get("key") == key:
+                    return EncodeResult(path, meta, reused=True)
+            except Exception:  # noqa: BLE001 - a broken cache file is simply recomputed
+                pass
+    else:
+        path = tensor_path(out)
+        for p in (path, sidecar_path(path)):
+            if p.exists() and not force:
+                raise OutputExistsError(p)
+
+    if encoder == "clip":
+        from textseg_cli.text.encoders import ClipTextEncoder
+
+        enc = ClipTextEncoder(model, pretrained, device)
+        tensors = enc.encode(texts, tokens=tokens, normalize=normalize)
+    else:
+        from textseg_cli.text.encoders import BertTextEncoder
+
+        enc = BertTextEncoder(model, device, batch_size=batch_size)
+        tensors = enc.encode(texts, pooling=pooling, tokens=tokens, normalize=normalize)
+    meta = {**settings, **enc.info(), "dataset": ps.name, "prompt_file": str(ps.path), "source": source,
+            "llm_provenance": provenance or None, "key": key, "device": str(enc.device),
+            "tool_version": __version__, "versions": _versions(encoder),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if encoder == "clip":
+        meta["class_names"] = source["class_names"]
+    save_embeddings(path, tensors, meta)
+    _, meta = load_embeddings(path)  # validate what was written
+    return EncodeResult(path, meta, reused=False)
+
+
+def _model_identity(model: str) -> str:
+    """Local models are identified by their resolved path (so a moved folder is a different model)."""
+    p = Path(model).expanduser()
+    return str(p.resolve()) if p.exists() else model
+
+
+def _versions(encoder: str) -> dict[str, str]:
+    import torch
+
+    out = {"torch": torch.__version__}
+    try:
+        if encoder == "clip":
+            import open_clip
+
+            out["open_clip"] = open_clip.__version__
+        else:
+            import transformers
+
+            out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+    return out
