@@ -165,6 +165,9 @@ def test_clip_checkpoint_file_is_loaded(tiny_clip_checkpoint, tmp_path):
     with torch.no_grad():
         ref = model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(meta["texts"]), normalize=True)
     assert torch.allclose(emb, ref, atol=1e-5)  # exactly the weights in the file
+    with_tokens = encode("clip", "spleen", model=TINY_CLIP, pretrained=str(ckpt), tokens=True, out=tmp_path / "t",
+                         device="cpu")
+    assert torch.allclose(load_embeddings(with_tokens.path)[0], emb, atol=1e-5)
     # same text, same embedding; another run over the same file agrees
     again = encode("clip", "spleen", model=TINY_CLIP, pretrained=str(ckpt), class_names=["spleen", "spleen", "liver"],
                    out=tmp_path / "b", device="cpu", normalize=False)

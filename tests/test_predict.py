@@ -34,11 +34,10 @@ class SignMethod(Method):
             self.net.weight[0, 0] = -10.0
             self.net.weight[1, 0] = 10.0
             self.net.bias.zero_()
-        self.decoders_seen: list = []
 
     def predict_logits(self, x, decoder=None):
-        self.decoders_seen.append(decoder)
-        return self.net(x)
+        # "decoder 1" predicts the complement, so tests can see which decoder was used
+        return -self.net(x) if decoder == 1 else self.net(x)
 
 
 def _image(shape=(13, 11, 7), seed=0):
@@ -50,11 +49,21 @@ def test_predict_case_modes(mode):
     method = SignMethod()
     method.train()
     img = _image()
-    probs = predict_case(method, img[None], dict(INF, mode=mode, decoder=1), "cpu")
+    probs = predict_case(method, img[None], dict(INF, mode=mode), "cpu")
     assert probs.shape == (2,) + img.shape and probs.dtype == torch.float32
     np.testing.assert_array_equal(probs.argmax(0).numpy(), (img > 0).astype(np.int64))
-    assert set(method.decoders_seen) == {1}
+    probs = predict_case(method, img[None], dict(INF, mode=mode, decoder=1), "cpu")
+    np.testing.assert_array_equal(probs.argmax(0).numpy(), (img <= 0).astype(np.int64))
     assert method.training  # validation inside training must not leave the model in eval mode
+
+
+def test_predict_case_precision_and_layout():
+    img = _image()
+    for cfg in ({"precision": "bf16"}, {"precision": "fp32", "channels_last": False}):
+        probs = predict_case(SignMethod(), img[None], dict(INF, **cfg), "cpu")
+        np.testing.assert_array_equal(probs.argmax(0).numpy(), (img > 0).astype(np.int64))
+    with pytest.raises(ConfigError, match="precision"):
+        predict_case(SignMethod(), img[None], dict(INF, precision="fp8"), "cpu")
 
 
 def test_predict_case_2d_and_errors():
@@ -191,3 +200,30 @@ def test_eval_command_on_run_flags_the_test_split(trained_run, tmp_path):
     assert meta["checkpoint_rule"] == "last" and meta["decoder"] == 1 and meta["split"] == "test"
     assert meta["iteration"] == 7
     assert (tmp_path / "ev" / "predictions" / "case3.nii.gz").exists() and (tmp_path / "ev" / "table.md").exists()
+
+
+def test_batchnorm_folding_is_exact_and_cached():
+    from textseg_cli.inference.fusion import fuse_conv_bn, fused_for_inference
+    from textseg_cli.models.registry import build_model
+
+    torch.manual_seed(0)
+    net = build_model("vnet_multi", 1, 2, up_modes=(0, 1), dim=2, n_filters=4)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, as after training
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    fused, count = fuse_conv_bn(net)
+    assert count >= 20 and any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # original untouched
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(net(x), fused(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    first = fused_for_inference(net)
+    assert fused_for_inference(net) is first
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # an optimiser step invalidates the cache
+    assert fused_for_inference(net) is not first

@@ -21,7 +21,7 @@ def small_data(tmp_path_factory):
     from textseg_cli.data.prep.synthetic import prep_synthetic
 
     out = tmp_path_factory.mktemp("syn") / "data"
-    prep_synthetic(out, n_cases=8, size=(32, 32, 32), n_val=2, n_test=1, patch_size=(32, 32, 16))
+    prep_synthetic(out, n_cases=8, size=(32, 32, 24), n_val=2, n_test=1, patch_size=(16, 16, 16))
     return out
 
 

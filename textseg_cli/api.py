@@ -17,6 +17,8 @@ from textseg_cli.reports.compare import compare_results  # noqa: F401  (textseg 
 from textseg_cli.bench import run_benchmark  # noqa: F401  (textseg bench)
 from textseg_cli.inference.predict import predict_case, predict_folder  # noqa: F401  (textseg predict)
 from textseg_cli.inference.run_eval import evaluate_run  # noqa: F401  (textseg eval RUN_DIR)
+from textseg_cli.data.prep.slices import prep_slices, restack_pairs  # noqa: F401  (textseg prep slices)
+from textseg_cli.reports.overlays import prepared_overlays, render_case  # noqa: F401  (prep overlays, eval --overlays)
 from textseg_cli.inference.sliding_window import sliding_window_inference, whole_volume_inference  # noqa: F401
 from textseg_cli.text.describe import describe, describe_per_case, load_aux_texts  # noqa: F401  (textseg describe)
 from textseg_cli.text.encode import encode  # noqa: F401  (textseg encode)

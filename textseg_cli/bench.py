@@ -117,7 +117,7 @@ def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: 
 
 
 def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_size: int, dev: torch.device,
-                     repeats: int, modes: Sequence[str]) -> dict[str, Any]:
+                     repeats: int, modes: Sequence[str], precision: str) -> dict[str, Any]:
     from textseg_cli.inference.predict import predict_case
     from textseg_cli.inference.sliding_window import window_starts
 
@@ -126,7 +126,8 @@ def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_si
     out: dict[str, Any] = {"windows": int(torch.tensor([len(window_starts(max(v, p), p, s))
                                                         for v, p, s in zip(volume, patch, stride)]).prod())}
     for mode in modes:
-        cfg = {"mode": mode, "patch_size": list(patch), "stride": list(stride), "sw_batch_size": sw_batch_size}
+        cfg = {"mode": mode, "patch_size": list(patch), "stride": list(stride), "sw_batch_size": sw_batch_size,
+               "precision": precision}
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         run = lambda: predict_case(method, image, cfg, dev)  # noqa: E731
@@ -146,14 +147,16 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
                   iterations: int = 5, repeats: int = 3, device: str | None = None,
                   volume: Sequence[int] | None = (140, 140, 88), stride: Sequence[int] | None = None,
                   sw_batch_size: int = 4, in_channels: int = 1, num_classes: int = 2, train: bool = True,
-                  inference_modes: Sequence[str] = ("sliding", "whole"), json_out: str | Path | None = None,
+                  inference_modes: Sequence[str] = ("sliding", "whole"), precision: str = "auto",
+                  json_out: str | Path | None = None,
                   force: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark `method` on random data; returns (and optionally writes as JSON) the figures.
 
     `device` None benchmarks the CPU and, when available, CUDA. Training: `iterations` steps of a batch
     of `batch` = (labeled, unlabeled) patches per timed run. Inference: one `volume` with sliding windows
     (`stride` defaults to the literature's for LA/Pancreas patches, else half the patch) and whole-volume.
-    Memory: CUDA peak allocated by torch; on CPU the process's peak resident set size.
+    Memory: CUDA peak allocated by torch; on CPU the process's peak resident set size. `precision`
+    applies to inference (see `predict_case`); training uses bf16 autocast on CUDA, float32 on CPU.
     """
     from textseg_cli.methods.base import build_method, list_methods
     from textseg_cli.utils import atomic_write_json, guard_output_file
@@ -199,7 +202,8 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
                                        iterations, repeats))
         if volume is not None and inference_modes:
             log(f"[{dev_name}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
-            row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats, inference_modes))
+            row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats, inference_modes,
+                                        precision))
         results.append(row)
         del m
         if dev.type == "cuda":
@@ -207,8 +211,8 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
 
     report = {"method": method, "patch": list(patch), "batch": {"labeled": n_l, "unlabeled": n_u},
               "volume": list(volume) if volume else None, "stride": list(stride), "sw_batch_size": sw_batch_size,
-              "iterations": iterations, "repeats": repeats, "in_channels": in_channels, "num_classes": num_classes,
-              "torch": torch.__version__, "results": results}
+              "inference_precision": precision, "iterations": iterations, "repeats": repeats,
+              "in_channels": in_channels, "num_classes": num_classes, "torch": torch.__version__, "results": results}
     if json_out is not None:
         atomic_write_json(json_out, report)
     return report

@@ -6,6 +6,10 @@
 - `evaluate_folders` does both for a folder of predicted NIfTI masks against a folder of
   references or a prepared data folder, matching files by case id and checking their geometry.
 
+2D images are scored like volumes (per image; `mDice`/`mIoU` are the means over images);
+`eval_size=224` resizes both masks to 224×224 first (LViT's convention, `resize_nearest`), and
+`per_volume=True` re-stacks the slices of a `textseg prep slices` folder into volumes first.
+
 Definitions, the empty-mask policies and the file layout are in docs/evaluation.md.
 """
 
@@ -70,14 +74,30 @@ def check_label_values(arr: np.ndarray, num_classes: int, what: str, path: str |
     return arr.astype(np.uint8 if num_classes <= 256 else np.int32, copy=False)
 
 
+def resize_nearest(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D mask to `size` (int: square): output pixel i takes input pixel
+    floor(i · n_in / n_out) per axis, the rule of `torch.nn.functional.interpolate(mode="nearest")` and
+    OpenCV's INTER_NEAREST used by LViT-style evaluation code."""
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise DataError(f"--eval-size resizes 2D masks; got an array of shape {arr.shape}")
+    out = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+    rows = np.minimum((np.arange(out[0]) * arr.shape[0]) // out[0], arr.shape[0] - 1)
+    cols = np.minimum((np.arange(out[1]) * arr.shape[1]) // out[1], arr.shape[1] - 1)
+    return arr[np.ix_(rows, cols)]
+
+
 # --- metrics ------------------------------------------------------------------------------------
 def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[float] | None]], num_classes: int,
                    class_names: Sequence[str] | None = None, spacing_mm: bool = False, empty_policy: str = "nan",
-                   lcc: bool = False, *, total: int | None = None, show_progress: bool = True) -> pd.DataFrame:
+                   lcc: bool = False, *, total: int | None = None, show_progress: bool = True,
+                   eval_size: int | None = None) -> pd.DataFrame:
     """Per-case, per-class metrics of `(case_id, pred_labels, ref_labels, spacing)` tuples.
 
     Distances are in voxels, or in the units of `spacing` (mm from NIfTI headers) when
     `spacing_mm`. `lcc` keeps each predicted class's largest connected component first.
+    `eval_size` (2D only) resizes prediction and reference to eval_size² with `resize_nearest`
+    before anything else; the spacing is scaled to match.
     Returns one row per (case, foreground class) with PER_CASE_COLUMNS; `df.attrs` records the
     settings (empty_policy, lcc, distance_unit, num_classes, class_names).
     """
@@ -94,6 +114,10 @@ def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[f
             ref = check_label_values(ref, num_classes, f"case '{case_id}': reference")
             if pred.shape != ref.shape:
                 raise DataError(f"case '{case_id}': prediction shape {pred.shape} differs from reference shape {ref.shape}")
+            if eval_size:
+                if spacing is not None:
+                    spacing = tuple(float(s) * n / eval_size for s, n in zip(spacing, ref.shape))
+                pred, ref = resize_nearest(pred, eval_size), resize_nearest(ref, eval_size)
             if spacing_mm and spacing is None:
                 raise DataError(f"case '{case_id}': no voxel spacing known, so distances cannot be given in mm")
             if lcc:
@@ -105,7 +129,7 @@ def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[f
         raise DataError("no cases to evaluate")
     df = pd.DataFrame(rows)[PER_CASE_COLUMNS]
     df.attrs.update(empty_policy=empty_policy, lcc=bool(lcc), distance_unit="mm" if spacing_mm else "voxel",
-                    num_classes=int(num_classes), class_names=names)
+                    num_classes=int(num_classes), class_names=names, eval_size=eval_size)
     return df
 
 
@@ -124,7 +148,7 @@ def build_meta(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str
     if "spacing_mm" in out and "distance_unit" not in out:
         out["distance_unit"] = "mm" if out["spacing_mm"] else "voxel"
     out.update({k: v for k, v in df.attrs.items() if k in ("empty_policy", "lcc", "distance_unit", "num_classes",
-                                                             "class_names")})
+                                                             "class_names", "eval_size")})
     out.setdefault("name", "evaluation")
     out.setdefault("checkpoint_rule", None)
     policy = out.get("empty_policy")
@@ -199,11 +223,59 @@ def write_evaluation(df: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]
             frame.to_csv(tmp, index=False)
     atomic_write_json(paths["meta"], full_meta)
     if table:
-        rows = build_rows([EvalResult(full_meta["name"], summary, df, full_meta, Path(out_dir))])
-        atomic_write_text(paths["table"], render_table(rows, table, std=True))
+        result = EvalResult(full_meta["name"], summary, df, full_meta, Path(out_dir))
+        if full_meta.get("dim") == 2:
+            from textseg_cli.reports.table2d import render_table_2d
+
+            text = render_table_2d([result], table, std=True)
+        else:
+            text = render_table(build_rows([result]), table, std=True)
+        atomic_write_text(paths["table"], text)
     if show:
         console.print(summary_table(summary, full_meta))
     return paths
+
+
+# --- 2D images, slices and overlays ---------------------------------------------------------------
+def check_eval_size(eval_size: int | None, per_volume: bool = False) -> int | None:
+    if eval_size is None:
+        return None
+    if int(eval_size) < 8:
+        raise ConfigError(f"--eval-size {eval_size}: expected a size of at least 8 pixels (LViT uses 224)")
+    if per_volume:
+        raise ConfigError("--eval-size and --per-volume cannot be combined (volumes are scored on their own grid)")
+    return int(eval_size)
+
+
+def scoring_meta(dim: int | None, dataset: str | None, per_volume: bool = False,
+                 uses_text: bool | None = None) -> dict[str, Any]:
+    """meta.json facts that say what one row of per_case.csv is and how the headline means are formed."""
+    out: dict[str, Any] = {"dim": dim, "dataset": dataset, "per_volume": bool(per_volume), "uses_text": uses_text}
+    if per_volume:
+        out["aggregation"] = "per volume: slice predictions re-stacked into volumes, then the mean over volumes"
+    elif dim == 2:
+        out["aggregation"] = ("per image, then the mean over images (mDice, mIoU = mean Jaccard); masks are "
+                              "class indices (2D runs: foreground where its probability > 0.5)")
+    return out
+
+
+def read_first_mask(refs: dict[str, Path], cases: Sequence[str]) -> np.ndarray:
+    from textseg_cli.data.io import read_nifti
+
+    return read_nifti(refs[cases[0]]).array
+
+
+def overlay_pairs(pairs, n: int, out_dir: Path, ds=None, force: bool = False, written: list | None = None):
+    """Pass pairs through, drawing overlays of the first `n` (image and text from a prepared `ds`)."""
+    from textseg_cli.reports.overlays import overlay_tap
+
+    def image_of(cid: str):
+        if ds is None or cid not in ds.case_ids:
+            return None, None
+        case = ds.load_case(cid, with_label=False)
+        return case.image, case.text
+
+    return overlay_tap(pairs, int(n), out_dir, image_of, force=force, written=written)
 
 
 # --- folders ------------------------------------------------------------------------------------
@@ -244,7 +316,8 @@ def _references(labels_dir: Path, split: str | None, num_classes: int | None):
         refs = {cid: ds.label_path(cid) for cid in ids if ds.has_label(cid)}
         if not refs:
             raise DataError(f"no labeled cases{f' in split {split!r}' if split else ''}", labels_dir / "dataset.json")
-        return refs, ds.num_classes, ds.class_names, {"prepared": str(labels_dir.resolve()), "dataset": ds.name}
+        return refs, ds.num_classes, ds.class_names, {"prepared": str(labels_dir.resolve()), "dataset": ds.name,
+                                                      "_ds": ds}
     if split:
         raise ConfigError(f"--split needs --labels to be a prepared data folder (with dataset.json); {labels_dir} is "
                           "a plain folder")
@@ -285,7 +358,8 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
                      empty_policy: str = "nan", lcc: bool = False, table: str | None = None, name: str | None = None,
                      force: bool = False, checkpoint_rule: str | None = None, labeled: int | None = None,
                      unlabeled: int | None = None, n_train: int | None = None, write: bool = True,
-                     show: bool = True) -> pd.DataFrame:
+                     show: bool = True, eval_size: int | None = None, per_volume: bool = False, overlays: int = 0,
+                     uses_text: bool | None = None) -> pd.DataFrame:
     """Evaluate `<pred_dir>/<case>.nii.gz` against `<labels_dir>/<case>.nii.gz` (or a prepared folder).
 
     Cases are matched by file name; predictions without reference and references without
@@ -293,6 +367,11 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
     `num_classes` (background included) defaults to the prepared set's, else 2. Writes the outputs
     (see `write_evaluation`) to `out_dir` (default `<pred_dir>/../eval_<name>`) unless `write` is
     False. Returns the per-case DataFrame; `df.attrs["meta"]` and `df.attrs["paths"]` tell the rest.
+
+    2D: `eval_size` resizes both masks first (LViT: 224); `per_volume` (labels = a slices folder of
+    `textseg prep slices`) re-stacks the slices and scores volumes; `overlays=N` writes N overlay PNGs
+    to `<out_dir>/overlays/` (with the image and text when labels is a prepared folder); `uses_text`
+    marks the method as text-guided in 2D tables (✓/✗).
     """
     from textseg_cli.console import err_console
 
@@ -302,8 +381,13 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
         raise DataError("labels folder not found", labels_dir)
     preds = scan_masks(pred_dir, "prediction")
     refs, num_classes, class_names, source = _references(labels_dir, split, num_classes)
+    ds = source.pop("_ds", None)
     name = name or pred_dir.resolve().name
     paths = None
+    if (overlays or 0) > 0 and not write:
+        raise ConfigError("overlays need an output folder (write=True)")
+    if per_volume and ds is None:
+        raise ConfigError("--per-volume needs --labels to be a slices folder made by `textseg prep slices`")
     if write:
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(pred_dir, name)
         paths = guard_outputs(out_dir, table, force)  # fail before the work, not after
@@ -320,13 +404,25 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
         err_console.print(f"[yellow]note:[/] {len(extra)} prediction(s) have no reference and are ignored: "
                           f"{_name_list(extra)}", highlight=False, soft_wrap=True)
 
-    df = evaluate_pairs(_folder_pairs(cases, preds, refs, num_classes), num_classes, class_names,
-                        spacing_mm=spacing_mm, empty_policy=empty_policy, lcc=lcc, total=len(cases),
-                        show_progress=show)
+    pairs = _folder_pairs(cases, preds, refs, num_classes)
+    written: list[Path] = []
+    if overlays:
+        pairs = overlay_pairs(pairs, overlays, Path(out_dir) / "overlays", ds, force, written)
+    dim = ds.dim if ds is not None else None
+    if per_volume:
+        from textseg_cli.data.prep.slices import restack_pairs
+
+        pairs, dim = restack_pairs(pairs, ds), 3
+    df = evaluate_pairs(pairs, num_classes, class_names, spacing_mm=spacing_mm, empty_policy=empty_policy, lcc=lcc,
+                        total=None if per_volume else len(cases), show_progress=show,
+                        eval_size=check_eval_size(eval_size, per_volume))
+    if dim is None:
+        dim = int(np.ndim(read_first_mask(refs, cases)))
     meta = {"name": name, "pred_dir": str(pred_dir.resolve()), "labels": source, "split": split,
             "checkpoint_rule": checkpoint_rule or "unknown (external predictions)", "labeled": labeled,
             "unlabeled": unlabeled, "n_train": n_train, "missing_predictions": missing,
-            "predictions_without_reference": extra}
+            "predictions_without_reference": extra, **scoring_meta(dim, source.get("dataset"), per_volume, uses_text),
+            "overlays": [p.name for p in written]}
     if write:
         paths = write_evaluation(df, out_dir, meta, table, force=force, show=show)
         df.attrs["meta"] = json.loads(paths["meta"].read_text(encoding="utf-8"))

@@ -54,6 +54,7 @@ _COMMAND_MODULES: list[str] = [
     "prep_synthetic",
     "prep_la",
     "prep_check",
+    "prep_slices",
     "predict_cmd",
     "bench_cmd",
     "eval_cmd",

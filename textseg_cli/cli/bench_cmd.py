@@ -23,6 +23,8 @@ def bench(
     sw_batch_size: int = typer.Option(4, "--sw-batch-size", help="Windows per forward pass."),
     train: bool = typer.Option(True, "--train/--no-train", help="Time training iterations."),
     whole: bool = typer.Option(True, "--whole/--no-whole", help="Also time whole-volume inference."),
+    precision: str = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 on CUDA, fp32 on "
+                                                              "CPU), fp32 or bf16."),
     json_out: Path = typer.Option(None, "--json", help="Write the figures to this JSON file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ) -> None:
@@ -40,8 +42,8 @@ def bench(
         iterations=iterations, repeats=repeats, device=device,
         volume=None if volume.lower() == "none" else parse_int_list(volume, "--volume"),
         stride=parse_int_list(stride, "--stride"), sw_batch_size=sw_batch_size, train=train,
-        inference_modes=("sliding", "whole") if whole else ("sliding",), json_out=json_out, force=force,
-        log=lambda msg: err_console.print(msg, highlight=False, markup=False))
+        inference_modes=("sliding", "whole") if whole else ("sliding",), precision=precision, json_out=json_out,
+        force=force, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
     print_benchmark(report)
     if json_out is not None:
         err_console.print(f"wrote {json_out}")

@@ -15,8 +15,9 @@ from textseg_cli.console import console
 def encode_cmd(
     encoder: str = typer.Option(..., "--encoder", "-e",
                                 help="'bert' (descriptions → N×D) or 'clip' (class prompts → K×D)."),
-    dataset: str = typer.Option("synthetic", "--dataset", "-d",
-                                help="Prompt file name or path (class names, CLIP template, bundled descriptions)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
+                                          help="Prompt file name or path (class names, CLIP template, bundled "
+                                               "descriptions). Default: the --data folder's name, else synthetic."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="BERT: hub name or local folder (default bert-base-uncased). "
                                              "CLIP: open_clip architecture (default ViT-B-32)."),

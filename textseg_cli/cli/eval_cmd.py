@@ -27,7 +27,7 @@ def _forbid(mode: str, **given) -> None:
 
 
 def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc, spacing_mm, empty_policy, table,
-              force, device) -> None:
+              force, device, **extra) -> None:
     split = split or "val"
     if split not in _RUN_SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
@@ -44,7 +44,8 @@ def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc,
         warn_test_split()
     evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
                  inference=inference or "sliding", out=out, lcc=lcc, spacing_mm=spacing_mm,
-                 empty_policy=empty_policy, table=table, force=force, device=device)
+                 empty_policy=empty_policy, table=table, force=force, device=device,
+                 **{k: v for k, v in extra.items() if v not in (None, False, 0)})
 
 
 @app.command("eval")
@@ -91,6 +92,20 @@ def eval_command(
     std: bool = typer.Option(False, "--std", help="--compare: print mean ± SD over cases instead of the mean."),
     class_name: Optional[str] = typer.Option(
         None, "--class", help="--compare: report this class instead of the mean over foreground classes."),
+    eval_size: Optional[int] = typer.Option(
+        None, "--eval-size", help="2D: resize prediction and reference to SIZE×SIZE (nearest neighbour) before "
+                                  "scoring; 224 reproduces LViT's convention."),
+    per_volume: bool = typer.Option(
+        False, "--per-volume", help="Slices folders (textseg prep slices): re-stack the slice predictions into "
+                                    "volumes and score each volume."),
+    overlays: int = typer.Option(
+        0, "--overlays", metavar="N", min=0, help="Write N overlay PNGs (image, reference and prediction contours, "
+                                                  "text) to <out>/overlays/."),
+    layout: str = typer.Option(
+        "auto", "--layout", help="--compare: 3d (Labeled/Unlabeled/Dice/Jaccard/95HD/ASD), 2d (method, text ✓/✗, "
+                                 "Dice and mIoU per data set) or auto (2d when all results are 2D)."),
+    uses_text: Optional[bool] = typer.Option(
+        None, "--text/--no-text", help="With --pred: whether the method reads text (the ✓/✗ column of 2D tables)."),
 ) -> None:
     """Evaluate predictions (Dice, Jaccard, 95HD, ASD; equal to medpy) and build results tables.
 
@@ -98,6 +113,7 @@ def eval_command(
     textseg eval --pred PRED_DIR --labels LABELS_DIR [--lcc] [--spacing-mm] [--table latex]
     textseg eval RUN_DIR --split val [--checkpoint best|last]
     textseg eval --compare EVAL_A EVAL_B ... --table latex --out table.tex
+    textseg eval RUN_DIR --eval-size 224 --overlays 6        (2D: mDice / mIoU)
     """
     from textseg_cli.evaluation import check_empty_policy
 
@@ -106,12 +122,15 @@ def eval_command(
     if compare:
         _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
                 checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
-                labeled=labeled, unlabeled=unlabeled)
+                labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume, overlays=overlays,
+                uses_text=uses_text)
         if empty_policy != "nan":
             raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
-        _compare_mode(targets, table, out, force, std, class_name)
+        _compare_mode(targets, table, out, force, std, class_name, layout)
         return
     _forbid("without --compare", std=std, class_name=class_name)
+    if layout != "auto":
+        raise ConfigError("--layout can only be used with --compare")
     if pred is not None or labels is not None:
         if targets:
             raise ConfigError("give either RUN_DIR or --pred/--labels, not both")
@@ -120,16 +139,19 @@ def eval_command(
         _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device)
         _folder_mode(pred, labels, out=out, table=table, lcc=lcc, spacing_mm=spacing_mm, empty_policy=empty_policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
-                     labeled=labeled, unlabeled=unlabeled)
+                     labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume,
+                     overlays=overlays, uses_text=uses_text)
         return
     if len(targets) > 1:
         raise ConfigError(f"{len(targets)} paths given; add --compare to combine evaluation results into a table")
     if not targets:
         raise ConfigError("nothing to evaluate: give RUN_DIR, or --pred and --labels, or --compare RESULTS... "
                           "(see textseg eval --help)")
-    _forbid("with RUN_DIR", name=name, num_classes=num_classes, labeled=labeled, unlabeled=unlabeled)
+    _forbid("with RUN_DIR", name=name, num_classes=num_classes, labeled=labeled, unlabeled=unlabeled,
+            uses_text=uses_text)
     _run_mode(targets[0], split=split, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
-              spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device)
+              spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
+              eval_size=eval_size, per_volume=per_volume, overlays=overlays)
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:
@@ -144,10 +166,10 @@ def _folder_mode(pred: Path, labels: Path, **kw) -> None:
 
 
 def _compare_mode(targets: list[Path], table: Optional[str], out: Optional[Path], force: bool, std: bool,
-                  class_name: Optional[str]) -> None:
+                  class_name: Optional[str], layout: str = "auto") -> None:
     from textseg_cli.reports.compare import compare_results
 
-    text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name)
+    text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name, layout=layout)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     if out is not None:
         console.print(f"[green]wrote[/] table: {out}", highlight=False, soft_wrap=True)

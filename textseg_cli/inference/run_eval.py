@@ -32,10 +32,32 @@ def default_eval_dir(run_dir: Path, split: str, checkpoint: str, inference: str,
     return run_dir / "eval" / name
 
 
+def method_uses_text(method) -> bool:
+    """Whether a method reads text (for the ✓/✗ column of 2D tables): its own `uses_text` flag, else
+    a per-case text hook or a text source/embedding attribute."""
+    flag = getattr(method, "uses_text", None)
+    if flag is not None:
+        return bool(flag)
+    if callable(getattr(method, "set_case_text", None)):
+        return True
+    return any(getattr(method, attr, None) is not None for attr in ("text", "text_embeddings"))
+
+
+def mask_from_probs(probs, dim: int, threshold: float = 0.5) -> np.ndarray:
+    """Class-index mask from probabilities (K, *spatial). 2D binary tasks: foreground where its
+    probability exceeds `threshold` (0.5 equals argmax; ties go to background); otherwise argmax."""
+    from textseg_cli.inference.predict import probs_to_mask
+
+    if dim == 2 and probs.shape[0] == 2:
+        return (probs[1] > threshold).to(device="cpu").numpy().astype(np.uint8)
+    return probs_to_mask(probs)
+
+
 def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "best", decoder: int | str | None = None,
                  inference: str = "sliding", out: str | Path | None = None, lcc: bool = False,
                  spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
-                 device: str | None = None):
+                 device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
+                 overlays: int = 0, threshold: float = 0.5):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
@@ -43,12 +65,18 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
     `summary.csv`, `meta.json` (+ `table`). `out` defaults to `RUN_DIR/eval/<split>-<checkpoint>-<mode>[-decN]`.
     Returns the per-case DataFrame. Evaluating `split="test"` is allowed but flagged loudly: test
     numbers must never choose checkpoints or settings.
+
+    2D runs: binary masks are the foreground probability > `threshold`; each case's text is handed to
+    methods that read it (`set_case_text`); `eval_size=224` scores at 224×224 (LViT); `per_volume`
+    re-stacks the slices of a `textseg prep slices` folder and scores volumes; `overlays=N` writes N
+    overlay PNGs to `out/overlays/`.
     """
     from textseg_cli.console import err_console
     from textseg_cli.engine.runs import load_run
-    from textseg_cli.evaluation import evaluate_pairs, write_evaluation
-    from textseg_cli.inference.predict import (checkpoint_rule, inference_settings, predict_case, probs_to_mask,
-                                               read_input_image, resolve_device, write_mask)
+    from textseg_cli.evaluation import (check_eval_size, evaluate_pairs, overlay_pairs, scoring_meta,
+                                        write_evaluation)
+    from textseg_cli.inference.predict import (checkpoint_rule, inference_settings, predict_case, read_input_image,
+                                               resolve_device, write_mask)
     from textseg_cli.utils import prepare_output_dir
 
     run_dir = Path(run_dir)
@@ -57,9 +85,16 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
                           "not drive model selection (checkpoint, decoder, post-processing or hyper-parameters) — "
                           "use the validation split for that.", highlight=False)
     dev = resolve_device(device)
+    eval_size = check_eval_size(eval_size, per_volume)
     run = load_run(run_dir, checkpoint, device=str(dev))
     inf_cfg = inference_settings(run.config, inference, decoder)
     ds = run.dataset
+    if per_volume:
+        from textseg_cli.data.prep.slices import restack_pairs, slice_info
+
+        if slice_info(ds) is None:
+            raise DataError("--per-volume needs a run trained on a slices folder (`textseg prep slices`)",
+                            ds.root / "dataset.json")
     ids = ds.split(split)
     if not ids:
         raise DataError(f"split '{split}' of this run has no cases", run_dir)
@@ -75,14 +110,23 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
         # inference runs lazily as evaluate_pairs (and its progress bar) walks the cases
+        set_text = getattr(run.method, "set_case_text", None)
         for cid in ids:
             case = ds.load_case(cid, with_label=True)
-            mask = probs_to_mask(predict_case(run.method, case.image, inf_cfg, dev))
+            if callable(set_text):
+                set_text(case.text, case_id=cid)
+            mask = mask_from_probs(predict_case(run.method, case.image, inf_cfg, dev), ds.dim, threshold)
             write_mask(pred_dir / f"{cid}.nii.gz", mask, read_input_image(ds.image_path(cid), ds.dim, name=cid))
             yield cid, mask, case.label, tuple(case.spacing)
 
-    df = evaluate_pairs(pairs(), ds.num_classes, ds.class_names, spacing_mm=spacing_mm, empty_policy=empty_policy,
-                        lcc=lcc, total=len(ids))
+    stream = pairs()
+    written: list[Path] = []
+    if overlays:
+        stream = overlay_pairs(stream, overlays, out / "overlays", ds, force, written)
+    if per_volume:
+        stream = restack_pairs(stream, ds)
+    df = evaluate_pairs(stream, ds.num_classes, ds.class_names, spacing_mm=spacing_mm, empty_policy=empty_policy,
+                        lcc=lcc, total=None if per_volume else len(ids), eval_size=eval_size)
 
     n_lab, n_unlab = _labeled_counts(run)
     method_name = run.config.get("method")
@@ -102,9 +146,12 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
         "labeled": n_lab,
         "unlabeled": n_unlab,
         "cases": len(ids),
-        "predictions": "argmax before post-processing",
+        "predictions": (f"foreground probability > {threshold} before post-processing"
+                        if ds.dim == 2 and ds.num_classes == 2 else "argmax before post-processing"),
+        "threshold": threshold if ds.dim == 2 and ds.num_classes == 2 else None,
         "device": str(dev),
-        "dataset": ds.name,
+        **scoring_meta(3 if per_volume else ds.dim, ds.name, per_volume, method_uses_text(run.method)),
+        "overlays": [p.name for p in written],
     }
     write_evaluation(df, out, meta, table=table)
     return df

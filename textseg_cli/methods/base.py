@@ -125,6 +125,11 @@ _METHOD_MODULES: list[str] = [
     "textseg_cli.methods.bcp",
     "textseg_cli.methods.mlrp",
     "textseg_cli.methods.cps",
+    "textseg_cli.methods.unet2d",
+    "textseg_cli.methods.tgcnet",
+    "textseg_cli.methods.text_semiseg",
+    "textseg_cli.methods.vclipseg",
+    "textseg_cli.methods.llm_segnet",
 ]
 
 
@@ -138,4 +143,10 @@ def build_method(name: str, cfg: dict[str, Any], in_channels: int, num_classes: 
     methods = list_methods()
     if name not in methods:
         raise ConfigError(f"unknown method '{name}'; available: {', '.join(methods)}")
-    return methods[name](cfg, in_channels, num_classes, dim=dim, **context)
+    method = methods[name](cfg, in_channels, num_classes, dim=dim, **context)
+    addon = (cfg.get("method") or {}).get("text_addon") if isinstance(cfg, dict) else None
+    if addon:  # "+Text" (`textseg train --text tmr+csa`): TMR/CSA around a V-Net method
+        from textseg_cli.methods.text_addon import with_text_addon
+
+        method = with_text_addon(method, addon)
+    return method

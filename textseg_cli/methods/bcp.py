@@ -74,6 +74,12 @@ class BCP(Method):
         self.teacher = make_teacher(self.student)
         # set once phase 2 has begun, so a resumed run does not re-initialise its teacher
         self.register_buffer("self_training", torch.zeros((), dtype=torch.bool))
+        total = int((cfg.get("train") or {}).get("iterations") or 0) if isinstance(cfg, dict) else 0
+        if 0 < total <= self.pretrain_iterations:
+            raise ConfigError(f"method bcp: method.pretrain_iterations ({self.pretrain_iterations}) must be smaller "
+                              f"than train.iterations ({total}), or self-training never starts; e.g. --set "
+                              f"method.pretrain_iterations={max(1, total * 2 // 17)} --set "
+                              f"optim.step_offset={max(1, total * 2 // 17)}")
 
     def networks(self):
         return {"student": self.student}  # the teacher is an EMA copy of the same size

@@ -60,7 +60,7 @@ class MCF(Method):
         bb = backbone_kwargs(self.hparams)
         self.vnet = VNet(in_channels, num_classes, **bb)
         self.resnet = ResVNet(in_channels, num_classes, normalization=bb.get("normalization", "batchnorm"),
-                              has_dropout=bb.get("has_dropout", True))
+                              has_dropout=bb.get("has_dropout", True), n_filters=bb.get("n_filters", 16))
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         hp = self.hparams

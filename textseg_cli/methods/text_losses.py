@@ -31,14 +31,19 @@ class ProjectionHead(nn.Module):
         return F.normalize(y, dim=1) if self.normalize else y
 
 
-def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tensor, pool: str = "mean",
+             channel_reduction: str = "sum") -> torch.Tensor:
     """Class-semantic alignment (Text-SemiSeg Eq. 4).
 
     For each decoder's probabilities ŷ_d (resized to the feature grid) and class k, the prototype
     avg_v(F_p(v) · ŷ_{d,k}(v)) is pulled to t_k by squared error; summed over classes and decoders,
     averaged over the batch. pool="mean" divides by the voxel count as the paper's avg(·) does;
-    pool="masked" divides by Σ_v ŷ_{d,k}(v) (a soft masked mean).
+    pool="masked" divides by Σ_v ŷ_{d,k}(v) (a soft masked mean). channel_reduction="sum" sums the squared
+    error over the D channels (Eq. 4 as written); "mean" averages it (the published code's scale, which keeps
+    the loss O(1) with unnormalised 512-d CLIP features).
     """
+    if channel_reduction not in ("sum", "mean"):
+        raise ValueError(f"csa channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
     b, _ = features.shape[:2]
     spatial = features.shape[2:]
     n = float(torch.tensor(spatial).prod())
@@ -52,7 +57,9 @@ def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tens
             proto = proto / ps.flatten(2).sum(-1).clamp_min(1e-6).unsqueeze(-1)
         else:
             raise ValueError(f"csa pool must be 'mean' or 'masked', got {pool!r}")
-        total = total + ((proto - text.to(proto.dtype).unsqueeze(0)) ** 2).sum(dim=(1, 2)).mean()
+        err = (proto - text.to(proto.dtype).unsqueeze(0)) ** 2  # (B, K, D)
+        err = err.sum(dim=2) if channel_reduction == "sum" else err.mean(dim=2)
+        total = total + err.sum(dim=1).mean()
     return total
 
 

@@ -54,7 +54,7 @@ class TGCNetMethod(Method):
         date = hp.get("date", "auto")
         if date == "auto":  # the full model when auxiliary prompts exist, else the primary text alone
             date = "injection" if self.aux else "main-only"
-            if not self.aux:
+            if not self.aux and not context.get("quiet_warnings"):
                 err_console.print("[yellow]warning:[/] tgcnet: no aux_texts.json in the data folder "
                                   "(`textseg describe --per-case`); DATE runs as main-only")
         self.date_mode = date

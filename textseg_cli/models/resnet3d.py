@@ -67,10 +67,10 @@ class ResVNet(nn.Module):
     """ResNet-34 encoder + V-Net decoder; forward(x) → logits (B, K, *spatial), sizes multiples of 16."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, normalization: str = "batchnorm",
-                 has_dropout: bool = True):
+                 has_dropout: bool = True, n_filters: int = 16):
         super().__init__()
-        self.encoder = ResNet3DEncoder(in_channels)
-        self.decoder = VNetDecoder(num_classes, 16, normalization, has_dropout, up_mode=0)
+        self.encoder = ResNet3DEncoder(in_channels, base=n_filters)
+        self.decoder = VNetDecoder(num_classes, n_filters, normalization, has_dropout, up_mode=0)
         for m in self.modules():
             if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
                 nn.init.kaiming_normal_(m.weight)
@@ -84,6 +84,6 @@ class ResVNet(nn.Module):
 
 @register_model("resvnet34", "MCF's 3D ResNet-34 encoder with the V-Net decoder")
 def build_resvnet34(in_channels: int = 1, num_classes: int = 2, normalization: str = "batchnorm",
-                    has_dropout: bool = True, **_) -> ResVNet:
+                    has_dropout: bool = True, n_filters: int = 16, **_) -> ResVNet:
     """MCF's 3D ResNet-34 encoder with the V-Net decoder."""
-    return ResVNet(in_channels, num_classes, normalization, has_dropout)
+    return ResVNet(in_channels, num_classes, normalization, has_dropout, n_filters)

@@ -1,7 +1,7 @@
 """URPC's 3D U-Net with deep supervision at four scales (`unet_3D_dv_semi` of the URPC / SSL4MIS code).
 
 Encoder: two 3×3×3 conv + norm + ReLU per level with 16/32/64/128/256 channels (64…1024 divided by the
-feature scale 4), 2×2×2 max-pooling between levels. Decoder: trilinear ×2 upsampling, concatenation with the
+feature scale 4; `n_filters` scales them), 2×2×2 max-pooling between levels. Decoder: trilinear ×2 upsampling, concatenation with the
 skip feature, two conv + norm + ReLU; Dropout3d of 0.5/0.3/0.2/0.1 after the four decoder stages. Each
 decoder stage has a 1×1×1 output conv; the three coarser ones are upsampled (trilinear ×8/×4/×2) to the
 input size. The published code normalises with InstanceNorm3d without affine parameters (its "batchnorm"
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from textseg_cli.models.registry import register_model
 
-CHANNELS = (16, 32, 64, 128, 256)
 DROPOUTS = (0.5, 0.3, 0.2, 0.1)
 
 
@@ -57,10 +56,10 @@ class UpConcat(nn.Module):
 class UNet3DDeepSup(nn.Module):
     """forward(x) → list of 4 logits maps at input resolution, finest first: [dsv1, dsv2, dsv3, dsv4]."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, norm: str = "instance",
-                 channels: tuple[int, ...] = CHANNELS, dropout: bool = True):
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, norm: str = "instance", n_filters: int = 16,
+                 dropout: bool = True):
         super().__init__()
-        c = channels
+        c = [n_filters * m for m in (1, 2, 4, 8, 16)]
         self.down = nn.ModuleList([DoubleConv(in_channels, c[0], norm)] +
                                   [DoubleConv(c[i], c[i + 1], norm) for i in range(4)])
         self.up = nn.ModuleList([UpConcat(c[i + 1], c[i], norm) for i in reversed(range(4))])  # 4→3 … 1→0
@@ -91,6 +90,7 @@ class UNet3DDeepSup(nn.Module):
 
 
 @register_model("unet3d_ds", doc="URPC's 3D U-Net with deep supervision at 4 scales (16-256 channels)")
-def build_unet3d_ds(in_channels: int = 1, num_classes: int = 2, norm: str = "instance", **_) -> UNet3DDeepSup:
+def build_unet3d_ds(in_channels: int = 1, num_classes: int = 2, norm: str = "instance", n_filters: int = 16,
+                    **_) -> UNet3DDeepSup:
     """URPC's 3D U-Net with deep supervision at 4 scales."""
-    return UNet3DDeepSup(in_channels, num_classes, norm=norm)
+    return UNet3DDeepSup(in_channels, num_classes, norm=norm, n_filters=n_filters)

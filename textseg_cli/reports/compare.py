@@ -169,7 +169,8 @@ def table_format_for(out: str | Path | None, table: str | None) -> str:
 
 
 def compare_results(paths: Sequence[str | Path], table: str | None = None, out: str | Path | None = None, *,
-                    force: bool = False, std: bool = False, class_name: str | None = None) -> str:
+                    force: bool = False, std: bool = False, class_name: str | None = None,
+                    layout: str = "auto") -> str:
     """Render one results table (rows = the given evaluations, in order) and return its text.
 
     `table` is csv, md or latex; None takes the format from `out`'s suffix (.csv/.md/.tex), else md.
@@ -177,6 +178,10 @@ def compare_results(paths: Sequence[str | Path], table: str | None = None, out: 
     With `out`, the text is also written there (refused if it exists, unless `force`). With two or
     more results sharing cases, each row after the first gets the Wilcoxon p-value of its per-case
     Dice against the first row's.
+
+    `layout`: "3d" (the semi-supervised papers' columns above), "2d" (TGC-Net/LViT Table 1: method,
+    text ✓/✗, Dice and mIoU per data set side by side; `reports.table2d`) or "auto" (2d when every
+    result was scored per 2D image, from its meta.json).
     """
     from textseg_cli.console import err_console
     from textseg_cli.utils import atomic_write_text, guard_output_file
@@ -189,7 +194,16 @@ def compare_results(paths: Sequence[str | Path], table: str | None = None, out: 
         raise ConfigError(str(exc)) from None
     if out is not None:
         guard_output_file(out, force)
+    if layout not in ("auto", "2d", "3d"):
+        raise ConfigError(f"--layout {layout!r}: expected auto, 2d or 3d")
     results = [load_result(p) for p in paths]
+    from textseg_cli.reports.table2d import is_2d, render_table_2d
+
+    if layout == "2d" or (layout == "auto" and all(is_2d(r) for r in results)):
+        text = render_table_2d(results, fmt, std=std, class_name=class_name)
+        if out is not None:
+            atomic_write_text(out, text)
+        return text
     rows = build_rows(results, class_name)
     for key in ("distance_unit", "empty_policy", "lcc"):
         values = {str(r.settings.get(key)) for r in rows}

@@ -24,7 +24,7 @@ from textseg_cli import __version__
 from textseg_cli.errors import ConfigError, OutputExistsError
 from textseg_cli.text.embeddings import load_embeddings, save_embeddings, sidecar_path, tensor_path
 from textseg_cli.text.encoders import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED
-from textseg_cli.text.prompts import load_prompts
+from textseg_cli.text.prompts import GENERIC, list_datasets, load_prompts
 
 ENCODERS = ("bert", "clip")
 DEFAULT_OUT_DIR = Path("text_embeddings")
@@ -41,7 +41,7 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def encode(encoder: str = "clip", dataset: str = "synthetic", *, model: str | None = None,
+def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | None = None,
            pretrained: str | None = None, descriptions: str | Path | None = None, texts: list[str] | None = None,
            class_names: list[str] | None = None, data: str | Path | None = None, template: str | None = None,
            pooling: str = "cls", tokens: bool = False, normalize: bool | None = None,
@@ -49,6 +49,8 @@ def encode(encoder: str = "clip", dataset: str = "synthetic", *, model: str | No
            prompts_dir: str | Path | None = None) -> EncodeResult:
     """Encode texts of `dataset` with a BERT or CLIP text encoder and write `.safetensors` + `.json`.
 
+    dataset: prompt file name or path; default: the `data` folder's name when a prompt file of that
+    name exists, else `generic` with `data`, else `synthetic`.
     model: BERT hub name or local folder (default bert-base-uncased); open_clip architecture for
     CLIP (default ViT-B-32). pretrained (CLIP only): open_clip tag (default "openai"), a checkpoint
     file, or "none" for random weights. class_names / data (a prepared folder whose dataset.json
@@ -62,10 +64,16 @@ def encode(encoder: str = "clip", dataset: str = "synthetic", *, model: str | No
         raise ConfigError(f"--pooling must be 'cls' or 'mean', got {pooling!r}")
     if pretrained is not None and encoder == "bert":
         raise ConfigError("--pretrained applies to --encoder clip only (BERT weights come with --model)")
-    if data is not None and class_names is None:
+    data_name = None
+    if data is not None:
         from textseg_cli.data.prepared import load_prepared
 
-        class_names = load_prepared(data, check_files=False).class_names
+        prepared = load_prepared(data, check_files=False)
+        data_name = prepared.name
+        if class_names is None:
+            class_names = prepared.class_names
+    if dataset is None:  # the prepared folder's own prompt file when there is one, else generic
+        dataset = data_name if data_name in list_datasets(prompts_dir) else (GENERIC if data_name else "synthetic")
     ps = load_prompts(dataset, prompts_dir)
     normalize = (encoder == "clip") if normalize is None else bool(normalize)
     provenance: dict[str, Any] = {}

@@ -240,8 +240,17 @@ class ClipTextTower:
         """Run token embeddings `x` (B, L, W) through the tower; pool at the EOT position of `tokens`."""
         from open_clip.transformer import text_global_pool
 
-        x = x + self.positional_embedding.to(x.dtype)
-        mask = self.attn_mask.to(x.device) if isinstance(self.attn_mask, torch.Tensor) else self.attn_mask
+        pos, mask = self.positional_embedding, self.attn_mask
+        if not return_tokens and isinstance(mask, torch.Tensor) and self.pool_type in ("argmax", "eos"):
+            # Causal attention: nothing after the last end-of-text token can change the pooled
+            # feature, so drop the padding (77 → ~10 positions; same result, several times faster).
+            if self.pool_type == "argmax":
+                end = int(tokens.argmax(dim=-1).max()) + 1
+            else:
+                end = int((tokens == self.eos_id).int().argmax(dim=-1).max()) + 1
+            x, tokens, pos, mask = x[:, :end], tokens[:, :end], pos[:end], mask[:end, :end]
+        x = x + pos.to(x.dtype)
+        mask = mask.to(x.device) if isinstance(mask, torch.Tensor) else mask
         x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         pooled = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
@@ -265,7 +274,8 @@ class ClipTextEncoder:
     def encode(self, texts: list[str], tokens: bool = False, normalize: bool = True) -> dict[str, torch.Tensor]:
         """{"embeddings": (K, D)} plus, with tokens, projected per-token features (K, L, D) and the mask."""
         ids = self.tokenizer(texts).to(self.device)
-        pooled, per_token = self.tower.forward_embeddings(self.tower.embed(ids), ids, return_tokens=True)
+        result = self.tower.forward_embeddings(self.tower.embed(ids), ids, return_tokens=tokens)
+        pooled, per_token = result if tokens else (result, None)
         pooled = pooled.float()
         out = {"embeddings": (F.normalize(pooled, dim=-1) if normalize else pooled).cpu().contiguous()}
         if tokens:

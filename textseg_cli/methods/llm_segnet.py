@@ -1,0 +1,145 @@
+"""LLM-SegNet (Kumari et al.): co-training of two networks with LLM-description knowledge in the bottleneck.
+
+Two networks A and B of the same architecture (V-Net for LA and Pancreas, the 3D U-Net for BraTS) each add
+β · MLP(mean of the BERT embeddings of the LLM descriptions) to their bottleneck: D(E(x) + β·z)
+(`models.text_fusion.TextInjection`; β = 0.1 on LA, 1 on Pancreas and BraTS). Inputs get uniform noise
+U(−0.2, 0.2). B sees a CutMix of the unlabeled images (a cuboid of each image replaced by the next image's);
+A sees them unmixed and its probabilities are CutMixed identically, so both predictions are aligned.
+
+L = Σ_{A,B} (Dice + CE)(labeled) + λ(t) · [USL(ŷ_A, ỹ_B) + USL(ŷ_B, ỹ_A)] with the unified segmentation
+loss of `text_losses.usl_loss` (thresholds t1, t2; `--unsup-loss mse|nll` for the paper's Table 7) and
+λ(t) = weight · ramp(t // 150, rampup).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from textseg_cli.errors import ConfigError
+from textseg_cli.losses import consistency_weight, dice_loss
+from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.ssl_common import backbone_kwargs, cuboid_mask, mix
+from textseg_cli.methods.text_addon import load_method_embeddings
+from textseg_cli.methods.text_losses import usl_loss
+from textseg_cli.methods.text_semiseg import decoder_index
+from textseg_cli.models.text_fusion import TextInjection
+
+BACKBONES = ("vnet", "unet3d")
+
+
+class InjectedNet(nn.Module):
+    """A segmentation network whose bottleneck receives the text injection; forward(x) → logits."""
+
+    def __init__(self, backbone: str, in_channels: int, num_classes: int, text: torch.Tensor, hp: dict[str, Any]):
+        super().__init__()
+        self.backbone = backbone
+        if backbone == "vnet":
+            from textseg_cli.models.vnet import VNet
+
+            self.net = VNet(in_channels, num_classes, **backbone_kwargs(hp))
+            channels = int(self.net.encoder.channels[-1])
+        elif backbone == "unet3d":
+            from textseg_cli.models.unet3d import UNet3DDeepSup
+
+            self.net = UNet3DDeepSup(in_channels, num_classes, **dict(hp.get("backbone_unet3d") or {}))
+            channels = int(self.net.down[-1].block[0].out_channels)
+            # the U-Net has no separate encoder: inject through a hook on its deepest block
+            self.net.down[-1].register_forward_hook(lambda m, i, o: self.injection(o, self._text[0]))
+        else:
+            raise ConfigError(f"method.backbone_model {backbone!r}: expected one of {', '.join(BACKBONES)}")
+        self.injection = TextInjection(channels, int(text.shape[-1]), int(hp.get("text_hidden", 512)),
+                                       float(hp.get("beta", 0.1)))
+        self._text = [text]
+
+    def set_text(self, text: torch.Tensor) -> None:
+        self._text[0] = text
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone == "vnet":
+            feats = self.net.encoder(x)
+            return self.net.decoder([*feats[:-1], self.injection(feats[-1], self._text[0])])
+        return self.net(x)[0]  # the full-resolution output of the deep-supervision U-Net
+
+
+def uniform_noise(x: torch.Tensor, amplitude: float) -> torch.Tensor:
+    return x + (torch.rand_like(x) * 2 - 1) * amplitude if amplitude > 0 else x
+
+
+@register_method("llm-segnet")
+class LLMSegNet(Method):
+    paper = "Kumari et al., LLM-SegNet: large language model driven bidirectional collaborative learning"
+    has_text = True
+
+    def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
+        super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
+        if dim != 3:
+            raise ConfigError("llm-segnet works on 3D volumes")
+        hp = self.hparams
+        emb = load_method_embeddings(hp, "llm-segnet", "bert", context.get("dataset_name"))
+        self.register_buffer("text_embeddings", emb)
+        backbone = str(hp.get("backbone_model", "vnet"))
+        self.net_a = InjectedNet(backbone, in_channels, num_classes, emb, hp)
+        self.net_b = InjectedNet(backbone, in_channels, num_classes, emb, hp)
+        kind = str(hp.get("unsup_loss", "usl"))
+        if kind not in ("usl", "mse", "nll"):
+            raise ConfigError(f"method.unsup_loss {kind!r}: expected usl, mse or nll")
+
+    def _apply(self, fn, recurse: bool = True):
+        # keep the networks' (unregistered) view of the text buffer on the buffer's device
+        super()._apply(fn, recurse)
+        for net in (self.net_a, self.net_b):
+            net.set_text(self.text_embeddings)
+        return self
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"net_a": self.net_a, "net_b": self.net_b}
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        dice_kw = dict(hp.get("dice") or {})
+        noise = float(hp.get("input_noise", 0.2))
+        bl, bu = batch.image_l.shape[0], batch.image_u.shape[0]
+        x_l, y_l, x_u = batch.image_l, batch.label_l, batch.image_u
+        if bu:
+            mask = cuboid_mask(x_u.shape[2:], float(hp.get("cutmix_ratio", 2 / 3)), device=x_u.device)
+            perm = torch.roll(torch.arange(bu, device=x_u.device), 1)  # image i borrows a cuboid of image i−1
+            x_u_mix = mix(x_u, x_u[perm], mask)
+            logits_a = self.net_a(uniform_noise(torch.cat([x_l, x_u]), noise)).float()
+            logits_b = self.net_b(uniform_noise(torch.cat([x_l, x_u_mix]), noise)).float()
+        else:
+            logits_a = self.net_a(uniform_noise(x_l, noise)).float()
+            logits_b = self.net_b(uniform_noise(x_l, noise)).float()
+        sup = {}
+        for name, lg in (("a", logits_a), ("b", logits_b)):
+            sup[name] = dice_loss(torch.softmax(lg[:bl], 1), y_l, **dice_kw) + F.cross_entropy(lg[:bl], y_l)
+        loss = sup["a"] + sup["b"]
+        out: dict[str, torch.Tensor] = {"loss_sup_a": sup["a"].detach(), "loss_sup_b": sup["b"].detach()}
+        if bu:
+            p_a = torch.softmax(logits_a[bl:], 1)
+            p_a_mix = mix(p_a, p_a[perm], mask)  # A's prediction CutMixed like B's input
+            p_b = torch.softmax(logits_b[bl:], 1)
+            t1, t2, kind = float(hp.get("t1", 0.9)), float(hp.get("t2", 0.1)), str(hp.get("unsup_loss", "usl"))
+            unsup = usl_loss(p_a_mix, p_b, t1, t2, kind) + usl_loss(p_b, p_a_mix, t1, t2, kind)
+            c = hp.get("consistency") or {}
+            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 40)),
+                                   int(c.get("per", 150)))
+            loss = loss + w * unsup
+            out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w))
+        out["loss"] = loss
+        return out
+
+    def predict_proba(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
+        idx = decoder_index(decoder, self.hparams.get("eval_decoder", 0), 2)
+        if idx == "mean":
+            return (torch.softmax(self.net_a(x).float(), 1) + torch.softmax(self.net_b(x).float(), 1)) / 2
+        return torch.softmax((self.net_a if idx == 0 else self.net_b)(x).float(), 1)
+
+    def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
+        idx = decoder_index(decoder, self.hparams.get("eval_decoder", 0), 2)
+        if idx == "mean":
+            return torch.log(self.predict_proba(x, "mean").clamp_min(1e-12))
+        return (self.net_a if idx == 0 else self.net_b)(x)

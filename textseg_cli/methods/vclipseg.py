@@ -1,0 +1,114 @@
+"""VCLIPSeg (Li et al., MICCAI 2024): voxel-wise CLIP-enhanced semi-supervised segmentation.
+
+Frozen CLIP embeddings of "A pixel of a {class}." (K×512, from `textseg encode --encoder clip`) and a V-Net
+encoder with two decoders (upsampling modes 0 and 1):
+
+- VWPM on the bottleneck (`models.text_fusion.VWPM`): a per-voxel vision-semantic map weights the projected
+  class embeddings into a voxel prompt, fused with the bottleneck by a conv before the decoders;
+- VTCM: per decoder a projection head (1×1 conv 256→256, ReLU, 1×1 conv →512, L2-normalised); class
+  prototypes average the projected features of labeled voxels where the label and both decoders agree
+  (bottleneck grid); L_reg = mean_k (1 − cos(prototype_k, t_k)), averaged over the decoders' heads;
+- DLB: w_i = softmax_i(1 − σ(Dice loss_i on labeled data)); pseudo-label argmax Σ_i w_i p_i on unlabeled
+  data; L_u = Σ_i (Dice + CE)(p_i, pseudo-label).
+
+Total = 0.5 · Σ_i Dice_i(labeled) + λ_u(t) · L_u + 0.5 · L_reg, λ_u = 1 · ramp(t // 150, 40).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from textseg_cli.errors import ConfigError
+from textseg_cli.losses import consistency_weight, dice_loss
+from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.ssl_common import backbone_kwargs
+from textseg_cli.methods.text_addon import load_method_embeddings
+from textseg_cli.methods.text_losses import ProjectionHead, dlb_pseudo_label, dlb_weights, vtcm_loss
+from textseg_cli.methods.text_semiseg import decoder_index
+from textseg_cli.models.registry import build_model
+from textseg_cli.models.text_fusion import VWPM
+
+
+@register_method("vclipseg")
+class VCLIPSeg(Method):
+    paper = "Li et al., VCLIPSeg: voxel-wise CLIP-enhanced model for semi-supervised medical image segmentation, MICCAI 2024"
+    has_text = True
+
+    def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
+        super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
+        if dim != 3:
+            raise ConfigError("vclipseg works on 3D volumes")
+        hp = self.hparams
+        modes = hp.get("up_modes") or (0, 1)
+        if len(modes) < 2:
+            raise ConfigError(f"method.up_modes {modes}: VCLIPSeg needs at least two decoders")
+        self.net = build_model("vnet_multi", in_channels, num_classes, up_modes=modes, dim=dim,
+                               **backbone_kwargs(hp))
+        channels = int(self.net.encoder.channels[-1])
+        self.use_vwpm = bool(hp.get("vwpm", True))
+        self.use_vtcm = bool(hp.get("vtcm", True))
+        if self.use_vwpm or self.use_vtcm:
+            emb = load_method_embeddings(hp, "vclipseg", "clip", context.get("dataset_name"), rows=num_classes)
+            self.register_buffer("text_embeddings", emb)
+            text_dim = int(emb.shape[-1])
+        else:
+            self.text_embeddings = None
+            text_dim = 0
+        self.vwpm = VWPM(channels, text_dim, num_classes) if self.use_vwpm else None
+        hidden = int(hp.get("vtcm_hidden", channels))
+        self.vtcm_heads = nn.ModuleList(ProjectionHead(channels, text_dim, hidden=hidden, normalize=True)
+                                        for _ in modes) if self.use_vtcm else None
+
+    def bottleneck_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats = self.net.encoder(x)
+        x5 = feats[-1]
+        if self.vwpm is not None:
+            x5 = self.vwpm(x5, self.text_embeddings)
+        return x5, self.net.decode([*feats[:-1], x5])
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        dice_kw = dict(hp.get("dice") or {})
+        bl, bu = batch.image_l.shape[0], batch.image_u.shape[0]
+        x = torch.cat([batch.image_l, batch.image_u]) if bu else batch.image_l
+        x5, logits = self.bottleneck_and_logits(x)
+        probs = [torch.softmax(o.float(), 1) for o in logits]
+        dices = [dice_loss(p[:bl], batch.label_l, **dice_kw) for p in probs]
+        loss = float(hp.get("sup_weight", 0.5)) * sum(dices)
+        out: dict[str, torch.Tensor] = {"loss_dice": sum(dices).detach()}
+        if bu:
+            weights = dlb_weights(dices)
+            pseudo = dlb_pseudo_label([p[bl:] for p in probs], weights)
+            unsup = sum(dice_loss(p[bl:], pseudo, **dice_kw) + F.cross_entropy(o[bl:].float(), pseudo)
+                        for p, o in zip(probs, logits))
+            c = hp.get("consistency") or {}
+            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 40)),
+                                   int(c.get("per", 150)))
+            loss = loss + w * unsup
+            out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w),
+                       dlb_weight_0=weights[0].detach())
+        if self.vtcm_heads is not None:
+            preds = [p[:bl].argmax(1) for p in probs]
+            text = F.normalize(self.text_embeddings, dim=-1)
+            reg = sum(vtcm_loss(head(x5[:bl].float()), batch.label_l, preds, text)
+                      for head in self.vtcm_heads) / len(self.vtcm_heads)
+            loss = loss + float(hp.get("reg_weight", 0.5)) * reg
+            out["loss_vtcm"] = reg.detach()
+        out["loss"] = loss
+        return out
+
+    def predict_proba(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
+        idx = decoder_index(decoder, self.hparams.get("eval_decoder", "mean"), len(self.net.decoders))
+        _, logits = self.bottleneck_and_logits(x)
+        probs = [torch.softmax(o.float(), 1) for o in logits]
+        return torch.stack(probs).mean(0) if idx == "mean" else probs[idx]
+
+    def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
+        idx = decoder_index(decoder, self.hparams.get("eval_decoder", "mean"), len(self.net.decoders))
+        if idx == "mean":
+            return torch.log(self.predict_proba(x, "mean").clamp_min(1e-12))
+        return self.bottleneck_and_logits(x)[1][idx]
