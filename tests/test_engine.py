@@ -192,3 +192,30 @@ def test_outputs_guarded_and_load_run(tiny_data, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["seed"] == 1337 and env["device"] == "cpu" and env["torch"] == torch.__version__
     assert json.loads((run / "cases.json").read_text())["unused_unlabeled"]  # sup never loads unlabeled cases
+
+
+def test_mcnet_loss_terms_and_decoder_selection():
+    import math
+
+    from textseg_cli.losses import sharpen
+    from textseg_cli.methods import Batch, StepContext, build_method
+
+    cfg = build_config("mcnet+", "synthetic", 3, [16, 16, 16], sets=["method.backbone.n_filters=4"])
+    torch.manual_seed(0)
+    m = build_method("mcnet+", cfg, 1, 2).eval()  # eval: no dropout, so outputs are reproducible
+    batch = Batch(torch.randn(1, 1, 16, 16, 16), torch.randint(0, 2, (1, 16, 16, 16)), torch.randn(1, 1, 16, 16, 16))
+    out = m.training_step(batch, StepContext(iteration=299, max_iterations=1000, device=torch.device("cpu")))
+    w = math.exp(-5 * (1 - 2 / 40) ** 2)  # step 300 → 300 // 150 = 2
+    assert out["consistency_weight"].item() == pytest.approx(w)
+    assert out["loss"].item() == pytest.approx(0.5 * out["loss_dice"].item() + w * out["loss_consistency"].item(),
+                                               rel=1e-5)
+    with torch.no_grad():
+        probs = [torch.softmax(o, 1) for o in m.net(torch.cat([batch.image_l, batch.image_u]))]
+        cons = sum(((probs[i] - sharpen(probs[j], 0.1)) ** 2).mean() for i in range(3) for j in range(3) if i != j)
+        assert out["loss_consistency"].item() == pytest.approx(cons.item(), rel=1e-5)
+        x = batch.image_l
+        assert torch.allclose(m.predict_proba(x, 1), probs[1][:1], atol=1e-6)
+        assert torch.allclose(m.predict_proba(x, "mean"), sum(p[:1] for p in probs) / 3, atol=1e-6)
+        assert torch.allclose(m.predict_proba(x), probs[0][:1], atol=1e-6)  # default: decoder 0
+    with pytest.raises(ConfigError, match="decoders 0..2"):
+        m.predict_logits(x, 3)

@@ -235,10 +235,11 @@ def _val(run):
 
 
 @pytest.mark.parametrize("method,kind,extra", [
+    # CE-weighted runs first predict all background for a few hundred steps; Dice alone moves within 40
     ("text-semiseg", "clip", ["--set", "method.seg_loss.ce=0", "--set", "method.dice.include_background=false",
                               "--set", "optim.schedule=constant", "--set", "method.dca_start=20"]),
     ("vclipseg", "clip", []),
-    ("llm-segnet", "bert", []),
+    ("llm-segnet", "bert", ["--set", "method.seg_loss.ce=0"]),
 ])
 def test_cli_training_raises_validation_dice(synthetic_data, emb, tmp_path, method, kind, extra):
     run = tmp_path / "run"

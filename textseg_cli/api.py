@@ -12,6 +12,8 @@ from textseg_cli.data.prep.msd import prep_lung, prep_msd  # noqa: F401  (textse
 from textseg_cli.data.prep.custom import prep_custom  # noqa: F401  (textseg prep custom)
 from textseg_cli.data.prep.synthetic import prep_synthetic  # noqa: F401  (textseg prep synthetic)
 from textseg_cli.data.prep.la import prep_la  # noqa: F401  (textseg prep la)
+from textseg_cli.data.prep.lvit import prep_lvit  # noqa: F401  (textseg prep lvit)
+from textseg_cli.data.synthetic2d import prep_synthetic_2d  # noqa: F401  (textseg prep synthetic --dim 2)
 from textseg_cli.evaluation import evaluate_folders, evaluate_pairs, write_evaluation  # noqa: F401  (textseg eval)
 from textseg_cli.reports.compare import compare_results  # noqa: F401  (textseg eval --compare)
 from textseg_cli.bench import run_benchmark  # noqa: F401  (textseg bench)

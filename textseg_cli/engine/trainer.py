@@ -188,6 +188,9 @@ class Trainer:
 
         # cases: labeled = first N of splits.train, unlabeled = the rest, validation from the val split only
         train_ids = ds.split("train")
+        if cfg["data"]["labeled"] is None:  # the prepared set's default labeled count (LA: 8), else all
+            default = (ds.spec.get("labeled") or {}).get("default")
+            cfg["data"]["labeled"] = None if default is None else str(default)
         self.labeled_ids, unlabeled_ids = labeled_subset(train_ids, cfg["data"]["labeled"])
         method_cls = list_methods().get(cfg["method"]["name"])
         if method_cls is None:
@@ -643,7 +646,7 @@ def _print_header(tr: Trainer, cfg: dict[str, Any], dev: torch.device, dist: Dis
     console.print(
         f"[bold]{cfg['method']['name']}[/] on {tr.ds.name}: {len(tr.labeled_ids)} labeled, "
         f"{len(tr.unlabeled_ids)} unlabeled, {len(tr.val_ids)} validation cases; patch {d['patch_size']}, "
-        f"batch {t['batch_labeled']}+{t['batch_unlabeled'] if tr.uses_unlabeled else 0}"
+        f"batch {t['batch_labeled']}+{t['batch_unlabeled'] if tr.unlabeled_ids else 0}"
         f"{f' ×{dist.world_size} processes' if dist.enabled else ''}; {t['iterations']} iterations on {dev}"
         f"{' (bf16)' if tr.amp else ''}; {count_parameters(tr.method, trainable_only=True):,} trainable parameters; "
         f"run folder {tr.run_dir}", highlight=False)

@@ -113,9 +113,12 @@ class LLMSegNet(Method):
         else:
             logits_a = self.net_a(uniform_noise(x_l, noise)).float()
             logits_b = self.net_b(uniform_noise(x_l, noise)).float()
+        w_seg = hp.get("seg_loss") or {}
+        w_ce, w_dice = float(w_seg.get("ce", 1.0)), float(w_seg.get("dice", 1.0))
         sup = {}
         for name, lg in (("a", logits_a), ("b", logits_b)):
-            sup[name] = dice_loss(torch.softmax(lg[:bl], 1), y_l, **dice_kw) + F.cross_entropy(lg[:bl], y_l)
+            ce = F.cross_entropy(lg[:bl], y_l) if w_ce else lg.new_zeros(())
+            sup[name] = w_dice * dice_loss(torch.softmax(lg[:bl], 1), y_l, **dice_kw) + w_ce * ce
         loss = sup["a"] + sup["b"]
         out: dict[str, torch.Tensor] = {"loss_sup_a": sup["a"].detach(), "loss_sup_b": sup["b"].detach()}
         if bu:

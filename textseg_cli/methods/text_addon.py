@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Batch, Method, StepContext

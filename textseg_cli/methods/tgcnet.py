@@ -39,6 +39,17 @@ def _load_aux(data_root: str | None, path: str | None) -> dict[str, str]:
     return load_aux_texts(p)
 
 
+class _SharedSlot:
+    """Holds the current case's text. Shared, not copied, by `copy.deepcopy`: inference may predict with
+    a deep copy of the method (e.g. BatchNorm folded into convs) made before the text was set."""
+
+    def __init__(self):
+        self.value: tuple[str, str | None] | None = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 @register_method("tgcnet")
 class TGCNetMethod(Method):
     paper = "TGC-Net (Wuhan University, 2025): frozen CLIP + SSE + DATE + VLCM + cost-aggregation decoder"
@@ -69,7 +80,7 @@ class TGCNetMethod(Method):
         self.class_prompts = [template.format(n) for n in names] if not self.referring else []
         if not self.referring and len(self.class_prompts) != num_classes:
             raise ConfigError("tgcnet with more than two classes needs the data set's class names")
-        self._case_text: tuple[str, str | None] | None = None
+        self._case_text = _SharedSlot()
 
     # --- texts ------------------------------------------------------------------------------
     def _texts(self, texts: Sequence[str | None] | None, ids: Sequence[str]) -> tuple[list, list | None]:
@@ -90,7 +101,7 @@ class TGCNetMethod(Method):
         """The text of the case the next `predict_logits` calls belong to (aux looked up by case_id if not given)."""
         if aux is None and case_id is not None:
             aux = self.aux.get(case_id)
-        self._case_text = None if text is None else (text, aux)
+        self._case_text.value = None if text is None else (text, aux)
 
     # --- training and inference ---------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -125,10 +136,10 @@ class TGCNetMethod(Method):
     def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         if not self.referring:
             return self.forward_texts(x, [""] * x.shape[0])
-        if self._case_text is None:
+        if self._case_text.value is None:
             raise ConfigError("tgcnet predicts from an image and its text: call set_case_text(text, aux) "
                               "for the case before predicting")
-        text, aux = self._case_text
+        text, aux = self._case_text.value
         if self.date_mode != "main-only" and aux is None:
             raise ConfigError("tgcnet: this case has no auxiliary prompt (aux_texts.json)")
         n = x.shape[0]

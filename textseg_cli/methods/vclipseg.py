@@ -35,7 +35,8 @@ from textseg_cli.models.text_fusion import VWPM
 
 @register_method("vclipseg")
 class VCLIPSeg(Method):
-    paper = "Li et al., VCLIPSeg: voxel-wise CLIP-enhanced model for semi-supervised medical image segmentation, MICCAI 2024"
+    paper = ("Li et al., VCLIPSeg: voxel-wise CLIP-enhanced model for semi-supervised medical image segmentation, "
+             "MICCAI 2024")
     has_text = True
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):

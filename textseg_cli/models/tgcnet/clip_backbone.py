@@ -165,3 +165,8 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self._store)
+
+    def __deepcopy__(self, memo):
+        # Copies of a model (e.g. for inference with folded BatchNorm) share the cache: its entries
+        # depend only on the frozen CLIP and the exact input, never on the trainable weights.
+        return self

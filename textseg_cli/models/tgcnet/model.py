@@ -150,6 +150,7 @@ class TGCNet(nn.Module):
 
 
 @register_model("tgcnet", doc="TGC-Net: frozen CLIP + SSE + DATE + VLCM + cost-aggregation decoder (2D, text-guided)")
-def build_tgcnet(in_channels: int = 3, num_classes: int = 2, **kwargs: Any) -> TGCNet:
-    """TGC-Net; forward(image, texts, aux_texts) gives one logit map per prompt (see TGCNet)."""
+def build_tgcnet(in_channels: int = 3, num_classes: int = 2, dim: int = 2, **kwargs: Any) -> TGCNet:
+    """TGC-Net (always 2D; `dim` is accepted for the registry's uniform call); forward(image, texts,
+    aux_texts) gives one logit map per prompt (see TGCNet)."""
     return TGCNet(in_channels=in_channels, **kwargs)
