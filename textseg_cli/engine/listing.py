@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 from textseg_cli.errors import ConfigError
+
+# Widths of the placeholder text embeddings used only to count parameters (CLIP ViT-B/32, BERT-base).
+_LISTING_TEXT = {"clip": (None, 512), "bert": (15, 768)}
 
 
 def _parts(module) -> dict[str, int]:
@@ -54,19 +59,60 @@ def list_models(in_channels: int = 1, num_classes: int = 2,
     for name in sorted(MODELS):
         try:
             kw = {"dim": dim} if dim != 3 else {}
-            m = build_model(name, in_channels, num_classes, **kw)
+            m = _build_for_counting(lambda: build_model(name, in_channels, num_classes, **kw))
             models.append({"name": name, "description": MODEL_DOCS.get(name, ""), "total": count_parameters(m),
                            "trainable": count_parameters(m, trainable_only=True), "parts": _parts(m)})
         except Exception as exc:  # a model that needs extra arguments is still listed
             models.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
     methods = []
+    tmp = Path(tempfile.mkdtemp(prefix="textseg-models-"))
     for name, cls in list_methods().items():
         try:
             cfg = build_config(name, None, dim, patch_size)
-            meth = cls(cfg, in_channels, num_classes, dim=dim, class_names=[f"class{i}" for i in range(num_classes)],
-                       dataset_name=None, data_root=None, patch_size=cfg["data"]["patch_size"])
+            _listing_text(cfg, cls, num_classes, tmp)
+            meth = _build_for_counting(lambda: cls(
+                cfg, in_channels, num_classes, dim=dim, class_names=[f"class{i}" for i in range(num_classes)],
+                dataset_name=None, data_root=None, patch_size=cfg["data"]["patch_size"]))
             methods.append({"name": name, "description": cls.paper, "total": count_parameters(meth),
                             "trainable": count_parameters(meth, trainable_only=True), "parts": _flatten_parts(meth)})
         except Exception as exc:
             methods.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return {"dim": dim, "patch_size": patch_size, "models": models, "methods": methods}
+
+
+def _build_for_counting(build):
+    """Build on the meta device (shapes, so parameter counts, without allocating or initialising weights);
+    modules that move tensors between devices while building are built normally."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception:  # e.g. a frozen tower copied between devices: build for real; its errors are reported
+        return build()
+
+
+def _listing_text(cfg: dict[str, Any], cls, num_classes: int, tmp: Path) -> None:
+    """Counts do not depend on text values: give text methods random-weight CLIP and placeholder embeddings."""
+    import torch
+
+    from textseg_cli.text.embeddings import save_embeddings
+
+    text = cfg.get("method", {}).get("text")
+    if not isinstance(text, dict):
+        return
+    if "clip_pretrained" in text:
+        text["clip_pretrained"] = "none"
+    encoder = getattr(cls, "embedding_encoder", None)
+    if encoder in _LISTING_TEXT and not text.get("embeddings"):
+        rows, width = _LISTING_TEXT[encoder]
+        rows = rows or num_classes
+        path = tmp / f"{encoder}_{rows}x{width}.safetensors"
+        if not path.exists():
+            save_embeddings(path, {"embeddings": torch.zeros(rows, width)},
+                            {"encoder": encoder, "texts": [f"placeholder {i}" for i in range(rows)],
+                             "note": "placeholder for `textseg models` parameter counts"})
+        text["embeddings"] = str(path)

@@ -128,34 +128,25 @@ def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> l
 
 
 def validate(method: Method, cases: list[tuple[str, np.ndarray, np.ndarray]], cfg: dict[str, Any],
-             device: torch.device, num_classes: int, class_names: list[str]) -> dict[str, float]:
-    """Mean Dice over validation cases (sliding-window or whole-volume inference, the run's settings)."""
-    from textseg_cli.inference import sliding_window as sw  # lazy: inference is optional at import time
+             device: torch.device, num_classes: int, class_names: list[str],
+             texts: dict[str, str | None] | None = None) -> dict[str, float]:
+    """Mean Dice over validation cases, predicted exactly as `textseg eval` does (`predict_case` with the
+    run's inference settings); methods that read a per-case text get it through `set_case_text`."""
+    from textseg_cli.inference.predict import predict_case  # lazy: inference imports the engine's pieces
 
-    inf, val = cfg["inference"], cfg["val"]
-    mode = val.get("mode") or inf["mode"]
-    stride = val.get("stride") or inf["stride"]
-    decoder = inf.get("decoder")
-    amp = device.type == "cuda" and cfg["train"]["amp"]
-    method.eval()
-
-    def predict_fn(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            return method.predict_proba(x, decoder).float()
+    inf, val = dict(cfg["inference"]), cfg["val"]
+    inf["mode"] = val.get("mode") or inf["mode"]
+    inf["stride"] = val.get("stride") or inf["stride"]
+    if not (device.type == "cuda" and cfg["train"]["amp"]):
+        inf.setdefault("precision", "fp32")
+    set_text = getattr(method, "set_case_text", None)
 
     per_case = []
-    with torch.no_grad():
-        for _cid, image, label in cases:
-            img = torch.from_numpy(image).to(device)
-            if mode == "whole":
-                probs = sw.whole_volume_inference(predict_fn, img, patch_size=inf["patch_size"], stride=stride,
-                                                  sw_batch_size=inf["sw_batch_size"], out_device=device)
-            else:
-                probs = sw.sliding_window_inference(predict_fn, img, inf["patch_size"], stride,
-                                                    sw_batch_size=inf["sw_batch_size"], out_device=device)
-            pred = probs.argmax(0).cpu()
-            per_case.append(dice_per_class(pred, torch.from_numpy(label.astype(np.int64)), num_classes))
-    method.train()
+    for cid, image, label in cases:
+        if callable(set_text):
+            set_text((texts or {}).get(cid), case_id=cid)
+        pred = predict_case(method, image, inf, device).argmax(0).cpu()
+        per_case.append(dice_per_class(pred, torch.from_numpy(label.astype(np.int64)), num_classes))
     arr = np.array(per_case, dtype=float)  # (cases, K-1)
     with np.errstate(all="ignore"), _warnings_off():
         per_class = np.nanmean(arr, axis=0) if arr.size else np.array([])
@@ -376,7 +367,8 @@ class Trainer:
         if not self.dist.main or not self.val_cases:
             return {}
         t0 = time.perf_counter()
-        res = validate(self.method, self.val_cases, self.cfg, self.device, self.ds.num_classes, self.ds.class_names)
+        res = validate(self.method, self.val_cases, self.cfg, self.device, self.ds.num_classes, self.ds.class_names,
+                       texts={cid: self.ds.text(cid) for cid, _, _ in self.val_cases})
         res["val_seconds"] = round(time.perf_counter() - t0, 3)
         if self.best_metric is None or res["val_dice"] > self.best_metric:
             self.best_metric, self.best_iteration = res["val_dice"], self.iteration

@@ -100,7 +100,8 @@ class BCP(Method):
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         bl, bu = batch.image_l.shape[0], batch.image_u.shape[0]
         if bl < 2 or bl % 2:
-            raise ConfigError(f"method bcp: train.batch_labeled must be even and ≥ 2 (labeled halves are mixed), got {bl}")
+            raise ConfigError(f"method bcp: train.batch_labeled must be even and ≥ 2 (labeled halves are mixed), "
+                              f"got {bl}")
         if ctx.iteration >= self.pretrain_iterations and (bu < 2 or bu % 2):
             raise ConfigError(f"method bcp: train.batch_unlabeled must be even and ≥ 2 for self-training, got {bu}")
         if ctx.iteration < self.pretrain_iterations:

@@ -71,6 +71,7 @@ def uniform_noise(x: torch.Tensor, amplitude: float) -> torch.Tensor:
 
 @register_method("llm-segnet")
 class LLMSegNet(Method):
+    embedding_encoder = "bert"  # what `textseg encode` must produce for --text-embeddings
     paper = "Kumari et al., LLM-SegNet: large language model driven bidirectional collaborative learning"
     has_text = True
 

@@ -38,7 +38,10 @@ def reliability(teacher_probs: torch.Tensor, teacher_feat: torch.Tensor) -> torc
     assign = F.one_hot(teacher_probs.argmax(1).reshape(b, -1), k).float()  # (B, N, K)
     protos = torch.einsum("bcn,bnk->bkc", feat, assign) / (assign.sum(1).unsqueeze(-1) + 1e-6)
     protos = F.normalize(protos, dim=-1)
-    sim = F.cosine_similarity(feat.unsqueeze(1), protos.unsqueeze(-1), dim=2)  # (B, K, N)
+    # cosine similarity of every voxel feature with every prototype, without a (B, K, C, N) intermediate
+    dots = torch.einsum("bkc,bcn->bkn", protos, feat)
+    norms = protos.norm(dim=-1).unsqueeze(-1) * feat.norm(dim=1).unsqueeze(1)
+    sim = dots / norms.clamp_min(1e-8)  # (B, K, N)
     sq = (sim - teacher_probs.float().reshape(b, k, -1)) ** 2
     return (1 - sq.mean(1)).reshape(teacher_probs.shape[:1] + teacher_probs.shape[2:])
 
@@ -56,7 +59,8 @@ def reliable_cross_supervision(student_probs: torch.Tensor, student_logits: torc
 
 @register_method("mlrp")
 class MLRP(Method):
-    paper = "Su et al., Mutual learning with reliable pseudo label for semi-supervised medical image segmentation, MedIA 2024"
+    paper = ("Su et al., Mutual learning with reliable pseudo label for semi-supervised medical image segmentation, "
+             "MedIA 2024")
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

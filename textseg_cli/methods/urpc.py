@@ -31,7 +31,7 @@ def pyramid_consistency(probs: list[torch.Tensor]) -> torch.Tensor:
     mean = torch.stack(probs).mean(0)
     total = 0.0
     for p in probs:
-        kl = torch.sum(mean * (torch.log(mean) - torch.log(p)), dim=1, keepdim=True)
+        kl = torch.sum(F.kl_div(torch.log(p), mean, reduction="none"), dim=1, keepdim=True)  # KL(mean ‖ p)
         w = torch.exp(-kl)
         total = total + torch.mean((mean - p) ** 2 * w) / (torch.mean(w) + 1e-8) + torch.mean(kl)
     return total / len(probs)
@@ -39,7 +39,8 @@ def pyramid_consistency(probs: list[torch.Tensor]) -> torch.Tensor:
 
 @register_method("urpc")
 class URPC(Method):
-    paper = "Luo et al., Semi-supervised medical image segmentation via uncertainty rectified pyramid consistency, MedIA 2022"
+    paper = ("Luo et al., Semi-supervised medical image segmentation via uncertainty rectified pyramid consistency, "
+             "MedIA 2022")
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

@@ -35,6 +35,7 @@ from textseg_cli.models.text_fusion import VWPM
 
 @register_method("vclipseg")
 class VCLIPSeg(Method):
+    embedding_encoder = "clip"  # what `textseg encode` must produce for --text-embeddings
     paper = ("Li et al., VCLIPSeg: voxel-wise CLIP-enhanced model for semi-supervised medical image segmentation, "
              "MICCAI 2024")
     has_text = True

@@ -1,11 +1,11 @@
 """URPC's 3D U-Net with deep supervision at four scales (`unet_3D_dv_semi` of the URPC / SSL4MIS code).
 
 Encoder: two 3×3×3 conv + norm + ReLU per level with 16/32/64/128/256 channels (64…1024 divided by the
-feature scale 4; `n_filters` scales them), 2×2×2 max-pooling between levels. Decoder: trilinear ×2 upsampling, concatenation with the
-skip feature, two conv + norm + ReLU; Dropout3d of 0.5/0.3/0.2/0.1 after the four decoder stages. Each
-decoder stage has a 1×1×1 output conv; the three coarser ones are upsampled (trilinear ×8/×4/×2) to the
-input size. The published code normalises with InstanceNorm3d without affine parameters (its "batchnorm"
-switch selects instance norm); that is the default here.
+feature scale 4; `n_filters` scales them), 2×2×2 max-pooling between levels. Decoder: trilinear ×2
+upsampling, concatenation with the skip feature, two conv + norm + ReLU; Dropout3d of 0.5/0.3/0.2/0.1
+after the four decoder stages. Each decoder stage has a 1×1×1 output conv; the three coarser ones are
+upsampled (trilinear ×8/×4/×2) to the input size. The published code normalises with InstanceNorm3d
+without affine parameters (its "batchnorm" switch selects instance norm); that is the default here.
 """
 
 from __future__ import annotations
