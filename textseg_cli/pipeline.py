@@ -13,9 +13,12 @@ from textseg_cli.console import console
 from textseg_cli.utils import prepare_output_dir
 
 
-def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int = 300, method: str = "mcnet",
-             seed: int = 0, device: str | None = None) -> dict[str, Any]:
-    """Run the whole workflow on the synthetic data set and return the paths it wrote."""
+def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int = 300,
+             methods: tuple[str, ...] = ("mcnet", "vclipseg"), seed: int = 0, device: str | None = None) -> dict[str, Any]:
+    """Run the whole workflow on the synthetic data set and return the paths it wrote.
+
+    Trains a text-free baseline and a text-guided method on the same split and puts both in one table.
+    """
     from textseg_cli import api
 
     out = prepare_output_dir(out, force=force)
@@ -36,19 +39,28 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int
     api.encode(encoder="clip", dataset="synthetic", pretrained="none", out=emb)
     paths["clip_embeddings"] = emb
 
-    console.rule(f"[bold]4/6 train {method} ({iterations} iterations)")
-    run_dir = out / "runs" / method
-    api.train(method=method, data=data, out=run_dir, iterations=iterations, labeled="4", seed=seed, device=device)
-    paths["run"] = run_dir
+    evals = []
+    for method in methods:
+        console.rule(f"[bold]4/6 train {method} ({iterations} iterations)")
+        run_dir = out / "runs" / method
+        api.train(method=method, data=data, out=run_dir, iterations=iterations, labeled="4", seed=seed,
+                  device=device, sets=[f"method.text.embeddings={emb}"] if _reads_embeddings(method) else ())
+        paths[f"run_{method}"] = run_dir
 
-    console.rule("[bold]5/6 eval (validation split, best-on-val checkpoint)")
-    ev = out / "eval" / method
-    api.evaluate_run(run_dir, split="val", out=ev, table="md")
-    paths["eval"] = ev
+        console.rule(f"[bold]5/6 eval {method} (validation split, best-on-val checkpoint)")
+        ev = out / "eval" / method
+        api.evaluate_run(run_dir, split="val", out=ev, table="md")
+        evals.append(ev)
 
     console.rule("[bold]6/6 table")
     table = out / "results.md"
-    api.compare_results([ev], table="md", out=table)
+    api.compare_results(evals, table="md", out=table)
     console.print(table.read_text())
     paths["table"] = table
     return paths
+
+
+def _reads_embeddings(method: str) -> bool:
+    from textseg_cli.methods import list_methods
+
+    return getattr(list_methods()[method], "embedding_encoder", None) == "clip"

@@ -13,7 +13,8 @@ from textseg_cli.cli import app
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, text, runs, evaluation and table."),
     iterations: int = typer.Option(300, "--iterations", help="Training iterations (CPU-friendly default)."),
-    method: str = typer.Option("mcnet", "--method", help="Training method to run."),
+    methods: str = typer.Option("mcnet,vclipseg", "--methods",
+                                help="Comma-separated methods to train and compare (text-free and text-guided)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data generation and training."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
@@ -21,4 +22,5 @@ def demo(
     """Run prep synthetic → describe → encode → train → eval → table on the bundled synthetic data."""
     from textseg_cli.pipeline import run_demo
 
-    run_demo(out=out, force=force, iterations=iterations, method=method, seed=seed, device=device)
+    run_demo(out=out, force=force, iterations=iterations, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+             seed=seed, device=device)

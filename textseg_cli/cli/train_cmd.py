@@ -80,10 +80,8 @@ def train_command(
                           vwpm=False if no_vwpm else None, vtcm=False if no_vtcm else None,
                           unsup_loss=unsup_loss, t1=t1, t2=t2) + list(sets or [])
     if print_config:
-        import yaml
-
         from textseg_cli.data.prepared import load_prepared
-        from textseg_cli.engine.config import build_config
+        from textseg_cli.engine.config import build_config, dump_config
         from textseg_cli.errors import ConfigError
 
         if method is None or data is None:
@@ -93,7 +91,7 @@ def train_command(
                  "deterministic": True if deterministic else None}
         cfg = build_config(method, ds.name, ds.dim, ds.patch_size, user_config=config, flags=flags, sets=sets or [])
         cfg["data"]["root"] = str(data.resolve())
-        console.print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None), highlight=False, markup=False)
+        console.print(dump_config(cfg), highlight=False, markup=False, soft_wrap=True)
         return
     from textseg_cli.engine import train
 

@@ -194,10 +194,21 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
     return cfg
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Write shared values in full (no &id001 anchors) so the saved config reads like the packaged ones."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_config(cfg: dict[str, Any]) -> str:
+    return yaml.dump(cfg, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None, width=100)
+
+
 def save_config(cfg: dict[str, Any], path: str | Path) -> None:
     from textseg_cli.utils import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
+    atomic_write_text(path, dump_config(cfg))
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
