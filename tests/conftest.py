@@ -24,6 +24,17 @@ def _torch_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions run fastest single-threaded (and do not fight other processes for the cores)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def la_dir() -> Path:
     if not (LA_DIR / "train.list").exists():

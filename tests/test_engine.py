@@ -18,13 +18,7 @@ TINY = ["method.backbone.n_filters=4", "train.batch_labeled=1", "train.batch_unl
         "train.checkpoint_every=1000"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions run fastest single-threaded, especially on a shared machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from textseg_cli.text.embeddings import save_embeddings
 CTX = dict(class_names=["background", "liver"], dataset_name="synthetic", data_root=None, patch_size=[32, 32, 16])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

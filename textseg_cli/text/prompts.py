@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def search_dirs(prompts_dir: str | Path | None = None) -> list[Path]:
     for part in os.environ.get(PROMPTS_ENV, "").split(os.pathsep):
         if part.strip():
             dirs.append(Path(part.strip()).expanduser())
-    dirs.append(Path(__file__).resolve().parents[2] / "prompts")
+    dirs.append(Path(__file__).resolve().parents[2] / "prompts")  # source checkout / editable install
+    dirs.append(Path(sys.prefix) / "share" / "textseg" / "prompts")  # wheel install (pyproject data-files)
     return dirs
 
 
