@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,8 @@ def test_descriptions_differ_between_datasets():
 
 
 def test_lookup_env_then_repo_and_explicit_dir_first(tmp_path, monkeypatch):
-    assert search_dirs()[-1] == REPO / "prompts"
+    # the checkout's prompts/ first, then the copy a wheel installs under <prefix>/share/textseg/prompts
+    assert search_dirs()[-2:] == [REPO / "prompts", Path(sys.prefix) / "share" / "textseg" / "prompts"]
     user = tmp_path / "user"
     user.mkdir()
     # a minimal custom data set: everything else is inherited from generic.yaml
