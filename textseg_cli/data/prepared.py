@@ -15,7 +15,6 @@ Layout::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from textseg_cli.errors import DataError
+from textseg_cli.utils import read_json
 
 FORMAT = "textseg-prepared/1"
 REQUIRED_KEYS = ("format", "name", "dim", "modality", "channel_names", "class_names", "cases", "splits",
@@ -183,10 +183,7 @@ def load_prepared(root: str | Path, check_files: bool = True) -> PreparedDataset
     spec_path = root / "dataset.json"
     if not spec_path.exists():
         raise DataError("no dataset.json here; run `textseg prep ...` first", root)
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON ({exc})", spec_path) from exc
+    spec = read_json(spec_path)
     ds = PreparedDataset(root, validate_spec(spec, spec_path))
     if check_files:
         ds.validate_files()

@@ -7,7 +7,6 @@ and a `dice` column. Rows keep the order given; the first row is the reference o
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.utils import read_json
 from textseg_cli.reports.summary import METRICS, case_level, headline, summarize
 from textseg_cli.reports.tables import TABLE_SUFFIX, ResultRow, check_table_format, render_table
 
@@ -85,10 +85,7 @@ def load_result(path: str | Path) -> EvalResult:
 
     meta: dict = {}
     if (folder / META).exists():
-        try:
-            meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc})", folder / META) from exc
+        meta = read_json(folder / META)
     per_case = None
     if per_case_path is not None:
         per_case = normalize_per_case(_read_csv(per_case_path), per_case_path)

@@ -24,7 +24,7 @@ from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError
 from textseg_cli.text.llm import DEFAULT_API_KEY_ENV, LLMClient, LLMError, LLMSettings, is_local_url
 from textseg_cli.text.prompts import PromptSet, load_aux_template, load_prompts
-from textseg_cli.utils import atomic_write_json
+from textseg_cli.utils import atomic_write_json, read_json
 
 OFFLINE = "offline"
 AUTO = "auto"
@@ -386,10 +386,7 @@ def load_aux_texts(path: str | Path) -> dict[str, str]:
         path = path / AUX_FILE
     if not path.is_file():
         raise DataError("auxiliary prompts not found; run `textseg describe --per-case DATA_DIR`", path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON ({exc})", path) from exc
+    data = read_json(path)
     aux = data.get("aux_texts") if isinstance(data, dict) else None
     if data.get("format") != AUX_FORMAT or not isinstance(aux, dict):
         raise DataError(f"not an auxiliary-prompts file (expected format {AUX_FORMAT!r})", path)

@@ -7,13 +7,13 @@ Cases come from the `training` list of the task's dataset.json (so macOS `._*` f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from textseg_cli.data.prep import runner
 from textseg_cli.data.prep.steps import default_patch_size, load_files, make_splits, processing_from_options
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.utils import read_json
 
 
 def read_task(src: Path) -> dict[str, Any]:
@@ -21,10 +21,7 @@ def read_task(src: Path) -> dict[str, Any]:
     if not path.exists():
         raise DataError("no dataset.json: expected an MSD task folder (TaskXX_Name with dataset.json, imagesTr/, "
                         "labelsTr/)", src)
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON ({exc})", path) from exc
+    spec = read_json(path)
     for key in ("labels", "training"):
         if key not in spec:
             raise DataError(f"MSD dataset.json lacks '{key}'", path)
