@@ -41,3 +41,19 @@ def test_bench_tiny_mcnet_cpu(tmp_path):
     assert row["sliding_s"] > 0 and row["whole_s"] > 0
     code, text = run_cli("bench", "--method", "mcnet", "--patch", "16,16,16", "--json", out, "--device", "cpu")
     assert code == 2 and "--force" in text  # never overwrites silently
+
+
+def test_bench_tgcnet_times_the_clip_cache_on_and_off(tmp_path, one_thread):
+    out = tmp_path / "tgc.json"
+    code, text = run_cli("bench", "--method", "tgcnet", "--patch", "32,32", "--batch", "2+0", "--iterations", "1",
+                         "--repeats", "1", "--device", "cpu", "--volume", "none", "--channels", "3",
+                         "--set", "data.profile=synthetic2d", "--json", out)
+    assert code == 0, text
+    assert "cpu, cache on" in text and "cpu, cache off" in text and "train images/s" in text
+    rows = json.loads(out.read_text())["results"]
+    assert [r["feature_cache"] for r in rows] == ["on", "off"]
+    for r in rows:
+        assert r["train_images_per_s"] == pytest.approx(2 * r["train_it_per_s"]) and r["train_peak_mem_mb"] > 0
+    code, text = run_cli("bench", "--method", "tgcnet", "--patch", "32,32", "--volume", "none",
+                         "--feature-cache", "sometimes")
+    assert code == 2 and "--feature-cache" in text

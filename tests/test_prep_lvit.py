@@ -125,3 +125,4 @@ def test_real_monuseg_train_and_val(monuseg_dir, tmp_path):
     assert ds.text("TCGA-21-5786-01Z-00-DX1") == "The nuclei density in the upper right is high."
     case = ds.load_case("TCGA-21-5786-01Z-00-DX1")
     assert case.image.shape == (3, 64, 64) and 0.05 < case.label.mean() < 0.6
+    assert ds.spec["modality"] == "histology"  # known by name; DATE's offline prompts read it

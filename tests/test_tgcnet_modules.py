@@ -194,8 +194,7 @@ def _synthetic_with_shuffled_texts(tmp_path):
     (tmp_path / "shuf" / "dataset.json").write_text(json.dumps(spec))
 
 
-@pytest.mark.benchmark
-@pytest.mark.timeout(1800)  # about 2 minutes on an idle 2-core CPU
+@pytest.mark.timeout(900)  # about 40 s on an idle 2-core CPU
 def test_true_text_beats_shuffled_text_through_textseg_train(tmp_path):
     """Short CPU training via the engine; validation scored with each case's true text."""
     import numpy as np
@@ -243,3 +242,29 @@ def test_method_case_text_reaches_inference_copies():
         m.set_case_text(T2)
         assert not torch.allclose(twin.predict_logits(x), a, atol=1e-4)
     assert twin.net.cache is m.net.cache
+
+
+def test_train_cli_ablation_flags_reach_the_model(tmp_path, one_thread):
+    import yaml
+
+    from conftest import run_cli
+
+    data = tmp_path / "s2d"
+    code, out = run_cli("prep", "synthetic", "--dim", "2", "--cases", "12", "--size", "32", "--val", "2", "--test", "2",
+                        "--out", data)
+    assert code == 0, out
+    code, out = run_cli("train", "--method", "tgcnet", "--data", data, "--sse", "maybe", "--iterations", "1")
+    assert code == 2 and "--sse 'maybe': expected one of on, off, cnn-only" in out
+    code, out = run_cli("train", "--method", "mcnet", "--data", data, "--vlcm", "none")
+    assert code == 2 and "--vlcm applies to tgcnet" in out
+    run = tmp_path / "run"
+    code, out = run_cli("train", "--method", "tgcnet", "--data", data, "--out", run, "--iterations", "2",
+                        "--set", "data.profile=synthetic2d", "--set", "val.every=0",
+                        "--sse", "off", "--vlcm", "none", "--clip-finetune", "qv", "--date", "main-only")
+    assert code == 0, out
+    method = yaml.safe_load((run / "config.yaml").read_text())["method"]
+    assert (method["sse"], method["vlcm"], method["clip_finetune"], method["date"]) == ("off", "none", "qv", "main-only")
+    from textseg_cli.engine import load_run
+
+    net = load_run(run, "last").method.net
+    assert net.sse.mode == "off" and net.vlcm.mode == "none" and net.clip.finetune == "qv"

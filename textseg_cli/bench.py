@@ -4,11 +4,17 @@ No data set is needed: a random two-stream batch of the chosen patch size drives
 `training_step` (forward + loss), backward and an SGD step, and a random volume is segmented with
 the literature's sliding window and with one whole-volume pass. Each figure is the median of
 `repeats` timed runs after one untimed warm-up.
+
+Methods with a cache of frozen-encoder features (tgcnet's CLIP) are timed with the cache on and off:
+the batch repeats every iteration, so after the warm-up the cached run serves every CLIP feature from
+memory, as in every epoch after the first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import platform
 import resource
 import statistics
@@ -32,11 +38,12 @@ def default_stride(patch: Sequence[int]) -> tuple[int, ...]:
     return LITERATURE_STRIDES.get(patch, tuple(max(1, p // 2) for p in patch))
 
 
-def method_config(name: str, patch: Sequence[int]) -> dict[str, Any]:
-    """The run config `textseg train` would resolve for `name` (packaged defaults, no data-set profile)."""
+def method_config(name: str, patch: Sequence[int], sets: Sequence[str] = ()) -> dict[str, Any]:
+    """The run config `textseg train` would resolve for `name` (packaged defaults, no data-set profile
+    unless `sets` names one with data.profile=...)."""
     from textseg_cli.engine.config import build_config
 
-    return build_config(name, None, len(patch), [int(p) for p in patch])
+    return build_config(name, None, len(patch), [int(p) for p in patch], sets=list(sets))
 
 
 def _sync(dev: torch.device) -> None:
@@ -62,20 +69,46 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _reset_peak_rss() -> None:
+    """Return freed heap to the OS and restart the peak-RSS count (Linux: VmHWM), so each variant's
+    peak is its own; elsewhere the process-wide peak is reported."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS; the process-wide peak, not resettable
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (1024 * 1024) if platform.system() == "Darwin" else rss / 1024
+
+
+def _feature_caches(method) -> list:
+    """Modules of `method` that cache frozen-encoder features (they expose `use_cache`)."""
+    return [m for m in method.modules() if hasattr(m, "use_cache") and hasattr(m, "cache")]
+
+
+def _case_text(i: int) -> str:
+    return f"case {i}: two lesions, upper left and lower right."
 
 
 def _random_batch(in_channels: int, num_classes: int, patch: tuple[int, ...], n_l: int, n_u: int, dev: torch.device):
     from textseg_cli.methods.base import Batch
 
     gen = torch.Generator().manual_seed(0)
-    return Batch(image_l=torch.randn((n_l, in_channels) + patch, generator=gen),
+    return Batch(image_l=torch.rand((n_l, in_channels) + patch, generator=gen),
                  label_l=torch.randint(0, num_classes, (n_l,) + patch, generator=gen),
-                 image_u=torch.randn((n_u, in_channels) + patch, generator=gen),
-                 ids_l=[f"l{i}" for i in range(n_l)], ids_u=[f"u{i}" for i in range(n_u)]).to(dev)
+                 image_u=torch.rand((n_u, in_channels) + patch, generator=gen),
+                 ids_l=[f"l{i}" for i in range(n_l)], ids_u=[f"u{i}" for i in range(n_u)],
+                 text_l=[_case_text(i) for i in range(n_l)], text_u=[_case_text(n_l + i) for i in range(n_u)]).to(dev)
 
 
 def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: int) -> dict[str, Any]:
@@ -108,11 +141,12 @@ def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: 
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    run()  # warm-up: cudnn autotuning, allocator growth
+    run()  # warm-up: cudnn autotuning, allocator growth, feature caches filled
     times = [_timed(run, dev) for _ in range(repeats)]
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
-    return {"train_it_per_s": iterations / med, "train_s_per_it": med / iterations, "train_times_s": times,
+    return {"train_it_per_s": iterations / med, "train_s_per_it": med / iterations,
+            "train_images_per_s": iterations * batch.image_l.shape[0] / med, "train_times_s": times,
             "train_peak_mem_mb": peak}
 
 
@@ -121,8 +155,10 @@ def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_si
     from textseg_cli.inference.predict import predict_case
     from textseg_cli.inference.sliding_window import window_starts
 
-    image = torch.randn((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1))
+    image = torch.rand((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1))
     method.eval()
+    if callable(getattr(method, "set_case_text", None)):
+        method.set_case_text(_case_text(0))
     out: dict[str, Any] = {"windows": int(torch.tensor([len(window_starts(max(v, p), p, s))
                                                         for v, p, s in zip(volume, patch, stride)]).prod())}
     for mode in modes:
@@ -148,7 +184,7 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
                   volume: Sequence[int] | None = (140, 140, 88), stride: Sequence[int] | None = None,
                   sw_batch_size: int = 4, in_channels: int = 1, num_classes: int = 2, train: bool = True,
                   inference_modes: Sequence[str] = ("sliding", "whole"), precision: str = "auto",
-                  json_out: str | Path | None = None,
+                  sets: Sequence[str] = (), feature_cache: str = "both", json_out: str | Path | None = None,
                   force: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark `method` on random data; returns (and optionally writes as JSON) the figures.
 
@@ -157,6 +193,8 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
     (`stride` defaults to the literature's for LA/Pancreas patches, else half the patch) and whole-volume.
     Memory: CUDA peak allocated by torch; on CPU the process's peak resident set size. `precision`
     applies to inference (see `predict_case`); training uses bf16 autocast on CUDA, float32 on CPU.
+    `sets` are `--set` config overrides (e.g. method.clip_model=tiny). `feature_cache` ("both", "on",
+    "off") applies to methods that cache frozen-encoder features; each variant is a freshly built method.
     """
     from textseg_cli.methods.base import build_method, list_methods
     from textseg_cli.utils import atomic_write_json, guard_output_file
@@ -173,6 +211,8 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
             raise ConfigError(f"{name} {list(val)} must have as many sizes as --patch {list(patch)}")
     if iterations < 1 or repeats < 1:
         raise ConfigError("--iterations and --repeats must be >= 1")
+    if feature_cache not in ("both", "on", "off"):
+        raise ConfigError(f"--feature-cache {feature_cache!r}: expected both, on or off")
     if json_out is not None:
         guard_output_file(json_out, force)
     if device is None:
@@ -184,30 +224,38 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
             raise ConfigError("--device cuda requested but CUDA is not available")
         devices = [device]
     log = log or (lambda msg: None)
-    cfg = method_config(method, patch)
+    cfg = method_config(method, patch, sets)
     n_l, n_u = (int(b) for b in batch)
 
     results = []
     for dev_name in devices:
         dev = torch.device(dev_name)
-        torch.manual_seed(0)
-        m = build_method(method, cfg, in_channels, num_classes, dim=len(patch))
-        row: dict[str, Any] = {"device": dev_name,
-                               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
-                               "threads": torch.get_num_threads(),
-                               "memory": "torch peak allocated" if dev.type == "cuda" else "process peak RSS"}
-        if train:
-            log(f"[{dev_name}] training: {repeats} x {iterations} iteration(s) of {n_l}+{n_u} x {list(patch)}")
-            row.update(_bench_training(m, _random_batch(in_channels, num_classes, patch, n_l, n_u, dev), dev,
-                                       iterations, repeats))
-        if volume is not None and inference_modes:
-            log(f"[{dev_name}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
-            row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats, inference_modes,
-                                        precision))
-        results.append(row)
-        del m
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        for cache in (["on", "off"] if feature_cache == "both" else [feature_cache]):
+            _reset_peak_rss()
+            torch.manual_seed(0)
+            m = build_method(method, cfg, in_channels, num_classes, dim=len(patch), quiet_warnings=True)
+            caches = _feature_caches(m)
+            for c in caches:
+                c.use_cache = cache == "on"
+            label = dev_name + (f", cache {cache}" if caches else "")
+            row: dict[str, Any] = {"device": dev_name, "label": label, "feature_cache": cache if caches else None,
+                                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+                                   "threads": torch.get_num_threads(),
+                                   "memory": "torch peak allocated" if dev.type == "cuda" else "process peak RSS"}
+            if train:
+                log(f"[{label}] training: {repeats} x {iterations} iteration(s) of {n_l}+{n_u} x {list(patch)}")
+                row.update(_bench_training(m, _random_batch(in_channels, num_classes, patch, n_l, n_u, dev), dev,
+                                           iterations, repeats))
+            if volume is not None and inference_modes:
+                log(f"[{label}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
+                row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats, inference_modes,
+                                            precision))
+            results.append(row)
+            del m, caches
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            if row["feature_cache"] is None:
+                break  # nothing to switch: one run per device
 
     report = {"method": method, "patch": list(patch), "batch": {"labeled": n_l, "unlabeled": n_u},
               "volume": list(volume) if volume else None, "stride": list(stride), "sw_batch_size": sw_batch_size,
@@ -230,9 +278,10 @@ def print_benchmark(report: dict[str, Any]) -> None:
     table = Table(title=title)
     table.add_column("measure")
     for row in report["results"]:
-        table.add_column(row["device"], justify="right")
+        table.add_column(row.get("label", row["device"]), justify="right")
     measures = [("device_name", "hardware"), ("threads", "threads"), ("train_it_per_s", "train it/s"),
-                ("train_s_per_it", "train s/it"), ("train_peak_mem_mb", "train peak MiB"), ("windows", "windows"),
+                ("train_s_per_it", "train s/it"),
+                ("train_images_per_s", "train images/s"), ("train_peak_mem_mb", "train peak MiB"), ("windows", "windows"),
                 ("sliding_s", "sliding s/volume"), ("whole_s", "whole s/volume"), ("whole_speedup", "whole speed-up"),
                 ("memory", "memory measured")]
     for key, label in measures:

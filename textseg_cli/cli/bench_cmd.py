@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -25,10 +26,18 @@ def bench(
     whole: bool = typer.Option(True, "--whole/--no-whole", help="Also time whole-volume inference."),
     precision: str = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 on CUDA, fp32 on "
                                                               "CPU), fp32 or bf16."),
+    channels: int = typer.Option(1, "--channels", help="Input channels of the random images (3 for RGB)."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key, e.g. "
+                                                                 "method.clip_model=tiny (repeatable)."),
+    feature_cache: str = typer.Option("both", "--feature-cache", help="Methods caching frozen-encoder features "
+                                                                     "(tgcnet): time with the cache on, off or both."),
     json_out: Path = typer.Option(None, "--json", help="Write the figures to this JSON file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ) -> None:
-    """Measure training it/s and peak memory, and sliding-window vs whole-volume seconds per volume."""
+    """Measure training it/s, images/s and peak memory, and sliding-window vs whole-volume seconds per volume.
+
+    2D methods take 2D sizes, e.g. tgcnet: --patch 224,224 --volume none --batch 8+0 --channels 3.
+    """
     from textseg_cli.bench import print_benchmark, run_benchmark
     from textseg_cli.console import err_console
     from textseg_cli.errors import ConfigError
@@ -42,7 +51,8 @@ def bench(
         iterations=iterations, repeats=repeats, device=device,
         volume=None if volume.lower() == "none" else parse_int_list(volume, "--volume"),
         stride=parse_int_list(stride, "--stride"), sw_batch_size=sw_batch_size, train=train,
-        inference_modes=("sliding", "whole") if whole else ("sliding",), precision=precision, json_out=json_out,
+        inference_modes=("sliding", "whole") if whole else ("sliding",), precision=precision,
+        in_channels=channels, sets=sets or [], feature_cache=feature_cache, json_out=json_out,
         force=force, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
     print_benchmark(report)
     if json_out is not None:

@@ -20,13 +20,16 @@ def prep_lvit_cmd(
     resize: int = typer.Option(None, "--resize", help="Resize every image and mask to N×N (e.g. 224 or 256); "
                                "recorded in dataset.json. Default: keep the original size."),
     name: str = typer.Option(None, "--name", help="Data set name (default: the source folder's name)."),
+    modality: str = typer.Option(None, "--modality", help="Imaging modality, e.g. 'chest x-ray', ct, histology "
+                                 "(default: known for MoNuSeg, QaTa-COV19, MosMedData+ by name, else 2D)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
     """Prepare an LViT-layout data set: 2D images with masks and one description per image."""
     from textseg_cli.console import console
     from textseg_cli.data.prep.lvit import prep_lvit
 
-    ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name)
+    ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name,
+                   modality=modality)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     n_ex = len(ds.spec["extra"].get("excluded", []))
     console.print(f"prepared [bold]{ds.name}[/] (2D, {ds.in_channels} channel(s)): {counts}"

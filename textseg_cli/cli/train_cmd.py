@@ -11,6 +11,7 @@ from textseg_cli.cli import app
 from textseg_cli.console import console
 
 _TEXT = "Text-guided methods"
+_TGC = "TGC-Net ablations (tgcnet)"
 
 
 @app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,6 +66,15 @@ def train_command(
                                        help="llm-segnet USL confidence threshold (default 0.9)."),
     t2: Optional[float] = typer.Option(None, "--t2", rich_help_panel=_TEXT,
                                        help="llm-segnet USL complementary threshold (default 0.1)."),
+    sse: Optional[str] = typer.Option(None, "--sse", rich_help_panel=_TGC, help="SSE: on, off or cnn-only."),
+    clip_finetune: Optional[str] = typer.Option(None, "--clip-finetune", rich_help_panel=_TGC,
+                                                help="CLIP tuning: none (frozen, features cached), qv or full."),
+    date: Optional[str] = typer.Option(None, "--date", rich_help_panel=_TGC,
+                                       help="DATE: injection, main-only, aux-only, llm-expanded or auto."),
+    vlcm: Optional[str] = typer.Option(None, "--vlcm", rich_help_panel=_TGC, help="VLCM: gated, none, single or bi."),
+    clip_weights: Optional[str] = typer.Option(None, "--clip-weights", rich_help_panel=_TGC,
+                                               help="Frozen CLIP weights: an open_clip pretrained tag or a local "
+                                                    "checkpoint path (default: none, random CLIP)."),
 ) -> None:
     """Train a method; writes RUN/config.yaml, env.json, log.csv and checkpoints/{last,best}.pt.
 
@@ -78,7 +88,8 @@ def train_command(
                           clip_pretrained=clip_pretrained, tmr="off" if no_tmr else tmr, text_fusion=text_fusion,
                           csa=False if no_csa else None, dca=False if no_dca else None,
                           vwpm=False if no_vwpm else None, vtcm=False if no_vtcm else None,
-                          unsup_loss=unsup_loss, t1=t1, t2=t2) + list(sets or [])
+                          unsup_loss=unsup_loss, t1=t1, t2=t2, sse=sse, clip_finetune=clip_finetune, date=date,
+                          vlcm=vlcm, clip_weights=clip_weights) + list(sets or [])
     if print_config:
         from textseg_cli.data.prepared import load_prepared
         from textseg_cli.engine.config import build_config, dump_config

@@ -15,6 +15,7 @@ CSA (a projection head on the fused bottleneck, pulled to the text features by t
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any, Callable
 
 import torch
@@ -341,14 +342,27 @@ FLAG_METHODS = {
     "tmr": ("text-semiseg",), "text_fusion": ("text-semiseg",), "csa": ("text-semiseg",),
     "dca": ("text-semiseg",), "vwpm": ("vclipseg",), "vtcm": ("vclipseg",),
     "unsup_loss": ("llm-segnet",), "t1": ("llm-segnet",), "t2": ("llm-segnet",), "beta": ("llm-segnet",),
+    "sse": ("tgcnet",), "clip_finetune": ("tgcnet",), "date": ("tgcnet",), "vlcm": ("tgcnet",),
+    "clip_weights": ("tgcnet",),
 }
+
+
+def _flag_choices() -> dict[str, tuple[str, ...]]:
+    from textseg_cli.models.tgcnet.clip_backbone import FINETUNE_MODES
+    from textseg_cli.models.tgcnet.date import DATE_MODES
+    from textseg_cli.models.tgcnet.sse import SSE_MODES
+    from textseg_cli.models.tgcnet.vlcm import VLCM_MODES
+
+    return {"tmr": ("paper", "official", "off"), "text_fusion": ("tmr", "repeat"), "unsup_loss": ("usl", "mse", "nll"),
+            "sse": SSE_MODES, "clip_finetune": FINETUNE_MODES, "date": DATE_MODES + ("auto",), "vlcm": VLCM_MODES}
 
 
 def text_flag_sets(method: str | None, *, text_embeddings: str | None = None, text: str | None = None,
                    clip_pretrained: str | None = None, **flags: Any) -> list[str]:
     """`--set` items for the text-method flags of `textseg train` (None = flag not given).
 
-    flags: tmr ("paper"|"official"|"off"), text_fusion, csa/dca/vwpm/vtcm (bool), unsup_loss, t1, t2, beta.
+    flags: tmr ("paper"|"official"|"off"), text_fusion, csa/dca/vwpm/vtcm (bool), unsup_loss, t1, t2, beta;
+    tgcnet's ablations sse, clip_finetune, date, vlcm and its clip_weights.
     A flag given for a method it does not apply to is an error naming the methods it applies to.
     """
     sets: list[str] = []
@@ -368,13 +382,14 @@ def text_flag_sets(method: str | None, *, text_embeddings: str | None = None, te
         flag = "--" + key.replace("_", "-")
         if method is not None and method not in allowed and not (key == "tmr" and text is not None):
             raise ConfigError(f"{flag} applies to {', '.join(allowed)}, not to '{method}'")
-        if key == "tmr" and str(value) not in ("paper", "official", "off"):
-            raise ConfigError(f"--tmr {value!r}: expected paper, official or off")
-        if key == "text_fusion" and str(value) not in ("tmr", "repeat"):
-            raise ConfigError(f"--text-fusion {value!r}: expected tmr or repeat")
-        if key == "unsup_loss" and str(value) not in ("usl", "mse", "nll"):
-            raise ConfigError(f"--unsup-loss {value!r}: expected usl, mse or nll")
+        choices = _flag_choices().get(key)
+        if choices and str(value) not in choices:
+            raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
         if isinstance(value, bool):
             value = "true" if value else "false"
-        sets.append(f"method.{key}={'false' if key == 'tmr' and value == 'off' else value}")
+        if key == "tmr" and value == "off":
+            value = "false"
+        elif key in ("sse", "clip_finetune", "date", "vlcm", "clip_weights"):
+            value = json.dumps(str(value))  # a YAML string: on/off/none must not become booleans or null
+        sets.append(f"method.{key}={value}")
     return sets

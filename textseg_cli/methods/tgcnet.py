@@ -28,6 +28,14 @@ from textseg_cli.models.tgcnet.clip_backbone import TINY_CLIP
 CLIP_PRESETS = {"tiny": TINY_CLIP}
 
 
+def _switch(hp: dict[str, Any], key: str, default: str) -> str:
+    """An ablation switch as a string: `--set method.sse=off` arrives from YAML as False, `vlcm=none` as None."""
+    if key not in hp:
+        return default
+    value = hp[key]
+    return {True: "on", False: "off", None: "none"}.get(value, str(value)) if not isinstance(value, str) else value
+
+
 def _load_aux(data_root: str | None, path: str | None) -> dict[str, str]:
     p = Path(path) if path else (Path(data_root) / "aux_texts.json" if data_root else None)
     if p is None or not p.exists():
@@ -62,7 +70,7 @@ class TGCNetMethod(Method):
                               "(turn a 3D folder into slices first)")
         hp = self.hparams
         self.aux = _load_aux(context.get("data_root"), hp.get("aux_texts"))
-        date = hp.get("date", "auto")
+        date = _switch(hp, "date", "auto")
         if date == "auto":  # the full model when auxiliary prompts exist, else the primary text alone
             date = "injection" if self.aux else "main-only"
             if not self.aux and not context.get("quiet_warnings"):
@@ -72,8 +80,8 @@ class TGCNetMethod(Method):
         clip = hp.get("clip_model", "ViT-L-14-336")
         net_kw = dict(hp.get("net") or {})
         self.net = build_model("tgcnet", in_channels, num_classes, clip_model=CLIP_PRESETS.get(clip, clip),
-                               clip_weights=hp.get("clip_weights"), clip_finetune=hp.get("clip_finetune", "none"),
-                               sse=hp.get("sse", "on"), date=date, vlcm=hp.get("vlcm", "gated"), **net_kw)
+                               clip_weights=hp.get("clip_weights"), clip_finetune=_switch(hp, "clip_finetune", "none"),
+                               sse=_switch(hp, "sse", "on"), date=date, vlcm=_switch(hp, "vlcm", "gated"), **net_kw)
         self.referring = num_classes == 2
         names = list(context.get("class_names") or [])
         template = hp.get("class_template", "a photo of the {}.")

@@ -225,6 +225,11 @@ def _minmax_per_channel(img: np.ndarray) -> np.ndarray:
     return ((img - lo) / np.maximum(hi - lo, 1e-8)).astype(np.float32)
 
 
+# The modality of the LViT releases by data set name (dataset.json `modality`; DATE's offline prompts use it).
+KNOWN_MODALITIES = {"monuseg": "histology", "qata-cov19": "chest x-ray", "qata": "chest x-ray",
+                    "mosmeddata+": "ct", "mosmeddata": "ct", "mosmed": "ct"}
+
+
 def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = False, resize: int | None = None,
               force: bool = False, name: str | None = None, modality: str | None = None):
     """Prepare an LViT-layout folder into a 2D prepared folder (see module docstring).
@@ -257,7 +262,8 @@ def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = Fa
     n_ch = 3 if any(_is_colour(it.image) for it in items) else 1
     channel_names = ["R", "G", "B"] if n_ch == 3 else ["gray"]
     ds_name = name or src.resolve().name
-    w = PreparedWriter(out, name=ds_name, dim=2, modality=modality or "2D", channel_names=channel_names,
+    modality = modality or KNOWN_MODALITIES.get(ds_name.lower(), "2D")
+    w = PreparedWriter(out, name=ds_name, dim=2, modality=modality, channel_names=channel_names,
                        class_names=["background", "foreground"], force=force, src=src)
     shapes = set()
     with progress() as bar:
