@@ -8,8 +8,9 @@ def test_models_prints_the_published_parameter_counts():
     assert code == 0, out
     for number in ("9,448,866", "7,376,896", "2,071,970", "12,347,716", "15,246,566"):
         assert number in out
-    for name in ("vnet", "vnet_multi", "sup", "mcnet", "mcnet+"):
+    for name in ("vnet", "vnet_multi", "sup", "mcnet", "mcnet+", "unet2d", "tgcnet (2D)", "frozen"):
         assert name in out
+    assert "10,345,401" in out  # tgcnet with ViT-L-14-336, counted at 224×224 in this 3D listing
 
 
 def test_list_models_rows_and_registry_pickup():

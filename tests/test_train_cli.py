@@ -57,8 +57,17 @@ def test_cli_resume_extends_a_run(small_data, tmp_path):
     code, out = run_cli("train", "--method", "mcnet+", "--data", small_data, "--labeled", "3", "--iterations", "2",
                         "--out", run, "--device", "cpu", *common)
     assert code == 0, out
-    code, out = run_cli("train", "--resume", "--out", run, "--iterations", "4")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        code, out = run_cli("train", "--resume", "--out", run, "--iterations", "4", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, out
     rows = list(csv.DictReader(open(run / "log.csv", newline="")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
-    assert len(json.loads((run / "env.json").read_text())["sessions"]) == 2
+    sessions = json.loads((run / "env.json").read_text())["sessions"]
+    assert len(sessions) == 2 and sessions[1]["torch_threads"] == 1
+    code, out = run_cli("train", "--resume", "--out", run, "--threads", "0")
+    assert code == 2 and "--threads 0" in out

@@ -17,7 +17,10 @@ def models_command(
     patch: Optional[str] = typer.Option(None, "--patch", help="Patch size, e.g. 112,112,80 (3D) or 224,224 (2D); "
                                         "its length picks 2D or 3D networks."),
 ) -> None:
-    """List backbones and training methods with total and trainable parameter counts."""
+    """List backbones and training methods with total, trainable and frozen parameter counts.
+
+    A method built for one dimensionality only (tgcnet: 2D) is counted at its own default size.
+    """
     from rich.table import Table
 
     from textseg_cli.engine.listing import list_models
@@ -28,12 +31,15 @@ def models_command(
         table.add_column("name", no_wrap=True)
         table.add_column("parameters", justify="right", no_wrap=True)
         table.add_column("trainable", justify="right", no_wrap=True)
+        table.add_column("frozen", justify="right", no_wrap=True)
         table.add_column("parts", overflow="fold")
         table.add_column("description", overflow="fold")
         for r in rows[kind + "s"]:
             if r.get("error"):
-                table.add_row(r["name"], "n/a", "n/a", "", f"[red]cannot build:[/] {r['error']}")
+                table.add_row(r["name"], "n/a", "n/a", "n/a", "", f"[red]cannot build:[/] {r['error']}")
                 continue
             parts = "; ".join(f"{n} {c:,}" for n, c in r["parts"].items())
-            table.add_row(r["name"], f"{r['total']:,}", f"{r['trainable']:,}", parts, r["description"])
+            name = r["name"] + (f" ({r['dim']}D)" if r.get("dim", rows["dim"]) != rows["dim"] else "")
+            table.add_row(name, f"{r['total']:,}", f"{r['trainable']:,}", f"{r['total'] - r['trainable']:,}", parts,
+                          r["description"])
         console.print(table)

@@ -34,6 +34,8 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt "
                                 "(model, optimiser, schedule, RNG and sampler state)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (slower)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all cores); "
+                                          "give concurrent runs on one CPU a share each."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out folder."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key, e.g. "
                                              "--set optim.lr=0.005 --set train.batch_labeled=1 (repeatable)."),
@@ -108,4 +110,4 @@ def train_command(
 
     train(method, data, labeled=labeled, iterations=iterations, out=out, seed=seed, device=device,
           val_every=val_every, resume=resume, deterministic=deterministic, force=force, sets=sets or [],
-          config=config)
+          config=config, threads=threads)

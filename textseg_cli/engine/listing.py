@@ -34,6 +34,9 @@ def _flatten_parts(method) -> dict[str, int]:
     return {n: sum(p.numel() for p in m.parameters()) for n, m in nets.items()}
 
 
+DEFAULT_PATCH = {3: [112, 112, 80], 2: [224, 224]}
+
+
 def list_models(in_channels: int = 1, num_classes: int = 2,
                 patch_size: str | Sequence[int] | None = None) -> dict[str, Any]:
     """Build every registered model and method with default settings and count parameters.
@@ -53,7 +56,7 @@ def list_models(in_channels: int = 1, num_classes: int = 2,
     dim = len(patch_size) if patch_size else 3
     if dim not in (2, 3):
         raise ConfigError(f"--patch {patch_size}: expected 2 or 3 sizes")
-    patch_size = list(patch_size) if patch_size else ([112, 112, 80] if dim == 3 else [224, 224])
+    patch_size = list(patch_size) if patch_size else DEFAULT_PATCH[dim]
     _import_all()
     models = []
     for name in sorted(MODELS):
@@ -68,12 +71,14 @@ def list_models(in_channels: int = 1, num_classes: int = 2,
     tmp = Path(tempfile.mkdtemp(prefix="textseg-models-"))
     for name, cls in list_methods().items():
         try:
-            cfg = build_config(name, None, dim, patch_size)
+            m_dim = dim if dim in cls.dims else cls.dims[0]  # e.g. tgcnet, 2D only, in a 3D listing
+            m_patch = patch_size if m_dim == dim else DEFAULT_PATCH[m_dim]
+            cfg = build_config(name, None, m_dim, m_patch)
             _listing_text(cfg, cls, num_classes, tmp)
             meth = _build_for_counting(lambda: cls(
-                cfg, in_channels, num_classes, dim=dim, class_names=[f"class{i}" for i in range(num_classes)],
-                dataset_name=None, data_root=None, patch_size=cfg["data"]["patch_size"]))
-            methods.append({"name": name, "description": cls.paper, "total": count_parameters(meth),
+                cfg, in_channels, num_classes, dim=m_dim, class_names=[f"class{i}" for i in range(num_classes)],
+                dataset_name=None, data_root=None, patch_size=cfg["data"]["patch_size"], quiet_warnings=True))
+            methods.append({"name": name, "dim": m_dim, "description": cls.paper, "total": count_parameters(meth),
                             "trainable": count_parameters(meth, trainable_only=True), "parts": _flatten_parts(meth)})
         except Exception as exc:
             methods.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})

@@ -529,15 +529,20 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
           iterations: int | None = None, out: str | Path | None = None, seed: int | None = None,
           device: str | None = None, val_every: int | None = None, resume: bool = False,
           deterministic: bool = False, force: bool = False, sets: list[str] | tuple[str, ...] = (),
-          config: str | Path | dict | None = None, quiet: bool = False) -> TrainResult:
+          config: str | Path | dict | None = None, quiet: bool = False, threads: int | None = None) -> TrainResult:
     """Train `method` on a prepared data folder; the Python API of `textseg train`.
 
     labeled: count ("8") or percentage ("10%") of splits.train taken from its head; the rest is
     unlabeled (labels never read). out: the run folder (default runs/<data>/<method>_<labeled>L_s<seed>).
     sets: overrides such as ["optim.lr=0.005", "train.batch_labeled=1"]. resume: continue RUN=out from
     checkpoints/last.pt (only `iterations` and `device` may change). Under `torchrun` each process trains
-    with DistributedDataParallel and only rank 0 writes.
+    with DistributedDataParallel and only rank 0 writes. threads: CPU threads for torch (default: torch's
+    choice, all cores); set it when several runs share a CPU, or they slow each other down many times over.
     """
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads}: expected at least 1")
+        torch.set_num_threads(int(threads))
     dist = _dist_from_env()
     t0 = time.perf_counter()
     if resume:

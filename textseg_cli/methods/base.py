@@ -58,6 +58,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_unlabeled: ClassVar[bool] = True
+    dims: ClassVar[tuple[int, ...]] = (3, 2)  # image dimensionalities the method can train on
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__()

@@ -62,6 +62,7 @@ class _SharedSlot:
 class TGCNetMethod(Method):
     paper = "TGC-Net (Wuhan University, 2025): frozen CLIP + SSE + DATE + VLCM + cost-aggregation decoder"
     needs_unlabeled = False
+    dims = (2,)
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 2, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
