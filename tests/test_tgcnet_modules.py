@@ -268,3 +268,19 @@ def test_train_cli_ablation_flags_reach_the_model(tmp_path, one_thread):
 
     net = load_run(run, "last").method.net
     assert net.sse.mode == "off" and net.vlcm.mode == "none" and net.clip.finetune == "qv"
+
+
+def test_clip_weights_from_a_local_checkpoint(tmp_path):
+    from textseg_cli.models.tgcnet.clip_backbone import build_open_clip
+
+    torch.manual_seed(1)
+    src = build_open_clip(TINY_CLIP)
+    path = tmp_path / "tiny_clip.pt"
+    torch.save({"state_dict": src.state_dict()}, path)
+    torch.manual_seed(2)
+    net = build_model("tgcnet", date="main-only", clip_weights=str(path), **SMALL)
+    for (name, a), b in zip(src.state_dict().items(), net.clip.clip.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert str(path) in net.clip.model_key  # cache entries are keyed by the weights too
+    with pytest.raises(ConfigError, match="could not load CLIP weights"):
+        build_model("tgcnet", date="main-only", clip_weights=str(tmp_path / "missing.pt"), **SMALL)

@@ -51,7 +51,13 @@ def build_open_clip(model: str | dict[str, Any], pretrained: str | None = None) 
     import open_clip
 
     if isinstance(model, dict):
-        return open_clip.model.CLIP(**model)
+        clip = open_clip.model.CLIP(**model)
+        if pretrained:  # a custom config takes a local checkpoint only (tags name hub models)
+            try:
+                open_clip.load_checkpoint(clip, str(pretrained))
+            except Exception as exc:
+                raise ConfigError(f"could not load CLIP weights ({type(exc).__name__}: {exc})", pretrained) from exc
+        return clip
     if model not in open_clip.list_models():
         raise ConfigError(f"unknown CLIP model '{model}' (open_clip knows e.g. ViT-L-14-336, ViT-B-16)")
     try:
