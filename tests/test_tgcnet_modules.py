@@ -268,6 +268,9 @@ def test_train_cli_ablation_flags_reach_the_model(tmp_path, one_thread):
 
     net = load_run(run, "last").method.net
     assert net.sse.mode == "off" and net.vlcm.mode == "none" and net.clip.finetune == "qv"
+    code, out = run_cli("eval", run, "--split", "val", "--eval-size", "16")
+    assert code == 0, out
+    assert (run / "eval" / "val-last-whole" / "summary.csv").exists()  # the run's inference.mode, not sliding
 
 
 def test_clip_weights_from_a_local_checkpoint(tmp_path):

@@ -43,7 +43,7 @@ def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc,
     if split == "test":
         warn_test_split()
     evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
-                 inference=inference or "sliding", out=out, lcc=lcc, spacing_mm=spacing_mm,
+                 inference=inference, out=out, lcc=lcc, spacing_mm=spacing_mm,
                  empty_policy=empty_policy, table=table, force=force, device=device,
                  **{k: v for k, v in extra.items() if v not in (None, False, 0)})
 
@@ -83,7 +83,8 @@ def eval_command(
                                    "predictions were chosen."),
     decoder: Optional[int] = typer.Option(None, "--decoder", help="RUN_DIR: which decoder of a multi-decoder model "
                                                                   "predicts (default: the method's choice)."),
-    inference: Optional[str] = typer.Option(None, "--inference", help="RUN_DIR: sliding (default) or whole volume."),
+    inference: Optional[str] = typer.Option(None, "--inference", help="RUN_DIR: sliding or whole (default: the run's "
+                                                                   "inference.mode; sliding for 3D methods)."),
     device: Optional[str] = typer.Option(None, "--device", help="RUN_DIR: cpu, cuda or cuda:N."),
     num_classes: Optional[int] = typer.Option(
         None, "--num-classes", help="Classes including background for plain --labels folders (default 2)."),

@@ -54,7 +54,7 @@ def mask_from_probs(probs, dim: int, threshold: float = 0.5) -> np.ndarray:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "best", decoder: int | str | None = None,
-                 inference: str = "sliding", out: str | Path | None = None, lcc: bool = False,
+                 inference: str | None = None, out: str | Path | None = None, lcc: bool = False,
                  spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
                  device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
                  overlays: int = 0, threshold: float = 0.5):
@@ -63,6 +63,8 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
     the image's geometry) and, through `textseg_cli.evaluation.write_evaluation`, `per_case.csv`,
     `summary.csv`, `meta.json` (+ `table`). `out` defaults to `RUN_DIR/eval/<split>-<checkpoint>-<mode>[-decN]`.
+    `inference` ("sliding" or "whole") defaults to the run's `inference.mode` (sliding for the 3D methods,
+    whole images for the 2D ones).
     Returns the per-case DataFrame. Evaluating `split="test"` is allowed but flagged loudly: test
     numbers must never choose checkpoints or settings.
 
