@@ -236,7 +236,7 @@ def test_run_dir_calls_evaluate_run_and_warns_on_test(tmp_path, monkeypatch):
     assert code == 0, out
     run_dir, kw = calls[-1]
     assert run_dir == tmp_path and kw["split"] == "val" and kw["checkpoint"] == "last" and kw["lcc"] is True
-    assert kw["inference"] == "sliding" and kw["table"] == "latex" and kw["empty_policy"] == "nan"
+    assert kw["inference"] is None and kw["table"] == "latex" and kw["empty_policy"] == "nan"  # None: run's mode
     assert "WARNING" not in out
     code, out = run_cli("eval", tmp_path, "--split", "test", "--inference", "whole", "--decoder", "1")
     assert code == 0 and calls[-1][1]["split"] == "test" and calls[-1][1]["decoder"] == 1
