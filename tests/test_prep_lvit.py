@@ -126,3 +126,23 @@ def test_real_monuseg_train_and_val(monuseg_dir, tmp_path):
     case = ds.load_case("TCGA-21-5786-01Z-00-DX1")
     assert case.image.shape == (3, 64, 64) and 0.05 < case.label.mean() < 0.6
     assert ds.spec["modality"] == "histology"  # known by name; DATE's offline prompts read it
+
+
+def test_real_monuseg_smoke_train_and_eval(monuseg_dir, tmp_path, one_thread):
+    """Real MoNuSeg end to end at toy size: prep → offline auxiliary prompts → tgcnet (tiny CLIP, DATE
+    injection) → eval at 224×224 with each case's text."""
+    data, run = tmp_path / "mono", tmp_path / "run"
+    assert run_cli("prep", "lvit", "--src", monuseg_dir, "--out", data, "--resize", "64")[0] == 0
+    code, out = run_cli("describe", "--per-case", data, "--llm", "offline")
+    assert code == 0, out
+    code, out = run_cli("train", "--method", "tgcnet", "--data", data, "--out", run, "--iterations", "3",
+                        "--set", "data.profile=synthetic2d", "--set", "train.batch_labeled=2", "--val-every", "3")
+    assert code == 0, out
+    from textseg_cli.engine import load_run
+
+    assert load_run(run, "last").method.date_mode == "injection"  # aux_texts.json found: the full DATE
+    code, out = run_cli("eval", run, "--split", "val", "--eval-size", "224")
+    assert code == 0, out
+    df = pd.read_csv(run / "eval" / "val-best-whole" / "per_case.csv")
+    assert len(df) == 6 and df["dice"].between(0, 1).all()
+
