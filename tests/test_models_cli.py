@@ -45,3 +45,16 @@ def test_list_models_rows_and_registry_pickup():
     finally:
         MODELS.pop("_test_tiny", None)
         METHODS.pop("_test_method", None)
+
+
+def test_methods_refuse_a_dimensionality_they_do_not_train_on():
+    import pytest
+
+    from textseg_cli.engine.config import build_config
+    from textseg_cli.errors import ConfigError
+    from textseg_cli.methods.base import build_method
+
+    with pytest.raises(ConfigError, match=r"tgcnet trains on 2D images; this data set has dim 3 \(.*prep slices"):
+        build_method("tgcnet", build_config("tgcnet", None, 3, [32, 32, 16]), 1, 2, dim=3)
+    with pytest.raises(ConfigError, match=r"text-semiseg trains on 3D images; this data set has dim 2 \(TMR"):
+        build_method("text-semiseg", build_config("text-semiseg", None, 2, [32, 32]), 1, 2, dim=2)

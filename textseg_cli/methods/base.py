@@ -59,12 +59,17 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""
     needs_unlabeled: ClassVar[bool] = True
     dims: ClassVar[tuple[int, ...]] = (3, 2)  # image dimensionalities the method can train on
+    dims_note: ClassVar[str] = ""  # why, when it is only one
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__()
         self.cfg = cfg
         self.in_channels = in_channels
         self.num_classes = num_classes
+        if dim not in self.dims:
+            raise ConfigError(f"{self.name or type(self).__name__} trains on "
+                              f"{' or '.join(f'{d}D' for d in self.dims)} images; this data set has dim {dim}"
+                              + (f" ({self.dims_note})" if self.dims_note else ""))
         self.dim = dim
         self.context = context  # e.g. text embeddings, dataset class names
 
@@ -97,6 +102,20 @@ class Method(nn.Module):
 
 
 METHODS: dict[str, type[Method]] = {}
+
+
+def decoder_index(decoder: int | str | None, default: Any, n: int) -> int | str:
+    """An index 0..n-1 or "mean"; strings of digits accepted (shared by the multi-decoder methods)."""
+    decoder = default if decoder is None else decoder
+    if isinstance(decoder, str):
+        if decoder == "mean":
+            return "mean"
+        if not decoder.isdigit():
+            raise ConfigError(f"decoder {decoder!r}: expected an index 0..{n - 1} or 'mean'")
+        decoder = int(decoder)
+    if not 0 <= int(decoder) < n:
+        raise ConfigError(f"decoder {decoder}: this network has decoders 0..{n - 1}")
+    return int(decoder)
 
 
 def register_method(name: str):

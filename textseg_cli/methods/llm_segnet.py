@@ -21,11 +21,10 @@ import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import consistency_weight, dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs, cuboid_mask, mix
 from textseg_cli.methods.text_addon import load_method_embeddings
 from textseg_cli.methods.text_losses import usl_loss
-from textseg_cli.methods.text_semiseg import decoder_index
 from textseg_cli.models.text_fusion import TextInjection
 
 BACKBONES = ("vnet", "unet3d")
@@ -74,11 +73,10 @@ class LLMSegNet(Method):
     embedding_encoder = "bert"  # what `textseg encode` must produce for --text-embeddings
     paper = "Kumari et al., LLM-SegNet: large language model driven bidirectional collaborative learning"
     has_text = True
+    dims = (3,)
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
-        if dim != 3:
-            raise ConfigError("llm-segnet works on 3D volumes")
         hp = self.hparams
         emb = load_method_embeddings(hp, "llm-segnet", "bert", context.get("dataset_name"))
         self.register_buffer("text_embeddings", emb)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import consistency_weight, dice_loss, mse, sharpen
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
 from textseg_cli.models.registry import build_model
 
 
@@ -61,17 +61,7 @@ class MCNet(Method):
                 "consistency_weight": torch.tensor(w)}
 
     def _decoder_index(self, decoder: int | str | None) -> int | str:
-        if decoder is None:
-            decoder = self.hparams.get("eval_decoder", 0)
-        if isinstance(decoder, str):
-            if decoder == "mean":
-                return "mean"
-            if not decoder.isdigit():
-                raise ConfigError(f"decoder {decoder!r}: expected an index 0..{len(self.net.decoders) - 1} or 'mean'")
-            decoder = int(decoder)
-        if not 0 <= int(decoder) < len(self.net.decoders):
-            raise ConfigError(f"decoder {decoder}: this network has decoders 0..{len(self.net.decoders) - 1}")
-        return int(decoder)
+        return decoder_index(decoder, self.hparams.get("eval_decoder", 0), len(self.net.decoders))
 
     def predict_proba(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         idx = self._decoder_index(decoder)

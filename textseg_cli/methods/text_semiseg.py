@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import consistency_weight, dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs, threshold_pseudo_label
 from textseg_cli.methods.text_addon import build_fusion, build_text_source, tmr_setting
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss, dca_mix
@@ -41,30 +41,16 @@ def ce_plus_dice(logits: torch.Tensor, labels: torch.Tensor, dice_kw: dict[str, 
     return ce_weight * ce + dice_weight * dice_loss(torch.softmax(logits, 1), labels, **dice_kw)
 
 
-def decoder_index(decoder: int | str | None, default: Any, n: int) -> int | str:
-    """An index 0..n-1 or "mean"; strings of digits accepted (shared by the multi-decoder text methods)."""
-    decoder = default if decoder is None else decoder
-    if isinstance(decoder, str):
-        if decoder == "mean":
-            return "mean"
-        if not decoder.isdigit():
-            raise ConfigError(f"decoder {decoder!r}: expected an index 0..{n - 1} or 'mean'")
-        decoder = int(decoder)
-    if not 0 <= int(decoder) < n:
-        raise ConfigError(f"decoder {decoder}: this network has decoders 0..{n - 1}")
-    return int(decoder)
-
-
 @register_method("text-semiseg")
 class TextSemiSeg(Method):
     paper = ("Huang et al., Text-driven multiplanar visual interaction for semi-supervised medical image "
              "segmentation, MICCAI 2025")
     has_text = True
+    dims = (3,)
+    dims_note = "TMR pools the bottleneck along three axes"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
-        if dim != 3:
-            raise ConfigError("text-semiseg works on 3D volumes (TMR pools the bottleneck along three axes)")
         hp = self.hparams
         modes = hp.get("up_modes") or (0, 1)
         if len(modes) < 2:

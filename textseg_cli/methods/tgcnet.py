@@ -63,12 +63,10 @@ class TGCNetMethod(Method):
     paper = "TGC-Net (Wuhan University, 2025): frozen CLIP + SSE + DATE + VLCM + cost-aggregation decoder"
     needs_unlabeled = False
     dims = (2,)
+    dims_note = "turn a 3D folder into 2D slices first: `textseg prep slices`"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 2, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
-        if dim != 2:
-            raise ConfigError(f"tgcnet segments 2D images; this data set has dim {dim} "
-                              "(turn a 3D folder into slices first)")
         hp = self.hparams
         self.aux = _load_aux(context.get("data_root"), hp.get("aux_texts"))
         date = _switch(hp, "date", "auto")

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import consistency_weight, dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs
 from textseg_cli.methods.text_addon import load_method_embeddings
 from textseg_cli.methods.text_losses import ProjectionHead, dlb_pseudo_label, dlb_weights, vtcm_loss
-from textseg_cli.methods.text_semiseg import decoder_index
 from textseg_cli.models.registry import build_model
 from textseg_cli.models.text_fusion import VWPM
 
@@ -39,11 +38,10 @@ class VCLIPSeg(Method):
     paper = ("Li et al., VCLIPSeg: voxel-wise CLIP-enhanced model for semi-supervised medical image segmentation, "
              "MICCAI 2024")
     has_text = True
+    dims = (3,)
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
-        if dim != 3:
-            raise ConfigError("vclipseg works on 3D volumes")
         hp = self.hparams
         modes = hp.get("up_modes") or (0, 1)
         if len(modes) < 2:
