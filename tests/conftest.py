@@ -11,9 +11,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("TEXTSEG_SHARED_DIR", REPO.parent / "shared"))  # override: tests of the markers
 LA_DIR = SHARED / "data" / "la"
 MONUSEG_DIR = SHARED / "data" / "monuseg"
+
+
+_REAL_DATA_FIXTURES = {"la_dir", "monuseg_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    # Any test that asks for real data is a realdata test, marked or not, so `-m "not realdata"` means what it says.
+    for item in items:
+        if _REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realdata)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # A skipped real-data test must not pass unnoticed inside "N skipped": say which and why on its own line.
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "realdata" in getattr(r, "keywords", {})]
+    if skipped:
+        names = ", ".join(r.nodeid.split("::")[-1] for r in skipped)
+        terminalreporter.write_line(f"REAL DATA NOT TESTED: {len(skipped)} realdata test(s) skipped "
+                                    f"(../shared/data missing): {names}", yellow=True, bold=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
