@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close, copy_by_order, official_commit, official_module
+from parity_helpers import assert_close, copy_by_order, official_commit, official_module
 from textseg_cli.models.vnet import MultiDecoderVNet, VNet
 
 
@@ -35,14 +35,13 @@ def _compare(official_net, ours, x, to_ours=lambda outs: outs, to_official=lambd
             assert_close(v, u, atol=1e-5)
 
 
-def _x(size=32, batch=2):
+def _x(size=16, batch=2):
     return torch.randn(batch, 1, size, size, size, generator=torch.Generator().manual_seed(0))
 
 
 # (repository, module, class, textseg network factory)
 VNETS = [
     ("UA-MT", "networks.vnet", "VNet", lambda: VNet(1, 2)),
-    ("BCP", "networks.VNet", "VNet", lambda: VNet(1, 2)),
     ("SSL4MIS", "networks.vnet", "VNet", lambda: VNet(1, 2)),  # CPS's V-Net (net_factory_3d "vnet")
     ("MCF", "networks.vnet", "VNet", lambda: VNet(1, 2)),
     ("MC-Net", "networks.VNet", "MCNet3d_v1", lambda: MultiDecoderVNet(1, 2, up_modes=(0, 1))),
@@ -72,9 +71,22 @@ def test_dtc_dual_head(official_dir, record_property):
     torch.manual_seed(0)
     official_net = mod.VNet(n_channels=1, n_classes=1, normalization="batchnorm", has_dropout=True)
     net = DualHeadVNet(1, 1)
-    copy_by_order(official_net, net)
+    # official decoder.out_conv is the SDF head, decoder.out_conv2 the segmentation head (vnet_sdf.py:181-182,235-237)
+    mapping = copy_by_order(official_net, net, order=["out_conv.weight", "out_conv.bias"])
+    assert mapping["out_conv2.weight"] == "decoder.out_conv.weight" and mapping["out_conv.weight"] == "sdf_head.weight"
     # official forward → (tanh SDF, seg logits); textseg → (seg logits, tanh SDF)
     _compare(official_net, net, _x(), to_official=lambda outs: outs[::-1])
+
+
+def test_bcp_vnet(official_dir, record_property):
+    record_property("commit", official_commit(official_dir, "BCP"))
+    mod = official_module(official_dir, "BCP", "networks.VNet")
+    torch.manual_seed(0)
+    official_net = mod.VNet(n_channels=1, n_classes=2, normalization="batchnorm", has_dropout=True)
+    net = VNet(1, 2)
+    # the contrastive heads are never called by LA_BCP_train.py; forward returns (seg, pooled features)
+    copy_by_order(official_net, net, skip=("projection_head", "prediction_head", "contrastive_class_selector"))
+    _compare(official_net, net, _x(48), to_official=lambda outs: outs[:1])  # its 3³ max-pool needs ≥ 3³
 
 
 def test_mcf_resnet34_vnet(official_dir, record_property):
