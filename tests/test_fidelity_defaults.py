@@ -87,3 +87,14 @@ def test_lcc_follows_the_method_protocol(method, expected):
     on, why = resolve_lcc(None, method)
     assert on is expected and why
     assert resolve_lcc(False, method)[0] is False and resolve_lcc(True, method)[0] is True
+
+
+def test_models_fidelity_points_every_method_to_the_ledger():
+    from conftest import run_cli
+
+    from textseg_cli.fidelity import LEDGER
+    from textseg_cli.methods.base import list_methods
+
+    assert set(list_methods()) <= set(LEDGER)
+    code, out = run_cli("models", "--fidelity")
+    assert code == 0 and "HiLab-git/DTC" in out and "2525b9c" in out and "docs/fidelity" in out
