@@ -260,3 +260,69 @@ def test_mlrp(official_dir, record_property):
     _close(out["consistency_weight"], consistency_weight)
     _close(out["loss"], loss)
     _assert_grads(_grads(out["loss"], m), g_official)
+
+
+def test_cps(official_dir, record_property):
+    record_property("commit", official_commit(official_dir, "SSL4MIS"))
+    losses = official_module(official_dir, "SSL4MIS", "utils.losses")
+    ramps = official_module(official_dir, "SSL4MIS", "utils.ramps")
+    m, b = _method("cps"), _batch()
+    lb = 2
+    volume_batch, label_batch = torch.cat([b.image_l, b.image_u]), b.label_l
+    ce_loss, dice_loss = nn.CrossEntropyLoss(), losses.DiceLoss(2)  # train_cross_pseudo_supervision_3D.py:140-141
+    # :154-178 (rampup 200, :62; weight 0.1, :60)
+    outputs1, outputs2 = m.net1(volume_batch), m.net2(volume_batch)
+    soft1, soft2 = torch.softmax(outputs1, dim=1), torch.softmax(outputs2, dim=1)
+    w = 0.1 * ramps.sigmoid_rampup(IT // 150, 200.0)
+    loss1 = 0.5 * (ce_loss(outputs1[:lb], label_batch[:lb].long()) + dice_loss(soft1[:lb], label_batch[:lb].unsqueeze(1)))
+    loss2 = 0.5 * (ce_loss(outputs2[:lb], label_batch[:lb].long()) + dice_loss(soft2[:lb], label_batch[:lb].unsqueeze(1)))
+    ps1 = ce_loss(outputs1[lb:], torch.argmax(soft2[lb:].detach(), dim=1))
+    ps2 = ce_loss(outputs2[lb:], torch.argmax(soft1[lb:].detach(), dim=1))
+    loss = loss1 + w * ps1 + loss2 + w * ps2
+    g_official = _grads(loss, m)
+
+    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
+    _close(out["loss_sup1"], loss1)
+    _close(out["loss_sup2"], loss2)
+    _close(out["loss_cps1"], ps1)
+    _close(out["loss_cps2"], ps2)
+    _close(out["consistency_weight"], w)
+    _close(out["loss"], loss)
+    _assert_grads(_grads(out["loss"], m), g_official)
+
+
+def test_urpc(official_dir, record_property):
+    record_property("commit", official_commit(official_dir, "SSL4MIS"))
+    losses = official_module(official_dir, "SSL4MIS", "utils.losses")
+    ramps = official_module(official_dir, "SSL4MIS", "utils.ramps")
+    torch.manual_seed(0)
+    m = build_method("urpc", {"method": {"backbone": {"n_filters": 4}}}, 1, 2, dim=3).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 1, 32, 32, 32, generator=g)  # instance norm needs > 1 voxel at the bottleneck
+    label_batch = torch.zeros(2, 32, 32, 32, dtype=torch.long)
+    label_batch[:, 8:20, 6:22, 10:26] = 1
+    b, lb = Batch(x[:2], label_batch, x[2:]), 2
+    ce_loss, dice_loss = nn.CrossEntropyLoss(), losses.DiceLoss(2)  # :114-115
+    kl_distance = nn.KLDivLoss(reduction="none")  # :124
+    # train_uncertainty_rectified_pyramid_consistency_3D.py:132-203 (weight 0.1, rampup 400: :61-63)
+    outs = m.net(x)
+    softs = [torch.softmax(o, dim=1) for o in outs]
+    supervised_loss = (sum(ce_loss(o[:lb], label_batch[:lb]) for o in outs)
+                       + sum(dice_loss(s[:lb], label_batch[:lb].unsqueeze(1)) for s in softs)) / 8
+    preds = sum(softs) / 4
+    cons = 0
+    for s in softs:
+        variance = torch.sum(kl_distance(torch.log(s[lb:]), preds[lb:]), dim=1, keepdim=True)
+        exp_variance = torch.exp(-variance)
+        dist = (preds[lb:] - s[lb:]) ** 2
+        cons = cons + torch.mean(dist * exp_variance) / (torch.mean(exp_variance) + 1e-8) + torch.mean(variance)
+    cons = cons / 4
+    w = 0.1 * ramps.sigmoid_rampup(IT // 150, 400.0)
+    loss = supervised_loss + w * cons
+    g_official = _grads(loss, m)
+
+    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
+    _close(out["loss_consistency"], cons)
+    _close(out["consistency_weight"], w)
+    _close(out["loss"], loss)
+    _assert_grads(_grads(out["loss"], m), g_official)
