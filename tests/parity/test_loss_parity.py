@@ -326,3 +326,38 @@ def test_urpc(official_dir, record_property):
     _close(out["consistency_weight"], w)
     _close(out["loss"], loss)
     _assert_grads(_grads(out["loss"], m), g_official)
+
+
+def test_bcp_mix_loss_and_pseudo_labels(official_dir, record_property):
+    """BCP's loss lives in utils/BCP_utils.py (mix_loss, :58-69, with mask_DiceLoss and per-voxel CE); the script
+    pairs it as LA_BCP_train.py:254-257. The cuboid comes from the official context_mask (:18-28) here, so both see
+    the same mask; textseg draws its own cuboid with the same size (see docs/fidelity.md for the corner range)."""
+    from textseg_cli.methods.bcp import mix_loss as ours_mix_loss
+    from textseg_cli.methods.ssl_common import threshold_pseudo_label
+
+    record_property("commit", official_commit(official_dir, "BCP"))
+    bcp = official_module(official_dir, "BCP", "utils.BCP_utils")
+    g = torch.Generator().manual_seed(4)
+    shape = (2, 112, 112, 80)  # context_mask hard-codes LA's 112 × 112 × 80 patch
+    logits_l = torch.randn(2, 2, *shape[1:], generator=g, requires_grad=True)
+    logits_u = torch.randn(2, 2, *shape[1:], generator=g, requires_grad=True)
+    lab_a = (torch.rand(shape, generator=g) > 0.6).long()
+    lab_b = (torch.rand(shape, generator=g) > 0.4).long()
+    # get_cut_mask (LA_BCP_train.py:57-63) without its LCC: softmax ≥ 0.5 on channel 1
+    un = torch.randn(2, 2, *shape[1:], generator=g)
+    plab_a = (F.softmax(un, 1) >= 0.5).long()[:, 1]
+    assert torch.equal(threshold_pseudo_label(torch.softmax(un, 1), 0.5), plab_a)
+    plab_b = 1 - plab_a
+    np.random.seed(0)
+    img_mask, loss_mask = bcp.context_mask(torch.zeros(2, 1, *shape[1:]), 2 / 3)
+    assert torch.equal(loss_mask[0], img_mask) and (img_mask == 0).sum() == 74 * 74 * 53
+
+    off_l = bcp.mix_loss(logits_l, lab_a, plab_a, loss_mask, u_weight=0.5)
+    off_u = bcp.mix_loss(logits_u, plab_b, lab_b, loss_mask, u_weight=0.5, unlab=True)
+    g_off = torch.autograd.grad(off_l + off_u, [logits_l, logits_u])
+    our_l = ours_mix_loss(logits_l, lab_a, plab_a, img_mask, 1.0, 0.5)
+    our_u = ours_mix_loss(logits_u, plab_b, lab_b, img_mask, 0.5, 1.0)
+    g_our = torch.autograd.grad(our_l + our_u, [logits_l, logits_u])
+    _close(our_l, off_l)
+    _close(our_u, off_u)
+    _assert_grads(list(g_our), list(g_off))
