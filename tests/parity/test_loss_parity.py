@@ -48,7 +48,8 @@ def _assert_grads(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 
 
 def _close(a, b, atol=1e-5):
-    assert float(a) == pytest.approx(float(b), abs=atol, rel=1e-5)
+    value = lambda t: float(t.detach()) if isinstance(t, torch.Tensor) else float(t)  # noqa: E731
+    assert value(a) == pytest.approx(value(b), abs=atol, rel=1e-5)
 
 
 def test_uamt(official_dir, record_property):
