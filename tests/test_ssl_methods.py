@@ -4,6 +4,8 @@ filters), 2 labeled cases, 30 iterations with Adam 3e-3 instead of the papers' S
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -56,6 +58,9 @@ def test_trains_from_cli_and_validation_dice_rises(method, synthetic_data, tmp_p
     assert code == 0, out
     summary = pd.read_csv(tmp_path / "eval" / "per_case.csv")
     assert len(summary) == 2 and summary["dice"].notna().all()
+    # LCC by method protocol (DTC's and BCP's official test_LA.py: --nms 1), recorded with its source
+    meta = json.loads((tmp_path / "eval" / "meta.json").read_text())
+    assert meta["lcc"] is (method in ("dtc", "bcp")), meta["lcc_source"]
 
 
 def test_bcp_switches_phase_and_copies_student_into_teacher():

@@ -64,8 +64,10 @@ def eval_command(
     table: Optional[str] = typer.Option(
         None, "--table", help="Results table format: csv, md or latex (with --compare default md, or from --out's "
                               "suffix)."),
-    lcc: bool = typer.Option(False, "--lcc", help="Keep only the largest connected component of each predicted "
-                                                  "class before measuring (recorded in the table)."),
+    lcc: Optional[bool] = typer.Option(
+        None, "--lcc/--no-lcc", show_default=False,
+        help="Keep only the largest connected component of each predicted class before measuring (recorded in the "
+             "table). RUN_DIR default: the method's protocol (on for dtc, bcp, text-semiseg; docs/fidelity.md)."),
     spacing_mm: bool = typer.Option(False, "--spacing-mm", help="Give HD95/ASD in mm using the NIfTI header spacing "
                                                                 "(default: voxels)."),
     empty_policy: str = typer.Option(
@@ -138,7 +140,7 @@ def eval_command(
         if pred is None or labels is None:
             raise ConfigError("--pred and --labels must be given together")
         _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device)
-        _folder_mode(pred, labels, out=out, table=table, lcc=lcc, spacing_mm=spacing_mm, empty_policy=empty_policy,
+        _folder_mode(pred, labels, out=out, table=table, lcc=bool(lcc), spacing_mm=spacing_mm, empty_policy=empty_policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
                      labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume,
                      overlays=overlays, uses_text=uses_text)

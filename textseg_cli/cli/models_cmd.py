@@ -16,6 +16,8 @@ def models_command(
     classes: int = typer.Option(2, "--classes", help="Output classes, background included."),
     patch: Optional[str] = typer.Option(None, "--patch", help="Patch size, e.g. 112,112,80 (3D) or 224,224 (2D); "
                                         "its length picks 2D or 3D networks."),
+    fidelity: bool = typer.Option(False, "--fidelity", help="Show, per method, its official code, the commit the "
+                                                            "parity tests use and its fidelity-ledger section."),
 ) -> None:
     """List backbones and training methods with total, trainable and frozen parameter counts.
 
@@ -24,6 +26,18 @@ def models_command(
     from rich.table import Table
 
     from textseg_cli.engine.listing import list_models
+
+    if fidelity:
+        from textseg_cli.fidelity import fidelity_rows
+        from textseg_cli.methods.base import list_methods
+
+        table = Table(title="Fidelity ledger (docs/fidelity.md): default = official code, paper variants as switches")
+        for col in ("method", "official code", "commit", "ledger"):
+            table.add_column(col, overflow="fold")
+        for row in fidelity_rows(list_methods()):
+            table.add_row(*row)
+        console.print(table)
+        return
 
     rows = list_models(in_channels=in_channels, num_classes=classes, patch_size=patch)
     for kind, title in (("model", "Backbones / networks"), ("method", "Training methods")):

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from textseg_cli.data.augment import random_rot_flip
 from textseg_cli.data.prepared import PreparedDataset
 from textseg_cli.errors import DataError
 from textseg_cli.methods.base import Batch
@@ -65,6 +66,7 @@ class CaseCycle:
 class Augment:
     flip: bool = False
     rot90: bool = False
+    rotflip: bool = False  # the official LA scripts' RandomRotFlip on the volume, before the crop (data/augment.py)
 
 
 class TwoStreamSampler:
@@ -80,7 +82,7 @@ class TwoStreamSampler:
         self.augment = augment or Augment()
         # rot90 swaps the first two axes of a patch, so volumes must cover the larger of the two
         need = list(self.patch)
-        if self.augment.rot90 and len(need) >= 2:
+        if (self.augment.rot90 or self.augment.rotflip) and len(need) >= 2:
             need[0] = need[1] = max(need[0], need[1])
         padded = [pad_to(i, l, need) for i, l in zip(images_l, labels_l)]
         self.images_l = [p[0] for p in padded]
@@ -95,6 +97,8 @@ class TwoStreamSampler:
 
     # --- drawing -----------------------------------------------------------------------------
     def _crop(self, image: np.ndarray, label: np.ndarray | None):
+        if self.augment.rotflip:  # whole volume first, then the crop, as the official Compose order
+            image, label = random_rot_flip(image, label, self.rng, channel_axis=True)
         k = int(self.rng.integers(4)) if self.augment.rot90 else 0
         size = list(self.patch)
         if k % 2 == 1:  # crop the transposed window so the rotated patch has the patch shape

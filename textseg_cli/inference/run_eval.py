@@ -54,7 +54,7 @@ def mask_from_probs(probs, dim: int, threshold: float = 0.5) -> np.ndarray:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "best", decoder: int | str | None = None,
-                 inference: str | None = None, out: str | Path | None = None, lcc: bool = False,
+                 inference: str | None = None, out: str | Path | None = None, lcc: bool | None = None,
                  spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
                  device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
                  overlays: int = 0, threshold: float = 0.5):
@@ -72,11 +72,14 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
     methods that read it (`set_case_text`); `eval_size=224` scores at 224×224 (LViT); `per_volume`
     re-stacks the slices of a `textseg prep slices` folder and scores volumes; `overlays=N` writes N
     overlay PNGs to `out/overlays/`.
+    `lcc` None follows the method's evaluation protocol (`inference.protocol.resolve_lcc`: on for DTC, BCP and
+    Text-SemiSeg runs, as their official test scripts); True/False force it.
     """
     from textseg_cli.console import err_console
     from textseg_cli.engine.runs import load_run
     from textseg_cli.evaluation import (check_eval_size, evaluate_pairs, overlay_pairs, scoring_meta,
                                         write_evaluation)
+    from textseg_cli.inference.protocol import resolve_lcc
     from textseg_cli.inference.predict import (checkpoint_rule, inference_settings, predict_case, read_input_image,
                                                resolve_device, write_mask)
     from textseg_cli.utils import prepare_output_dir
@@ -121,6 +124,12 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
             write_mask(pred_dir / f"{cid}.nii.gz", mask, read_input_image(ds.image_path(cid), ds.dim, name=cid))
             yield cid, mask, case.label, tuple(case.spacing)
 
+    method_name = run.config.get("method")
+    if isinstance(method_name, dict):
+        method_name = method_name.get("name")
+    method_name = method_name or getattr(run.method, "name", None)
+    lcc, lcc_source = resolve_lcc(lcc, method_name)
+
     stream = pairs()
     written: list[Path] = []
     if overlays:
@@ -131,11 +140,9 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
                         lcc=lcc, total=None if per_volume else len(ids), eval_size=eval_size)
 
     n_lab, n_unlab = _labeled_counts(run)
-    method_name = run.config.get("method")
-    if isinstance(method_name, dict):
-        method_name = method_name.get("name")
     meta = {
-        "method": method_name or getattr(run.method, "name", None),
+        "method": method_name,
+        "lcc_source": lcc_source,
         "run_dir": str(run_dir.resolve()),
         "split": split,
         "test_split_warning": split == "test",

@@ -9,10 +9,10 @@ network on the unlabeled cases by MSE, weighted λ(t) = 0.1 · ramp(t // 150, 40
 
     L_good = L_sup,   L_other = L_sup + λ(t) · MSE(q_other, q_good^sharp)
 
-The published code passes both probability maps through one more softmax before that MSE
-(`softmax_mse_loss` applied to probabilities); `method.double_softmax: true` (default) keeps that,
-false gives the paper's plain MSE. Its disagreement MSE, applied to (B, X, Y, Z) tensors, normalises over
-the first spatial axis; we use the plain MSE of the paper here (documented difference).
+The published `softmax_mse_loss` has its two softmax lines commented out (code/utils/losses.py:65-66), so
+both MSE terms are plain squared differences of the probability maps, as here.
+`method.consistency.double_softmax: true` applies one more softmax to both maps before the consistency MSE
+(textseg's earlier default, a ~4.6x weaker term); it is not the published behaviour.
 The two networks are trained by one SGD optimiser over both parameter sets, which is the same as the
 code's two optimisers with equal settings (SGD updates each parameter independently and the two losses
 share no parameters). Inference averages the two networks' softmax (as the published test script);
@@ -42,7 +42,7 @@ def disagreement_mse(probs: torch.Tensor, labels: torch.Tensor, disagree: torch.
                         for c in range(1, probs.shape[1])]).mean()
 
 
-def mcf_consistency(probs: torch.Tensor, pseudo: torch.Tensor, double_softmax: bool = True) -> torch.Tensor:
+def mcf_consistency(probs: torch.Tensor, pseudo: torch.Tensor, double_softmax: bool = False) -> torch.Tensor:
     """MSE between a network's probabilities and the good student's sharpened ones (each (B, K, ...))."""
     if double_softmax:
         probs, pseudo = torch.softmax(probs, 1), torch.softmax(pseudo, 1)
@@ -81,7 +81,7 @@ class MCF(Method):
         if bu:
             cons_cfg = hp.get("consistency") or {}
             pseudo = sharpen_softmax(probs[good][bl:].detach(), float(cons_cfg.get("temperature", 0.1)))
-            cons = mcf_consistency(probs[other][bl:], pseudo, bool(cons_cfg.get("double_softmax", True)))
+            cons = mcf_consistency(probs[other][bl:], pseudo, bool(cons_cfg.get("double_softmax", False)))
             w = ramped_weight(hp, ctx.iteration, 0.1, 40)
             loss = loss + w * cons
             out.update(loss_consistency=cons.detach(), consistency_weight=torch.tensor(w))

@@ -11,8 +11,9 @@ teacher's argmax ŷ_j, weighted by the teacher's reliability
 proto_{j,c} the mean teacher feature over the voxels the teacher assigns to class c (per sample, L2
 normalised). L_cons = Σ_{i≠j} Σ m·r_j·CE(p_i, ŷ_j) / (Σ m + 1e-6); L = 0.5 · Σ_i Dice_i + λ(t) · L_cons with
 Dice the foreground Dice of each decoder on labeled cases (plain sums, smooth 1e-8) and
-λ(t) = 1.0 · ramp((t + 1) // 150, 40). The published code feeds the softmax probabilities (not the logits)
-to its cross-entropy; `method.ce_on_probabilities: true` (default) keeps that, false uses the logits.
+λ(t) = 1.0 · ramp((t + 1) // 150, 40). The cross-entropy takes the student's logits, as the current published
+code (train_Mutual_Reliable.py:197, `consistency_criterion(outputs[i], ...)`, after the October 2024 fix);
+`method.ce_on_probabilities: true` feeds the softmax probabilities instead (the code before that fix).
 Decoder 0 is evaluated (as the published validation); decoder 1 or "mean" are available.
 """
 
@@ -48,7 +49,7 @@ def reliability(teacher_probs: torch.Tensor, teacher_feat: torch.Tensor) -> torc
 
 def reliable_cross_supervision(student_probs: torch.Tensor, student_logits: torch.Tensor,
                                teacher_probs: torch.Tensor, teacher_feat: torch.Tensor,
-                               ce_on_probabilities: bool = True) -> torch.Tensor:
+                               ce_on_probabilities: bool = False) -> torch.Tensor:
     """Σ m·r·CE(student, argmax teacher) / (Σ m + 1e-6), m = [H(student) > H(teacher)]."""
     mask = (entropy(student_probs, keepdim=False) > entropy(teacher_probs, keepdim=False)).float()
     weight = reliability(teacher_probs, teacher_feat) * mask
@@ -78,7 +79,7 @@ class MLRP(Method):
         logits, feats = self._forward(torch.cat([batch.image_l, batch.image_u]))
         probs = [torch.softmax(z, 1) for z in logits]
         dice = sum(dice_loss(p[:bl], batch.label_l, smooth=1e-8) for p in probs)
-        ce_on_p = bool(hp.get("ce_on_probabilities", True))
+        ce_on_p = bool(hp.get("ce_on_probabilities", False))
         cons = sum(reliable_cross_supervision(probs[i], logits[i], probs[j].detach(), feats[j], ce_on_p)
                    for i in range(len(probs)) for j in range(len(probs)) if i != j)
         w = ramped_weight(hp, ctx.iteration + 1, 1.0, 40)  # the code ramps on the 1-based step

@@ -67,7 +67,7 @@ def cuboid_mask(spatial: Sequence[int], ratio: float | Sequence[float] = 2 / 3,
     """A (*spatial) long mask that is 1 everywhere except one randomly placed cuboid of zeros.
 
     The cuboid is `size` voxels per axis, or int(dim · ratio) (BCP: 2/3 of the patch per axis). Its corner
-    is drawn uniformly among all positions that keep it inside the patch. This is BCP's convention:
+    is drawn uniformly from 0..d−s−1 per axis, as BCP's code (not d−s: its randint excludes it). BCP's convention:
     `mix(a, b, mask)` keeps `a` outside the cuboid and pastes `b` into it.
     """
     spatial = [int(s) for s in spatial]
@@ -76,7 +76,9 @@ def cuboid_mask(spatial: Sequence[int], ratio: float | Sequence[float] = 2 / 3,
         size = [int(d * r) for d, r in zip(spatial, ratios)]
     size = [min(int(s), d) for s, d in zip(size, spatial)]
     mask = torch.ones(spatial, dtype=torch.long, device=device)
-    starts = [int(torch.randint(0, d - s + 1, (1,), generator=generator)) for d, s in zip(spatial, size)]
+    # corner in 0..d-s-1 as BCP's context_mask (utils/BCP_utils.py:23-25, np.random.randint(0, d - s)): the last
+    # position is never drawn; 0 when the cuboid fills the axis
+    starts = [int(torch.randint(0, max(1, d - s), (1,), generator=generator)) for d, s in zip(spatial, size)]
     region = tuple(slice(st, st + s) for st, s in zip(starts, size))
     mask[region] = 0
     return mask

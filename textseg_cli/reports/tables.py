@@ -123,11 +123,16 @@ def _header(rows: list[ResultRow], latex: bool) -> list[str]:
     return heads
 
 
+def _method_cell(r: ResultRow) -> str:
+    """The method name, marked when its masks were LCC post-processed (a method's protocol can turn it on)."""
+    return f"{r.method} +LCC" if r.settings.get("lcc") else r.method
+
+
 def _body(rows: list[ResultRow], std: bool, bold) -> list[list[str]]:
     best = {m: _best(rows, m) for m in COLUMNS}
     body = []
     for i, r in enumerate(rows):
-        cells = [r.method, _count(r.labeled, r.n_train), _count(r.unlabeled, r.n_train)]
+        cells = [_method_cell(r), _count(r.labeled, r.n_train), _count(r.unlabeled, r.n_train)]
         for m in COLUMNS:
             text = _cell(r, m, std)
             v = _value(r, m)

@@ -1,0 +1,100 @@
+"""Regression tests of issue 13's baseline fixes: each fails on the behaviour before the fix.
+(Parity against the official code itself lives in tests/parity/, run with TEXTSEG_OFFICIAL set.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from textseg_cli.data.augment import random_rot_flip
+from textseg_cli.data.sampling import Augment, TwoStreamSampler
+from textseg_cli.engine.config import build_config
+from textseg_cli.engine.optim import lr_factor
+from textseg_cli.inference.protocol import resolve_lcc
+from textseg_cli.methods.mcf import mcf_consistency
+
+
+def _la(method: str) -> dict:
+    return build_config(method, "la", 3, [112, 112, 80])
+
+
+def test_mcf_consistency_default_is_plain_mse():
+    # MCF utils/losses.py:65-68: the softmax lines are commented out
+    p = torch.softmax(torch.randn(2, 2, 4, 4, 4), 1)
+    q = torch.softmax(torch.randn(2, 2, 4, 4, 4), 1)
+    assert float(mcf_consistency(p, q)) == pytest.approx(float(((p - q) ** 2).mean()), rel=1e-6)
+    assert _la("mcf")["method"]["consistency"]["double_softmax"] is False
+
+
+def test_mlrp_default_feeds_logits_to_the_cross_entropy():
+    assert _la("mlrp")["method"]["ce_on_probabilities"] is False
+
+
+def test_random_rot_flip_by_hand():
+    class Draws:  # k = 1, then flip axis 0
+        def __init__(self):
+            self.values = iter([1, 0])
+
+        def randint(self, low, high):
+            return next(self.values)
+
+    vol = np.arange(2 * 3 * 2).reshape(2, 3, 2)
+    img, lab = random_rot_flip(vol, vol.copy(), Draws())
+    expected = np.flip(np.rot90(vol, 1, axes=(0, 1)), axis=0)
+    assert img.shape == (3, 2, 2) and np.array_equal(img, expected) and np.array_equal(lab, expected)
+    # channel-first images rotate their spatial axes, not the channel axis
+    img_c, _ = random_rot_flip(vol[None], None, type("D", (), {"randint": Draws().randint})(), channel_axis=True)
+    assert np.array_equal(img_c[0], expected)
+
+
+def test_sampler_rotflip_rotates_the_volume_then_crops():
+    vol = np.random.default_rng(0).random((1, 6, 6, 4)).astype(np.float32)
+    lab = (vol[0] > 0.5).astype(np.uint8)
+    s = TwoStreamSampler([vol], [lab], [], [4, 4, 4], 1, 0, seed=3, augment=Augment(rotflip=True))
+    batch = s.next_batch()
+    rng = np.random.default_rng(3)
+    rng.permutation(1)  # the case cycle's draw
+    r_img, r_lab = random_rot_flip(vol, lab, rng, channel_axis=True)
+    starts = [int(rng.integers(0, n - 4 + 1)) for n in r_img.shape[1:]]
+    sl = tuple(slice(a, a + 4) for a in starts)
+    assert np.array_equal(batch.image_l[0].numpy(), r_img[(slice(None),) + sl])
+    assert np.array_equal(batch.label_l[0].numpy(), r_lab[sl])
+
+
+@pytest.mark.parametrize("method", ["mcnet", "mcnet+", "uamt", "dtc", "bcp", "mlrp", "sup", "urpc", "cps"])
+def test_la_configs_use_the_official_rotflip(method):
+    aug = _la(method)["data"]["augment"]
+    assert aug["rotflip"] is True and not aug["flip"] and not aug["rot90"]
+
+
+def test_mcf_la_config_crops_only():  # train_MCF.py:119-121: RandomCrop only
+    assert not any(_la("mcf")["data"]["augment"].values())
+
+
+def test_suponly_is_uamt_supervised_baseline():
+    cfg = _la("sup")
+    assert cfg["train"]["batch_labeled"] == 4 and cfg["train"]["iterations"] == 6000
+    o = cfg["optim"]
+    assert o["schedule"] == "step" and o["step_size"] == 2500 and o["step_gamma"] == 0.1
+    # train_LA.py:137-141: lr changes after the 2,500th step, so 0-based step 2,500 runs at 0.001
+    assert lr_factor(2499, 6000, o) == 1.0 and lr_factor(2500, 6000, o) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("method,expected", [("dtc", True), ("bcp", True), ("text-semiseg", True),
+                                             ("mcnet", False), ("uamt", False), ("mlrp", False), (None, False)])
+def test_lcc_follows_the_method_protocol(method, expected):
+    on, why = resolve_lcc(None, method)
+    assert on is expected and why
+    assert resolve_lcc(False, method)[0] is False and resolve_lcc(True, method)[0] is True
+
+
+def test_models_fidelity_points_every_method_to_the_ledger():
+    from conftest import run_cli
+
+    from textseg_cli.fidelity import LEDGER
+    from textseg_cli.methods.base import list_methods
+
+    assert set(list_methods()) <= set(LEDGER)
+    code, out = run_cli("models", "--fidelity")
+    assert code == 0 and "HiLab-git/DTC" in out and "2525b9c" in out and "docs/fidelity" in out
