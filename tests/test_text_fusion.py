@@ -7,7 +7,7 @@ import torch
 
 from textseg_cli.methods.text_losses import (ProjectionHead, csa_loss, dca_mix, dlb_pseudo_label, dlb_weights,
                                              usl_loss, vtcm_loss)
-from textseg_cli.models.text_fusion import TMR, VWPM, RepeatTextFusion, TextInjection
+from textseg_cli.models.text_fusion import TMR, VWPM, RepeatTextFusion, TextInjection, TMROfficial
 
 
 @pytest.fixture
@@ -24,10 +24,42 @@ def test_tmr_shape_and_text_changes_output(fv):
     assert not torch.allclose(out1, out2, atol=1e-5)
 
 
-def test_tmr_official_ignores_text(fv):
-    tmr = TMR(channels=32, text_dim=64, heads=4, mode="official").eval()
-    out1, out2 = tmr(fv, torch.randn(2, 64)), tmr(fv, torch.randn(2, 64))
-    assert torch.allclose(out1, out2, atol=1e-6)
+def test_tmr_hand_computed_token_weights_have_mean_one():
+    # LN weight 0 makes every token a = b (the LN bias), so keys are equal, softmax over N tokens is 1/N and
+    # the token weight N · mean_k attn = 1. With V and proj_out the identity each plane adds b, and the plane
+    # weights 1/3 sum to 1: out = F_v + b exactly. Without the ×N factor a plane of N tokens would add b/N.
+    torch.manual_seed(0)
+    tmr = TMR(channels=4, text_dim=4, heads=1).eval()
+    b = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    with torch.no_grad():
+        tmr.norm.weight.zero_()
+        tmr.norm.bias.copy_(b)
+        for lin in (tmr.v, tmr.proj_out):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+    fv = torch.randn(2, 4, 2, 3, 4)
+    out = tmr(fv, torch.randn(3, 4))
+    assert torch.allclose(out, fv + b.view(1, 4, 1, 1, 1), atol=1e-6)
+
+
+def test_tmr_official_layer_structure():
+    torch.manual_seed(0)
+    grid = (2, 3, 2)
+    tmr = TMROfficial(channels=8, grid=grid, text_dim=16, d_model=16, heads=2, dim_head=8).eval()
+    fv = torch.randn(2, 8, *grid)
+    assert torch.equal(tmr.view_weights.detach(), torch.ones(3))  # view weights start at 1
+    # one token per plane: the text enters only through the count K (Σ_i attn_ij = K), not its values
+    out1, out2 = tmr(fv, torch.randn(2, 16)), tmr(fv, torch.randn(2, 16) * 5)
+    assert torch.allclose(out1, out2, atol=1e-5)
+    assert not torch.allclose(out1, tmr(fv, torch.randn(3, 16)), atol=1e-4)
+    # the whole plane is embedded and un-embedded: the added term varies across each plane
+    with torch.no_grad():
+        tmr.view_weights.copy_(torch.tensor([1.0, 0.0, 0.0]))  # axial only: constant along X
+    view = tmr(fv, torch.randn(2, 16)) - 2 * fv  # output = (F_v + view) + F_v
+    assert torch.allclose(view[:, :, 0], view[:, :, 1], atol=1e-5)
+    assert view[:, :, 0].flatten(2).std(-1).min() > 1e-3
+    with pytest.raises(ValueError, match="bottleneck"):
+        tmr(torch.randn(1, 8, 2, 2, 2), torch.randn(2, 16))
 
 
 def test_repeat_fusion_and_injection_use_text(fv):

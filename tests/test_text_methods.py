@@ -87,6 +87,7 @@ def test_text_semiseg_text_changes_prediction_and_official_tmr_does_not(emb):
         torch.manual_seed(0)
         # train-mode batch statistics (no dropout): an untrained net's eval-mode BN can silence the decoder
         m = _method("text-semiseg", emb["clip"], f"method.tmr={mode}", "method.backbone.has_dropout=false")
+        m.fusions.eval()  # the published TMR layer has dropout 0.1
         with torch.no_grad():
             a = m.predict_logits(x)
             m.text.embeddings.copy_(torch.randn_like(m.text.embeddings) * 3)
@@ -114,15 +115,18 @@ def test_text_semiseg_dca_trains_only_the_worse_decoder(emb):
 
 def test_text_semiseg_step_terms_follow_the_flags(emb):
     b = _batch()
-    full = _method("text-semiseg", emb["clip"], "method.dca_start=0").training_step(b, _ctx(0))
+    full = _method("text-semiseg", emb["clip"], "method.dca_start=0").training_step(b, _ctx(1))
     assert {"loss_sup", "loss_csa", "loss_consistency", "loss_dca", "loss_csa_mixed"} <= set(full)
-    late = _method("text-semiseg", emb["clip"], "method.dca_start=5").training_step(b, _ctx(4))
-    assert "loss_dca" not in late  # DCA starts at dca_start
+    late = _method("text-semiseg", emb["clip"], "method.dca_start=5").training_step(b, _ctx(5))
+    assert "loss_dca" not in late  # DCA only after dca_start (iter_num > mixed_iterations, trainer.py:157)
     bare = _method("text-semiseg", emb["clip"], "method.tmr=false", "method.csa=false", "method.dca=false")
     assert bare.text is None and bare.fusions is None and bare.csa_heads is None
-    # ramp: 0.1 · exp(-5 (1 - (t // 150) / 200)^2)
+    # ramp at the 0-based iteration as the published trainer (trainer.py:153): 0.1 · exp(-5 (1 - (t // 150) / 200)^2);
+    # at t = 299 that is epoch 1 (the old 1-based count gave epoch 2)
     w = _method("text-semiseg", emb["clip"]).training_step(b, _ctx(299))["consistency_weight"].item()
-    assert w == pytest.approx(0.1 * torch.exp(torch.tensor(-5 * (1 - 2 / 200) ** 2)).item(), rel=1e-5)
+    assert w == pytest.approx(0.1 * torch.exp(torch.tensor(-5 * (1 - 1 / 200) ** 2)).item(), rel=1e-6)
+    w = _method("text-semiseg", emb["clip"]).training_step(b, _ctx(300))["consistency_weight"].item()
+    assert w == pytest.approx(0.1 * torch.exp(torch.tensor(-5 * (1 - 2 / 200) ** 2)).item(), rel=1e-6)
 
 
 def test_vclipseg_vwpm_uses_text_and_flags_remove_modules(emb):

@@ -32,7 +32,7 @@ class ProjectionHead(nn.Module):
 
 
 def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tensor, pool: str = "mean",
-             channel_reduction: str = "sum") -> torch.Tensor:
+             channel_reduction: str = "sum", class_reduction: str = "sum", resize: str = "avgpool") -> torch.Tensor:
     """Class-semantic alignment (Text-SemiSeg Eq. 4).
 
     For each decoder's probabilities ŷ_d (resized to the feature grid) and class k, the prototype
@@ -40,16 +40,27 @@ def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tens
     averaged over the batch. pool="mean" divides by the voxel count as the paper's avg(·) does;
     pool="masked" divides by Σ_v ŷ_{d,k}(v) (a soft masked mean). channel_reduction="sum" sums the squared
     error over the D channels (Eq. 4 as written); "mean" averages it (the published code's scale, which keeps
-    the loss O(1) with unnormalised 512-d CLIP features).
+    the loss O(1) with unnormalised 512-d CLIP features). class_reduction="mean" also averages over the K
+    classes: with channel_reduction="mean" the term is `torch.mean((proto - t)**2)` of the published code
+    (Text-SemiSeg trainer.py:138). resize="trilinear" samples the probabilities onto the grid by trilinear
+    interpolation (align_corners=False) as that code does (trainer.py:125); "avgpool" averages them.
     """
     if channel_reduction not in ("sum", "mean"):
         raise ValueError(f"csa channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
+    if class_reduction not in ("sum", "mean"):
+        raise ValueError(f"csa class_reduction must be 'sum' or 'mean', got {class_reduction!r}")
+    if resize not in ("avgpool", "trilinear"):
+        raise ValueError(f"csa resize must be 'avgpool' or 'trilinear', got {resize!r}")
     b, _ = features.shape[:2]
     spatial = features.shape[2:]
     n = float(torch.tensor(spatial).prod())
     total = features.new_zeros(())
     for p in probs:
-        ps = resize_probs(p.float(), spatial).to(features.dtype)
+        if resize == "trilinear":
+            mode = "trilinear" if p.dim() == 5 else "bilinear"
+            ps = F.interpolate(p.float(), size=tuple(spatial), mode=mode, align_corners=False).to(features.dtype)
+        else:
+            ps = resize_probs(p.float(), spatial).to(features.dtype)
         proto = torch.einsum("bc...,bk...->bkc", features, ps)
         if pool == "mean":
             proto = proto / n
@@ -59,7 +70,8 @@ def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tens
             raise ValueError(f"csa pool must be 'mean' or 'masked', got {pool!r}")
         err = (proto - text.to(proto.dtype).unsqueeze(0)) ** 2  # (B, K, D)
         err = err.sum(dim=2) if channel_reduction == "sum" else err.mean(dim=2)
-        total = total + err.sum(dim=1).mean()
+        per_class = err.sum(dim=1) if class_reduction == "sum" else err.mean(dim=1)
+        total = total + per_class.mean()
     return total
 
 
