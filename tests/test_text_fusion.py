@@ -99,10 +99,24 @@ def test_vtcm_loss_hand_computed():
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # class 0: voxel 0 -> [1,0], cos with [1,0] = 1; class 1: voxel 1 -> [0,1], cos 1 -> loss 0
     assert vtcm_loss(proj, labels, [pred_a, pred_b], text).item() == pytest.approx(0.0, abs=1e-6)
-    text2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # class 0 now orthogonal -> (1 + 0) / 2
+    text2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # class 0 now orthogonal -> 1 - (0 + 1) / 2
     assert vtcm_loss(proj, labels, [pred_a, pred_b], text2).item() == pytest.approx(0.5, abs=1e-6)
     none = vtcm_loss(proj, labels, [1 - labels], text)  # no agreement anywhere: zero, no NaN
     assert none.item() == 0.0
+
+
+def test_vtcm_one_prototype_from_both_heads():
+    # The published code averages the two heads' features into ONE prototype per class (train_3d.py:152),
+    # not one prototype per head: heads [1,0] and [0,1] at the class-1 voxel give proto [.5,.5], cos 1/√2·... .
+    h1 = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]]]])  # (1, D=2, 1, 2): class-0 voxel [0,1], class-1 voxel [1,0]
+    h2 = torch.tensor([[[[0.0, 0.0]], [[1.0, 1.0]]]])  # class-0 voxel [0,1], class-1 voxel [0,1]
+    labels = torch.tensor([[[0, 1]]])
+    text = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    # class 0: proto [0,1] → cos 1; class 1: proto mean([1,0],[0,1]) = [.5,.5] → cos with [1,1] = 1
+    assert vtcm_loss([h1, h2], labels, [labels, labels], text).item() == pytest.approx(0.0, abs=1e-6)
+    # per-head prototypes would give class 1: cos([1,0],[1,1]) = cos([0,1],[1,1]) = 1/√2 → loss > 0
+    per_head = (vtcm_loss(h1, labels, [labels], text) + vtcm_loss(h2, labels, [labels], text)) / 2
+    assert per_head.item() > 0.1
 
 
 def test_dlb_weights_and_pseudo_label():

@@ -79,29 +79,32 @@ def _nearest_labels(labels: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(labels.unsqueeze(1).float(), size=tuple(size), mode="nearest").squeeze(1).long()
 
 
-def vtcm_loss(proj: torch.Tensor, labels: torch.Tensor, preds: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-    """Vision-text consistency (VCLIPSeg): L_reg = mean_k (1 − cos(prototype_k, t_k)).
+def vtcm_loss(projs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, preds: list[torch.Tensor],
+              text: torch.Tensor) -> torch.Tensor:
+    """Vision-text consistency (VCLIPSeg): L_reg = 1 − mean_k cos(prototype_k, t_k).
 
-    proj: L2-normalised projected features (B, D, *grid) of labeled samples; labels and each decoder's
-    argmax prediction (B, *full) are nearest-downsampled to the grid; the prototype of class k averages the
-    features of voxels where the label and every decoder agree on k. Classes with no such voxel are skipped
-    (a zero loss that keeps the graph when none qualifies).
+    projs: each decoder head's projected features (B, D, *grid) of labeled samples (one tensor = one head);
+    labels and each decoder's argmax prediction (B, *full) are nearest-downsampled to the grid. As in the
+    published code (train_3d.py:146-155) ONE prototype per class averages the features of all heads together
+    at the voxels where the label and every decoder agree on k. A class with no such voxel is left out (the
+    published code's mean over no voxels is NaN); a zero loss that keeps the graph when none qualifies.
     """
-    grid = proj.shape[2:]
+    projs = [projs] if isinstance(projs, torch.Tensor) else list(projs)
+    grid = projs[0].shape[2:]
     lab = _nearest_labels(labels, grid)
     agree = torch.ones_like(lab, dtype=torch.bool)
     for p in preds:
         agree &= _nearest_labels(p, grid) == lab
-    feats = proj.movedim(1, -1)  # (B, *grid, D)
-    losses = []
+    feats = [f.movedim(1, -1) for f in projs]  # (B, *grid, D)
+    sims = []
     for k in range(text.shape[0]):
         m = agree & (lab == k)
         if bool(m.any()):
-            proto = feats[m].mean(0)
-            losses.append(1 - F.cosine_similarity(proto, text[k].to(proto.dtype), dim=0))
-    if not losses:
-        return proj.sum() * 0.0
-    return torch.stack(losses).mean()
+            proto = torch.cat([f[m] for f in feats]).mean(0)
+            sims.append(F.cosine_similarity(proto, text[k].to(proto.dtype), dim=0))
+    if not sims:
+        return sum(f.sum() for f in projs) * 0.0
+    return 1 - torch.stack(sims).mean()
 
 
 def dlb_weights(dice_losses: list[torch.Tensor]) -> torch.Tensor:
@@ -109,10 +112,14 @@ def dlb_weights(dice_losses: list[torch.Tensor]) -> torch.Tensor:
     return torch.softmax(1 - torch.sigmoid(torch.stack([d.detach() for d in dice_losses])), dim=0)
 
 
-def dlb_pseudo_label(probs_u: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Pseudo-label argmax Σ_i w_i p_i of the decoders' unlabeled probabilities."""
-    fused = sum(w * p.detach() for w, p in zip(weights, probs_u))
-    return fused.argmax(dim=1)
+def dlb_fused(probs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i p_i of the decoders' probabilities (detached): the soft pseudo-label of paper Eq. 9."""
+    return sum(w * p.detach() for w, p in zip(weights, probs))
+
+
+def dlb_pseudo_label(probs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Hard pseudo-label argmax Σ_i w_i p_i (the published code, train_3d.py:184-187)."""
+    return dlb_fused(probs, weights).argmax(dim=1)
 
 
 def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1, kind: str = "usl") -> torch.Tensor:

@@ -183,30 +183,35 @@ class RepeatTextFusion(nn.Module):
 
 
 class VWPM(nn.Module):
-    """Vision-semantic weighted prompt module (VCLIPSeg).
+    """Vision-semantic weighted prompt module (VCLIPSeg; SmileJET/VCLIPSeg code/networks/VNet_clip.py:291-331).
 
-    map = softmax(MLP_{64→16→K}(conv_{C→64}(F))) per voxel; prompt = Σ_k map_k · Linear_{512→C}(t_k);
-    output = conv_{2C→C}([F, prompt]).
+    map = softmax_K(MLP_{64→16→K}(LeakyReLU(BN(conv3³_{C→64}(F))))) per voxel (MLP: Linear, GELU, Linear);
+    prompt = Σ_k map_k · Linear_{512→C}(t_k); output = LeakyReLU(BN(conv3³_{2C→C}([F, prompt]))), no residual.
     """
 
     def __init__(self, channels: int = 256, text_dim: int = 512, num_classes: int = 2):
         super().__init__()
-        self.reduce = nn.Sequential(nn.Conv3d(channels, 64, 1), nn.BatchNorm3d(64), nn.LeakyReLU(inplace=True))
-        # A per-voxel MLP is a pair of 1×1×1 convolutions.
-        self.mlp = nn.Sequential(nn.Conv3d(64, 16, 1), nn.GELU(), nn.Conv3d(16, num_classes, 1))
+        self.img_conv = nn.Conv3d(channels, 64, 3, padding=1)
+        self.img_bn = nn.BatchNorm3d(64)
+        self.mlp1 = nn.Linear(64, 16)
+        self.mlp2 = nn.Linear(16, num_classes)
         self.text_proj = nn.Linear(text_dim, channels)
-        self.fuse = nn.Sequential(nn.Conv3d(2 * channels, channels, 1), nn.BatchNorm3d(channels),
-                                  nn.ReLU(inplace=True))
+        self.fuse_conv = nn.Conv3d(2 * channels, channels, 3, padding=1)
+        self.fuse_bn = nn.BatchNorm3d(channels)
+
+    def _weights(self, fv: torch.Tensor) -> torch.Tensor:
+        img = F.leaky_relu(self.img_bn(self.img_conv(fv)))
+        return torch.softmax(self.mlp2(F.gelu(self.mlp1(img.movedim(1, -1)))), dim=-1)  # (B, *s, K)
 
     def semantic_map(self, fv: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.mlp(self.reduce(fv)), dim=1)
+        return self._weights(fv).movedim(-1, 1)
 
     def forward(self, fv: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """fv: (B, C, X, Y, Z); text: (K, 512) frozen CLIP class embeddings."""
-        m = self.semantic_map(fv)  # (B, K, X, Y, Z)
+        """fv: (B, C, X, Y, Z); text: (K, 512) frozen CLIP class embeddings (not normalised, as published)."""
+        m = self._weights(fv)
         e = self.text_proj(text.to(fv.dtype))  # (K, C)
-        prompt = torch.einsum("bk...,kc->bc...", m, e)
-        return self.fuse(torch.cat([fv, prompt], dim=1))
+        prompt = torch.einsum("b...k,kc->bc...", m, e)
+        return F.leaky_relu(self.fuse_bn(self.fuse_conv(torch.cat([fv, prompt], dim=1))))
 
 
 class TextInjection(nn.Module):
