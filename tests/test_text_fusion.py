@@ -134,16 +134,22 @@ def test_usl_loss_hand_computed():
     q = torch.tensor([[0.95, 0.5, 0.02], [0.05, 0.5, 0.98]]).unsqueeze(0)  # (1, 2, 3)
     p = torch.tensor([[0.8, 0.6, 0.3], [0.2, 0.4, 0.7]]).unsqueeze(0)
     t1, t2 = 0.9, 0.1
-    # voxel 0: conf (0.95>0.9) -> -0.95*log 0.8; comp (0.05<0.1) -> -(0.95)*log(1-0.2)
+    # two classes: a confident voxel (max q > t1) is also "complementary" (min q < t2), and the complement NLL
+    # -log(1 - p_argmin) is the same term again; each voxel counts once.
+    # voxel 0: conf (0.95>0.9) -> -0.95*log 0.8
     # voxel 1: uncertain -> mean((0.1)^2, (0.1)^2) = 0.01
-    # voxel 2: conf (0.98) -> -0.98*log 0.7; comp (0.02) -> -(0.98)*log(1-0.3)
-    l0 = -0.95 * math.log(0.8) - 0.95 * math.log(0.8)
-    l2 = -0.98 * math.log(0.7) - 0.98 * math.log(0.7)
+    # voxel 2: conf (0.98) -> -0.98*log 0.7
+    l0 = -0.95 * math.log(0.8)
+    l2 = -0.98 * math.log(0.7)
     expected = (l0 + 0.01 + l2) / 3
     assert usl_loss(p, q, t1, t2).item() == pytest.approx(expected, rel=1e-5)
     assert usl_loss(p, q, t1, t2, kind="nll").item() == pytest.approx((l0 + l2) / 3, rel=1e-5)
     mse = ((p - q) ** 2).mean(1).mean().item()
     assert usl_loss(p, q, kind="mse").item() == pytest.approx(mse, rel=1e-6)
+    # three classes: the complement term still applies where no class is confident
+    q3 = torch.tensor([[0.6], [0.35], [0.05]]).unsqueeze(0)
+    p3 = torch.tensor([[0.5], [0.3], [0.2]]).unsqueeze(0)
+    assert usl_loss(p3, q3, t1, t2).item() == pytest.approx(-0.95 * math.log(0.8), rel=1e-5)
 
 
 def test_dca_mix_pastes_foreground_both_ways():

@@ -285,3 +285,23 @@ def test_cli_reports_missing_embeddings_and_misplaced_flags(synthetic_data, tmp_
     code, out = run_cli("train", "--method", "mcnet", "--data", synthetic_data, "--iterations", "1", "--no-dca",
                         "--out", tmp_path / "b", *TINY)
     assert code == 2 and "--dca applies to text-semiseg" in out
+
+
+def test_llm_segnet_unsupervised_weight_is_unramped_by_default(emb):
+    # Eq. 1 of the paper has no ramp on L_u: weight 1 from the first step (the old default ramped over 40 epochs)
+    m = _method("llm-segnet", emb["bert"])
+    assert m.training_step(_batch(), _ctx(0))["consistency_weight"].item() == pytest.approx(1.0)
+    ramped = _method("llm-segnet", emb["bert"], "method.consistency.rampup=40")
+    w = ramped.training_step(_batch(), _ctx(299))["consistency_weight"].item()  # 1-based step 300 → epoch 2
+    assert w == pytest.approx(float(torch.exp(torch.tensor(-5 * (1 - 2 / 40) ** 2))), rel=1e-6)
+    assert "2407.05088" in m.paper
+
+
+def test_vclipseg_step_weights_at_chosen_iterations(emb):
+    # λ_u = 1 · ramp((t + 1) // 150, 40) (train_3d.py:195-196); labeled Dice × 0.5, L_reg × 0.5 (--lamda, --sim_w)
+    m = _method("vclipseg", emb["clip"])
+    for it, epoch in ((0, 0), (149, 1), (2999, 20), (7000, 40)):
+        w = m.training_step(_batch(), _ctx(it))["consistency_weight"].item()
+        assert w == pytest.approx(float(torch.exp(torch.tensor(-5 * (1 - min(epoch, 40) / 40) ** 2))), rel=1e-6)
+    hp = m.hparams
+    assert (hp["sup_weight"], hp["reg_weight"], hp["eval_decoder"], hp["pseudo_label"]) == (0.5, 0.5, 0, "hard")

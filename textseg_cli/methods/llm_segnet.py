@@ -1,4 +1,5 @@
-"""LLM-SegNet (Kumari et al.): co-training of two networks with LLM-description knowledge in the bottleneck.
+"""LLM-SegNet (Kumari et al., "Leveraging task-specific knowledge from LLM for semi-supervised 3D medical image
+segmentation", arXiv:2407.05088; no official code): co-training of two networks with LLM-description knowledge in the bottleneck.
 
 Two networks A and B of the same architecture (V-Net for LA and Pancreas, the 3D U-Net for BraTS) each add
 β · MLP(mean of the BERT embeddings of the LLM descriptions) to their bottleneck: D(E(x) + β·z)
@@ -8,7 +9,8 @@ A sees them unmixed and its probabilities are CutMixed identically, so both pred
 
 L = Σ_{A,B} (Dice + CE)(labeled) + λ(t) · [USL(ŷ_A, ỹ_B) + USL(ŷ_B, ỹ_A)] with the unified segmentation
 loss of `text_losses.usl_loss` (thresholds t1, t2; `--unsup-loss mse|nll` for the paper's Table 7) and
-λ(t) = weight · ramp(t // 150, rampup).
+λ(t) = weight · ramp(t // 150, rampup); Eq. 1 has no ramp, so `consistency.rampup` defaults to 0 (constant
+weight) and `--set method.consistency.rampup=40` restores the ramp textseg used before.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def uniform_noise(x: torch.Tensor, amplitude: float) -> torch.Tensor:
 @register_method("llm-segnet")
 class LLMSegNet(Method):
     embedding_encoder = "bert"  # what `textseg encode` must produce for --text-embeddings
-    paper = "Kumari et al., LLM-SegNet: large language model driven bidirectional collaborative learning"
+    paper = ("Kumari et al., Leveraging task-specific knowledge from LLM for semi-supervised 3D medical image "
+             "segmentation (LLM-SegNet), arXiv:2407.05088")
     has_text = True
     dims = (3,)
 
@@ -127,7 +130,7 @@ class LLMSegNet(Method):
             t1, t2, kind = float(hp.get("t1", 0.9)), float(hp.get("t2", 0.1)), str(hp.get("unsup_loss", "usl"))
             unsup = usl_loss(p_a_mix, p_b, t1, t2, kind) + usl_loss(p_b, p_a_mix, t1, t2, kind)
             c = hp.get("consistency") or {}
-            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 40)),
+            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 0)),
                                    int(c.get("per", 150)))
             loss = loss + w * unsup
             out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w))

@@ -126,7 +126,9 @@ def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1,
     """Unified segmentation loss of LLM-SegNet (Eqs. 8–11), student probabilities p vs the other model's q.
 
     - confident voxels (max q > t1): NLL of p at argmax q, weighted by max q;
-    - complementary voxels (min q < t2): NLL of the complement, −log(1 − p at argmin q), weighted by 1 − min q;
+    - complementary voxels (min q < t2, not already confident): NLL of the complement, −log(1 − p at argmin q),
+      weighted by 1 − min q. With two classes max q > t1 ⇔ min q < 1 − t1, and −log(1 − p_argmin) is the
+      confident term again, so counting confident voxels here too would weigh them twice;
     - uncertain voxels (t2 < min q and max q < t1): MSE between p and q (mean over classes).
     Each term is summed over its voxels and divided by the total voxel count. kind="mse" uses MSE
     everywhere, kind="nll" only the two NLL terms (paper Table 7).
@@ -141,7 +143,8 @@ def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1,
     qmin, qargmin = q.min(dim=1)
     p_pos = p.gather(1, qarg.unsqueeze(1)).squeeze(1)
     p_neg = p.gather(1, qargmin.unsqueeze(1)).squeeze(1)
-    conf, comp = qmax > t1, qmin < t2
+    conf = qmax > t1
+    comp = (qmin < t2) & ~conf
     l_pos = -(qmax * torch.log(p_pos.clamp_min(eps)))[conf].sum()
     l_neg = -((1 - qmin) * torch.log((1 - p_neg).clamp_min(eps)))[comp].sum()
     total = l_pos + l_neg
