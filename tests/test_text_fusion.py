@@ -65,9 +65,29 @@ def test_tmr_official_layer_structure():
 def test_repeat_fusion_and_injection_use_text(fv):
     rep = RepeatTextFusion(channels=32, text_dim=64, num_texts=2).eval()
     assert not torch.allclose(rep(fv, torch.randn(2, 64)), rep(fv, torch.randn(2, 64)))
-    inj = TextInjection(channels=32, text_dim=16, hidden=8, beta=0.5)
+    inj = TextInjection(channels=32, text_dim=16, hidden=8, beta=0.5, num_texts=15, grid=fv.shape[2:])
     a, b = inj(fv, torch.randn(15, 16)), inj(fv, torch.randn(15, 16))
     assert a.shape == fv.shape and not torch.allclose(a, b)
+
+
+def test_llm_injection_depends_on_which_description_is_which(fv):
+    # The former reading mean-pooled the descriptions into one constant per channel: reordering them or
+    # moving across the volume changed nothing. The spatial reading maps each description to C and the
+    # N descriptions to the bottleneck grid.
+    torch.manual_seed(0)
+    text = torch.randn(15, 16)
+    inj = TextInjection(channels=32, text_dim=16, hidden=8, beta=1.0, num_texts=15, grid=fv.shape[2:])
+    z = inj.text_map(text)
+    assert z.shape == (32, *fv.shape[2:]) and z.flatten(1).std(1).min() > 1e-4  # varies over space
+    assert not torch.allclose(inj(fv, text), inj(fv, text.flip(0)), atol=1e-5)
+    assert torch.allclose(inj(fv, text) - fv, z.unsqueeze(0).expand_as(fv), atol=1e-5)
+    bigger = torch.randn(1, 32, 8, 10, 6)  # whole-volume inference: z resized to the grid
+    assert inj(bigger, text).shape == bigger.shape
+    pooled = TextInjection(channels=32, text_dim=16, hidden=8, beta=1.0, mode="pooled")
+    assert torch.allclose(pooled(fv, text), pooled(fv, text.flip(0)), atol=1e-6)
+    learn = TextInjection(channels=32, text_dim=16, hidden=8, beta=0.3, num_texts=15, grid=fv.shape[2:],
+                          learnable_beta=True)
+    assert isinstance(learn.beta, torch.nn.Parameter) and float(learn.beta) == pytest.approx(0.3)
 
 
 def test_vwpm_text_changes_output(fv):

@@ -7,7 +7,7 @@ Name mapping official → textseg (documented in docs/fidelity-text.md):
 - `encoder.B.conv.i.*` → `net.encoder.B.i.*`; `decoder{d}.B.conv.i.*` → `net.decoders.{d-1}.B.i.*`;
 - `decoder{d}.proj_header.proj.{0,2}.*` → `vtcm_heads.{d-1}.net.{0,2}.*`;
 - `en_fea_conv.{conv,bn}` → `vwpm.img_{conv,bn}`; `fusion_mlp.l{1,2}` → `vwpm.mlp{1,2}`; `txt2vis` → `vwpm.text_proj`;
-  `fusion_conv.{conv,bn}` → `vwpm.fuse_{conv,bn}`.
+  `fusion_conv.{conv,bn}` → `vwpm.fuse_{conv,bn}`; `proj_header.mlp2` is an alias of `proj_header.proj`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def _pair(repo, tmp_path, has_dropout=True):
     cfg = build_config("vclipseg", "pancreas", 3, PATCH, sets=[f"method.text.embeddings={path}"])
     ours = build_method("vclipseg", cfg, 1, 2, 3, class_names=["background", "pancreas"], dataset_name="pancreas",
                         data_root=None, patch_size=PATCH)
-    missing, _ = load_mapped(ours, off.state_dict(), official_to_textseg)
+    # `proj_header.mlp2` is the same Sequential as `proj_header.proj` (VNet_clip.py:212): an alias, not a weight
+    missing, _ = load_mapped(ours, off.state_dict(), official_to_textseg, drop=[r"proj_header\.mlp2\."])
     assert missing == ["text_embeddings"]
     return off, ours, emb
 

@@ -2,8 +2,10 @@
 segmentation", arXiv:2407.05088; no official code): co-training of two networks with LLM-description knowledge in the bottleneck.
 
 Two networks A and B of the same architecture (V-Net for LA and Pancreas, the 3D U-Net for BraTS) each add
-β · MLP(mean of the BERT embeddings of the LLM descriptions) to their bottleneck: D(E(x) + β·z)
-(`models.text_fusion.TextInjection`; β = 0.1 on LA, 1 on Pancreas and BraTS). Inputs get uniform noise
+β · z to their bottleneck, D(E(x) + β·z), where z maps the BERT embeddings of the N LLM descriptions through an
+MLP to the bottleneck's shape (C × grid, one learned map from the N descriptions to the grid; textseg's
+reading, `models.text_fusion.TextInjection`; `method.text_injection: pooled` = the former per-channel constant;
+β = 0.1 on LA, 1 on Pancreas and BraTS). Inputs get uniform noise
 U(−0.2, 0.2). B sees a CutMix of the unlabeled images (a cuboid of each image replaced by the next image's);
 A sees them unmixed and its probabilities are CutMixed identically, so both predictions are aligned.
 
@@ -35,7 +37,8 @@ BACKBONES = ("vnet", "unet3d")
 class InjectedNet(nn.Module):
     """A segmentation network whose bottleneck receives the text injection; forward(x) → logits."""
 
-    def __init__(self, backbone: str, in_channels: int, num_classes: int, text: torch.Tensor, hp: dict[str, Any]):
+    def __init__(self, backbone: str, in_channels: int, num_classes: int, text: torch.Tensor, hp: dict[str, Any],
+                 patch: Any = None):
         super().__init__()
         self.backbone = backbone
         if backbone == "vnet":
@@ -52,8 +55,11 @@ class InjectedNet(nn.Module):
             self.net.down[-1].register_forward_hook(lambda m, i, o: self.injection(o, self._text[0]))
         else:
             raise ConfigError(f"method.backbone_model {backbone!r}: expected one of {', '.join(BACKBONES)}")
+        grid = [max(1, int(p) // 16) for p in patch] if patch else None  # V-Net bottleneck: 4 stride-2 stages
         self.injection = TextInjection(channels, int(text.shape[-1]), int(hp.get("text_hidden", 512)),
-                                       float(hp.get("beta", 0.1)))
+                                       float(hp.get("beta", 0.1)), mode=str(hp.get("text_injection", "spatial")),
+                                       num_texts=int(text.shape[0]), grid=grid,
+                                       learnable_beta=bool(hp.get("learnable_beta", False)))
         self._text = [text]
 
     def set_text(self, text: torch.Tensor) -> None:
@@ -84,8 +90,15 @@ class LLMSegNet(Method):
         emb = load_method_embeddings(hp, "llm-segnet", "bert", context.get("dataset_name"))
         self.register_buffer("text_embeddings", emb)
         backbone = str(hp.get("backbone_model", "vnet"))
-        self.net_a = InjectedNet(backbone, in_channels, num_classes, emb, hp)
-        self.net_b = InjectedNet(backbone, in_channels, num_classes, emb, hp)
+        mode = str(hp.get("text_injection", "spatial"))
+        if mode not in TextInjection.MODES:
+            raise ConfigError(f"method.text_injection {mode!r}: expected {' or '.join(TextInjection.MODES)}")
+        if mode == "spatial" and not context.get("patch_size"):
+            raise ConfigError("llm-segnet: the spatial text injection is sized to data.patch_size, which is unset")
+
+        patch = context.get("patch_size")
+        self.net_a = InjectedNet(backbone, in_channels, num_classes, emb, hp, patch)
+        self.net_b = InjectedNet(backbone, in_channels, num_classes, emb, hp, patch)
         kind = str(hp.get("unsup_loss", "usl"))
         if kind not in ("usl", "mse", "nll"):
             raise ConfigError(f"method.unsup_loss {kind!r}: expected usl, mse or nll")

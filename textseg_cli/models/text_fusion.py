@@ -4,7 +4,7 @@
   `TMROfficial`: the published layer (one token per plane).
 - `RepeatTextFusion`: VCLIPSeg-style replication of text features over the volume (Text-SemiSeg Table 3).
 - `VWPM` (VCLIPSeg): vision-semantic map × class embeddings = per-voxel prompt, fused by a conv.
-- `TextInjection` (LLM-SegNet): an MLP maps sentence embeddings to C and adds β·z to the bottleneck.
+- `TextInjection` (LLM-SegNet): an MLP maps the description embeddings to the bottleneck's shape; adds β·z.
 """
 
 from __future__ import annotations
@@ -215,19 +215,53 @@ class VWPM(nn.Module):
 
 
 class TextInjection(nn.Module):
-    """LLM-SegNet: D(E(x) + β·z) with z = MLP(mean of the description embeddings), broadcast over space."""
+    """LLM-SegNet: D(E(x) + β·z), z the description embeddings mapped by an MLP to the bottleneck's size.
 
-    def __init__(self, channels: int = 256, text_dim: int = 768, hidden: int = 512, beta: float = 0.1):
+    mode="spatial" (default; textseg's reading of the paper, which has no code): each of the N description
+    embeddings passes an MLP D→hidden→C, and a linear layer over the description axis maps the N rows to the
+    bottleneck grid (N → X·Y·Z), so z has the image features' shape (C, X, Y, Z), varies over space and depends
+    on which description is which (their order is fixed by the descriptions file). A bottleneck of another size
+    (whole-volume inference) gets z resized trilinearly. mode="pooled": the former reading, z = MLP(mean of the
+    embeddings) broadcast over space (one learned constant per channel). `learnable_beta` makes β a parameter
+    (initialised to `beta`).
+    """
+
+    MODES = ("spatial", "pooled")
+
+    def __init__(self, channels: int = 256, text_dim: int = 768, hidden: int = 512, beta: float = 0.1,
+                 mode: str = "spatial", num_texts: int | None = None, grid=None, learnable_beta: bool = False):
         super().__init__()
-        self.beta = beta
+        if mode not in self.MODES:
+            raise ValueError(f"text injection mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        if learnable_beta:
+            self.beta = nn.Parameter(torch.tensor(float(beta)))
+        else:
+            self.beta = float(beta)
         self.mlp = nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        if mode == "spatial":
+            if not num_texts or not grid:
+                raise ValueError("spatial text injection needs the number of descriptions and the bottleneck grid")
+            self.grid = tuple(int(g) for g in grid)
+            self.to_grid = nn.Linear(int(num_texts), math.prod(self.grid))
+
+    def text_map(self, text: torch.Tensor, dtype=None) -> torch.Tensor:
+        """z: (C, X, Y, Z) in spatial mode, (C,) in pooled mode, for text (N, D)."""
+        text = text.to(dtype) if dtype is not None else text
+        if self.mode == "pooled":
+            return self.mlp(text.mean(dim=-2))
+        per_text = self.mlp(text)  # (N, C)
+        return self.to_grid(per_text.transpose(0, 1)).reshape(-1, *self.grid)  # (C, X, Y, Z)
 
     def forward(self, fv: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """text: (N, D) sentence embeddings of the N descriptions (or (B, N, D))."""
-        z = self.mlp(text.to(fv.dtype).mean(dim=-2))  # (C,) or (B, C)
-        if z.dim() == 1:
-            z = z.unsqueeze(0)
-        return fv + self.beta * z.view(z.shape[0], -1, *([1] * (fv.dim() - 2)))
+        """text: (N, D) embeddings of the N descriptions."""
+        z = self.text_map(text, fv.dtype)
+        if self.mode == "pooled":
+            return fv + self.beta * z.view(1, -1, *([1] * (fv.dim() - 2)))
+        if tuple(z.shape[1:]) != tuple(fv.shape[2:]):
+            mode = "trilinear" if fv.dim() == 5 else "bilinear"
+            z = F.interpolate(z.unsqueeze(0), size=tuple(fv.shape[2:]), mode=mode, align_corners=False)[0]
+        return fv + self.beta * z.unsqueeze(0)
 
 
 def resize_probs(probs: torch.Tensor, size) -> torch.Tensor:
