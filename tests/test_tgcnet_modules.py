@@ -136,7 +136,7 @@ def test_clip_finetune_modes_count_parameters():
     assert len(full.cache) == 0 and full.cache.max_items == 0  # no caching of features that train
 
 
-@pytest.mark.parametrize("switch,values", [("sse", ["on", "off", "cnn-only"]),
+@pytest.mark.parametrize("switch,values", [("sse", ["on", "off", "cnn-only", "no-deform"]),
                                            ("date", ["injection", "main-only", "aux-only", "llm-expanded"]),
                                            ("vlcm", ["gated", "none", "single", "bi"])])
 def test_every_ablation_switch_runs(switch, values):
@@ -254,7 +254,7 @@ def test_train_cli_ablation_flags_reach_the_model(tmp_path, one_thread):
                         "--out", data)
     assert code == 0, out
     code, out = run_cli("train", "--method", "tgcnet", "--data", data, "--sse", "maybe", "--iterations", "1")
-    assert code == 2 and "--sse 'maybe': expected one of on, off, cnn-only" in out
+    assert code == 2 and "--sse 'maybe': expected one of on, off, cnn-only, no-deform" in out
     code, out = run_cli("train", "--method", "mcnet", "--data", data, "--vlcm", "none")
     assert code == 2 and "--vlcm applies to tgcnet" in out
     run = tmp_path / "run"

@@ -208,9 +208,10 @@ class VWPM(nn.Module):
 
     def forward(self, fv: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """fv: (B, C, X, Y, Z); text: (K, 512) frozen CLIP class embeddings (not normalised, as published)."""
-        m = self._weights(fv)
-        e = self.text_proj(text.to(fv.dtype))  # (K, C)
-        prompt = torch.einsum("b...k,kc->bc...", m, e)
+        m = self._weights(fv)  # (B, *s, K)
+        e = self.text_proj(text.to(fv.dtype)).t()  # (C, K)
+        # Σ_k as an elementwise product summed over K, the published order of operations (VNet_clip.py:322-327)
+        prompt = (e.view(1, e.shape[0], *([1] * (fv.dim() - 2)), e.shape[1]) * m.unsqueeze(1)).sum(-1)
         return F.leaky_relu(self.fuse_bn(self.fuse_conv(torch.cat([fv, prompt], dim=1))))
 
 

@@ -1,0 +1,126 @@
+"""Issue 13 points 9 (TGC-Net) and the random-CLIP rule: regression tests that fail on the old behaviour."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from textseg_cli.engine.config import build_config
+from textseg_cli.errors import ConfigError
+from textseg_cli.methods.base import build_method
+from textseg_cli.methods.clip_weights import run_uses_random_clip
+from textseg_cli.models.registry import build_model
+from textseg_cli.models.tgcnet.clip_backbone import TINY_CLIP
+from textseg_cli.text.embeddings import save_embeddings
+
+SMALL = dict(clip_model=TINY_CLIP, d_model=64, cnn_channels=(8, 16, 32, 32, 64), sse_layers=1, decoder_hidden=32,
+             window=4, date_heads=4)
+TINY_SETS = ["method.clip_model=tiny", "method.net.d_model=64", "method.net.cnn_channels=[8,16,32,32,64]",
+             "method.net.sse_layers=1", "method.net.decoder_hidden=32", "method.net.window=4",
+             "method.net.date_heads=4", "method.date=main-only"]
+
+
+def test_tgcnet_cnn_only_never_runs_clip_image_tower(monkeypatch, one_thread):
+    torch.manual_seed(0)
+    net = build_model("tgcnet", date="main-only", sse="cnn-only", **SMALL).eval()
+    assert net.sse.p_v is None  # no projection of CLIP image features exists
+
+    def no_clip(*a, **k):
+        raise AssertionError("CLIP's image tower ran in the CNN-only variant")
+
+    monkeypatch.setattr(net.clip, "encode_image", no_clip)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = net(x, ["a lesion.", "a lesion."])
+        assert out.shape == (2, 1, 32, 32)
+        assert not torch.allclose(out, net(torch.rand(2, 3, 32, 32), ["a lesion.", "a lesion."]))
+    fused = build_model("tgcnet", date="main-only", sse="no-deform", **SMALL).eval()  # the former "cnn-only"
+    monkeypatch.setattr(fused.clip, "encode_image", no_clip)
+    with pytest.raises(AssertionError, match="image tower"):
+        fused(x, ["a lesion.", "a lesion."])
+
+
+def test_tgcnet_training_needs_an_explicit_clip_choice(tmp_path, one_thread):
+    cfg = build_config("tgcnet", None, 2, [32, 32], sets=TINY_SETS)
+    with pytest.raises(ConfigError, match="--clip-weights none"):
+        build_method("tgcnet", cfg, 3, 2, dim=2, data_root=str(tmp_path), class_names=["bg", "fg"])
+    cfg = build_config("tgcnet", None, 2, [32, 32], sets=[*TINY_SETS, 'method.clip_weights="none"'])
+    m = build_method("tgcnet", cfg, 3, 2, dim=2, data_root=str(tmp_path), class_names=["bg", "fg"])
+    assert run_uses_random_clip(m.cfg)
+    # the demo profile uses the tiny random CLIP and says so
+    assert build_config("tgcnet", "synthetic2d", 2, [32, 32])["method"]["clip_weights"] == "none"
+
+
+def test_random_clip_embeddings_are_recorded_for_every_result_row(tmp_path):
+    # what the demo encodes (`encode --pretrained none`) makes its VCLIPSeg run a random-CLIP run
+    rnd = save_embeddings(tmp_path / "r.safetensors", {"embeddings": torch.randn(2, 8)},
+                          {"encoder": "clip", "pretrained": None, "texts": ["a", "b"]})
+    real = save_embeddings(tmp_path / "o.safetensors", {"embeddings": torch.randn(2, 8)},
+                           {"encoder": "clip", "pretrained": "openai", "texts": ["a", "b"]})
+    assert run_uses_random_clip({"method": {"name": "vclipseg", "text": {"embeddings": str(rnd)}}})
+    assert not run_uses_random_clip({"method": {"name": "vclipseg", "text": {"embeddings": str(real)}}})
+    assert run_uses_random_clip({"method": {"name": "text-semiseg", "text": {"clip_pretrained": "none"}}})
+    assert not run_uses_random_clip({"method": {"name": "text-semiseg", "text": {"clip_pretrained": "openai"}}})
+    assert not run_uses_random_clip({"method": {"name": "mcnet"}})
+
+
+def test_evaluation_rows_of_a_random_clip_run_say_so(tmp_path, monkeypatch):
+    from test_eval_2d import Sign2D, _folder
+
+    from textseg_cli.data.prepared import load_prepared
+    from textseg_cli.engine.checkpoint import save_checkpoint
+    from textseg_cli.engine.config import save_config
+    from textseg_cli.inference import run_eval
+    from textseg_cli.methods import base
+    from textseg_cli.reports.compare import compare_results
+
+    data = _folder(tmp_path, "tiny2d", 0)
+    base.list_methods()
+    monkeypatch.setitem(base.METHODS, "sign2d", Sign2D)
+    emb = save_embeddings(tmp_path / "r.safetensors", {"embeddings": torch.randn(2, 8)},
+                          {"encoder": "clip", "pretrained": None, "texts": ["a", "b"]})
+    ds = load_prepared(data)
+    cfg = build_config("sign2d", ds.name, 2, ds.patch_size, sets=[f"method.text.embeddings={emb}"])
+    cfg["data"]["root"] = str(ds.root)
+    run_dir = tmp_path / "run"
+    save_config(cfg, run_dir / "config.yaml")
+    for name in ("best", "last"):
+        save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {"method": Sign2D().state_dict(), "iteration": 1})
+    run_eval.evaluate_run(run_dir, split="val", inference="whole", overlays=0, table="md")
+    out = run_dir / "eval" / "val-best-whole"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["clip"] == "random CLIP" and meta["name"] == "sign2d (random CLIP)" and meta["method"] == "sign2d"
+    assert "sign2d (random CLIP)" in (out / "table.md").read_text()
+    table = tmp_path / "t.md"
+    compare_results([out], table="md", out=table)
+    assert "random CLIP" in table.read_text()
+
+
+def test_lvit_release_names_find_their_settings():
+    from textseg_cli.data.names import canonical_name
+    from textseg_cli.data.prep.lvit import KNOWN_MODALITIES
+
+    for name, lr, modality in (("QaTa-Covid19", 2e-5, "chest x-ray"), ("QaTa-COV19", 2e-5, "chest x-ray"),
+                               ("MosMedDataPlus", 5e-4, "ct"), ("MosMedData+", 5e-4, "ct")):
+        cfg = build_config("tgcnet", name, 2, [224, 224])
+        assert cfg["optim"]["lr"] == pytest.approx(lr), name
+        assert KNOWN_MODALITIES[canonical_name(name)] == modality
+    assert build_config("tgcnet", "other", 2, [224, 224])["optim"]["lr"] == pytest.approx(2e-4)
+
+
+def test_clip_finetune_trains_clip_at_a_hundredth_of_the_lr(tmp_path, one_thread):
+    cfg = build_config("tgcnet", None, 2, [32, 32], sets=[*TINY_SETS, 'method.clip_weights="none"',
+                                                          'method.clip_finetune="qv"', "optim.lr=0.001"])
+    m = build_method("tgcnet", cfg, 3, 2, dim=2, data_root=str(tmp_path), class_names=["bg", "fg"])
+    groups = m.param_groups()
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(1e-5)
+    clip_ids = {id(p) for p in m.net.clip.parameters() if p.requires_grad}
+    assert clip_ids == {id(p) for p in groups[1]["params"]} and clip_ids
+    assert not clip_ids & {id(p) for p in groups[0]["params"]}
+    frozen = build_method("tgcnet", build_config("tgcnet", None, 2, [32, 32],
+                                                 sets=[*TINY_SETS, 'method.clip_weights="none"']),
+                          3, 2, dim=2, data_root=str(tmp_path), class_names=["bg", "fg"])
+    assert len(frozen.param_groups()) == 1
+    assert np.isclose(sum(p.numel() for g in groups for p in g["params"]),
+                      sum(p.numel() for p in m.parameters() if p.requires_grad))
