@@ -124,3 +124,30 @@ def test_clip_finetune_trains_clip_at_a_hundredth_of_the_lr(tmp_path, one_thread
     assert len(frozen.param_groups()) == 1
     assert np.isclose(sum(p.numel() for g in groups for p in g["params"]),
                       sum(p.numel() for p in m.parameters() if p.requires_grad))
+
+
+def test_tgcnet_decoder_follows_catseg_vitl_layout():
+    from textseg_cli.models.tgcnet.decoder import AggregatorLayer, ClassBlock, CostAggregationDecoder, SwinPair
+
+    dec = CostAggregationDecoder(d_model=256, text_len=32)
+    # [Swin pair → class aggregation] × 2, interleaved (the old decoder ran 2 Swin blocks, then 2 class blocks)
+    assert len(dec.layers) == 2 and all(isinstance(lay, AggregatorLayer) for lay in dec.layers)
+    assert [type(m).__name__ for m in dec.layers[0].children()] == ["SwinPair", "ClassBlock"]
+    assert isinstance(dec.layers[0].swin, SwinPair) and not dec.layers[0].swin.block_1.shifted
+    assert dec.layers[0].swin.block_2.shifted
+    # appearance guidance: conv 3×3 + ReLU (then LayerNorm in each Swin pair); class pooling 2×2
+    conv, relu = dec.app_guide
+    assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and isinstance(relu, torch.nn.ReLU)
+    assert isinstance(dec.layers[0].swin.guidance_norm, torch.nn.LayerNorm)
+    assert dec.layers[0].classes.pool == 2
+    # decoder widths of the ViT-L configuration: 128 → 64 → 32 with guidance 32 and 16
+    assert dec.up1.up.out_channels == 128 - 32 and dec.up2.up.out_channels == 64 - 16
+    assert dec.head.in_channels == 32
+    # class pooling: class attention sees the 2×2-pooled map (CAT-Seg POOLING_SIZES [2, 2]), output at full size
+    torch.manual_seed(0)
+    blk = ClassBlock(8, 4, heads=2, pool=2).eval()
+    seen = []
+    orig = blk.attend
+    blk.attend = lambda x, g: seen.append(tuple(x.shape)) or orig(x, g)
+    y = blk(torch.randn(1, 3, 4, 6, 8), torch.randn(1, 3, 4))
+    assert seen == [(1, 3, 2 * 3, 8)] and y.shape == (1, 3, 4, 6, 8)

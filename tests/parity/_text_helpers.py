@@ -82,15 +82,16 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5, what: str
 
 
 def assert_grads_close(pairs, rel: float = 1e-4) -> None:
-    """pairs: (name, textseg grad, official grad); relative to the official gradient's max magnitude."""
+    """pairs: (name, textseg grad, official grad); ||g_t − g_o|| ≤ rel · ||g_o|| per tensor (float32 sums over
+    a 96³ batch make a max-abs criterion on the first layers measure round-off, not the method)."""
     checked = 0
     for name, g_t, g_o in pairs:
         if g_o is None:
             assert g_t is None or float(g_t.abs().max()) == 0.0, name
             continue
-        scale = float(g_o.abs().max()) or 1.0
-        err = float((g_t - g_o).abs().max())
-        assert err <= rel * scale + 1e-7, f"grad {name}: max |diff| {err:.3g} vs scale {scale:.3g}"
+        ref = float(g_o.norm())
+        err = float((g_t - g_o).norm())
+        assert err <= rel * ref + 1e-9, f"grad {name}: ||diff|| {err:.3g} vs ||grad|| {ref:.3g}"
         checked += 1
     assert checked > 10
 

@@ -58,7 +58,9 @@ class TGCNet(nn.Module):
         self.date = DATE(dim, date_heads) if date == "injection" else None
         self.text_proj = nn.Linear(dim, d_model)  # P_T: joint space → model width
         self.vlcm = VLCM(d_model, 8, vlcm)
-        self.decoder = CostAggregationDecoder(d_model, text_len, decoder_hidden, window=window)
+        h = int(decoder_hidden)  # CAT-Seg ViT-L: hidden 128, decoder (64, 32), guidance (32, 16), in that ratio
+        self.decoder = CostAggregationDecoder(d_model, text_len, h, window=window, up_channels=(h // 2, h // 4),
+                                              guide_channels=(max(1, h // 4), max(1, h // 8)))
         self.cache = FeatureCache(cache_size if self.clip.frozen else 0)
         self.use_cache = True
 
