@@ -151,3 +151,36 @@ def test_tgcnet_decoder_follows_catseg_vitl_layout():
     blk.attend = lambda x, g: seen.append(tuple(x.shape)) or orig(x, g)
     y = blk(torch.randn(1, 3, 4, 6, 8), torch.randn(1, 3, 4))
     assert seen == [(1, 3, 2 * 3, 8)] and y.shape == (1, 3, 4, 6, 8)
+
+
+def test_per_case_auxiliary_prompt_word_cap(tmp_path, monkeypatch):
+    # issue 20: the cap of `prompts/aux_prompt.yaml` (max_words) holds offline and for LLM replies (2 × cap)
+    from fake_openai_server import FakeOpenAIServer
+
+    monkeypatch.setenv("TEXTSEG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("TEXTSEG_PROMPTS", raising=False)
+    with FakeOpenAIServer(default_content="CXR: opacity.") as server:
+        _word_cap_checks(server, tmp_path)
+
+
+def _word_cap_checks(server, tmp_path):
+    from test_describe import PRIMARY, _prepared
+
+    from textseg_cli.errors import TextsegError
+    from textseg_cli.text.describe import count_words, describe_per_case, offline_aux_prompt
+    from textseg_cli.text.prompts import load_aux_template
+
+    tpl = load_aux_template()
+    cap = int(tpl.get("max_words", 16))
+    long_text = " ".join(f"zone{i}" for i in range(3 * cap))
+    body = offline_aux_prompt(long_text, None, tpl).split(": ", 1)[1].rstrip(".")
+    assert count_words(body) == cap and body.split()[-1] == f"zone{cap - 1}"
+    root = _prepared(tmp_path, {"a": PRIMARY})
+    server.push(content=" ".join(["opacity"] * (2 * cap + 1)))
+    with pytest.raises(TextsegError, match=rf"case 'a'.*{2 * cap + 1} words \(limit {2 * cap}\)"):
+        describe_per_case(root, "gpt-4", base_url=server.url, backoff=0.01)
+    server.push(content=" ".join(["opacity"] * (2 * cap)))
+    ok = describe_per_case(root, "gpt-4", base_url=server.url, backoff=0.01, refresh=True)
+    assert count_words(ok.record["aux_texts"]["a"]) == 2 * cap
