@@ -184,3 +184,78 @@ def _word_cap_checks(server, tmp_path):
     server.push(content=" ".join(["opacity"] * (2 * cap)))
     ok = describe_per_case(root, "gpt-4", base_url=server.url, backoff=0.01, refresh=True)
     assert count_words(ok.record["aux_texts"]["a"]) == 2 * cap
+
+
+# --- Text-SemiSeg and VCLIPSeg defaults follow the published code (default suite; the parity suite compares
+# --- against the code itself) -----------------------------------------------------------------------------
+
+def _text_method(name, tmp_path, *sets, patch=(32, 32, 16), rows=2):
+    import torch.nn.functional as F  # noqa: N812
+
+    g = torch.Generator().manual_seed(0)
+    emb = save_embeddings(tmp_path / f"{name}.safetensors", {"embeddings": 3 * torch.randn(rows, 64, generator=g)},
+                          {"encoder": "clip", "pretrained": "openai", "texts": ["background", "liver"]})
+    cfg = build_config(name, "synthetic", 3, list(patch),
+                       sets=["method.backbone.n_filters=4", f"method.text.embeddings={emb}", *sets])
+    m = build_method(name, cfg, 1, 2, 3, class_names=["background", "liver"], dataset_name="synthetic",
+                     data_root=None, patch_size=list(patch))
+    return m, F
+
+
+def test_text_semiseg_published_text_dice_and_tmr(tmp_path, one_thread):
+    from textseg_cli.methods.text_semiseg import ce_plus_dice
+    from textseg_cli.models.text_fusion import TMROfficial
+
+    m, F = _text_method("text-semiseg", tmp_path)
+    # F_t is L2-normalised per class (CoOp.py:199); the file holds rows of norm ≈ 24
+    assert torch.allclose(m.text().norm(dim=-1), torch.ones(2), atol=1e-6)
+    # Dice: squared denominators over all classes on sigmoid(logits), smooth 1e-10 (utils/losses.py:32-73)
+    logits = torch.tensor([[[[0.3, -1.0], [2.0, 0.5]]], [[[-0.2, 1.5], [0.1, -0.7]]]]).permute(1, 0, 2, 3)
+    labels = torch.tensor([[[0, 1], [1, 0]]])
+    s = torch.sigmoid(logits)
+    onehot = torch.stack([labels == 0, labels == 1], 1).float()
+    dice = sum(1 - (2 * (s[:, k] * onehot[:, k]).sum() + 1e-10) / ((s[:, k] ** 2).sum() + onehot[:, k].sum() + 1e-10)
+               for k in range(2)) / 2
+    expected = F.cross_entropy(logits, labels) + dice
+    got = ce_plus_dice(logits, labels, dict(m.hparams["dice"]), activation=m.seg_activation)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    # --tmr official builds the published layer, sized to the bottleneck grid (patch / 16)
+    off, _ = _text_method("text-semiseg", tmp_path, "method.tmr=official")
+    assert isinstance(off.fusions[0], TMROfficial) and off.fusions[0].grid == (2, 2, 1)
+    # the Lung profile uses the published strides (prediction.py:118-120)
+    assert build_config("text-semiseg", "lung", 3, [96, 96, 96])["inference"]["stride"] == [18, 18, 4]
+    # inference: sigmoid of the foreground logit (prediction.py:70), as [1 − σ, σ]
+    z = torch.tensor([[[[[0.0]]], [[[1.2]]]]])
+    p = m._to_proba(z)
+    assert torch.allclose(p[:, 1], torch.sigmoid(torch.tensor(1.2)).view(1, 1, 1, 1))
+
+
+def test_csa_published_reduction_hand_computed():
+    from textseg_cli.methods.text_losses import csa_loss
+
+    feat = torch.tensor([[[[[1.0, 3.0]]], [[[2.0, 0.0]]]]])  # (1, D=2, 1, 1, 2)
+    probs = torch.tensor([[[[[1.0, 0.0]]], [[[0.0, 1.0]]]]])
+    text = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    # prototypes [0.5, 1] and [1.5, 0]; torch.mean over (B, K, D) of the squared errors = (0.25+1+0.25+1)/4
+    got = csa_loss(feat, [probs], text, channel_reduction="mean", class_reduction="mean", resize="trilinear")
+    assert got.item() == pytest.approx(0.625)
+
+
+def test_vclipseg_published_vwpm_and_inference(tmp_path, one_thread):
+    m, F = _text_method("vclipseg", tmp_path)
+    v = m.vwpm
+    # VNet_clip.py:291-297: 3³ conv + BN (+ LeakyReLU) to 64, MLP 64→16→2 (Linear), Linear 512→C, 3³ fusion conv
+    assert v.img_conv.kernel_size == (3, 3, 3) and v.img_conv.out_channels == 64
+    assert isinstance(v.mlp1, torch.nn.Linear) and (v.mlp1.out_features, v.mlp2.out_features) == (16, 2)
+    assert v.fuse_conv.kernel_size == (3, 3, 3) and isinstance(v.fuse_bn, torch.nn.BatchNorm3d)
+    # the text is used as encoded (no normalisation); decoder 1 predicts
+    assert m.text_embeddings.norm(dim=-1).min() > 5
+    x = torch.randn(1, 1, 32, 32, 16)
+    m.eval()
+    with torch.no_grad():
+        p0 = m.predict_proba(x)
+        assert torch.allclose(p0, m.predict_proba(x, 0)) and not torch.allclose(p0, m.predict_proba(x, "mean"))
+    # hard whole-batch pseudo-labels by default, soft (Eq. 9) as a switch
+    assert m.pseudo_label == "hard"
+    soft, _ = _text_method("vclipseg", tmp_path, "method.pseudo_label=soft")
+    assert soft.pseudo_label == "soft"
