@@ -93,10 +93,10 @@ class LLMSegNet(Method):
         mode = str(hp.get("text_injection", "spatial"))
         if mode not in TextInjection.MODES:
             raise ConfigError(f"method.text_injection {mode!r}: expected {' or '.join(TextInjection.MODES)}")
-        if mode == "spatial" and not context.get("patch_size"):
+        if mode == "spatial" and not self.patch_size():
             raise ConfigError("llm-segnet: the spatial text injection is sized to data.patch_size, which is unset")
 
-        patch = context.get("patch_size")
+        patch = self.patch_size()
         self.net_a = InjectedNet(backbone, in_channels, num_classes, emb, hp, patch)
         self.net_b = InjectedNet(backbone, in_channels, num_classes, emb, hp, patch)
         kind = str(hp.get("unsup_loss", "usl"))

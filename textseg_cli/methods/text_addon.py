@@ -276,7 +276,7 @@ class TextAddon(Method):
         self.students = students
         for i, s in enumerate(students):
             fusion = build_fusion("tmr", channels, self.text.dim, base.num_classes, mode,
-                                  patch_size=base.context.get("patch_size")) if "tmr" in self.parts else None
+                                  patch_size=base.patch_size()) if "tmr" in self.parts else None
             s.encoder = TextEncoder(s.encoder, fusion, self.text)
             if teachers:
                 t_fusion = copy.deepcopy(fusion)

@@ -88,7 +88,7 @@ class TextSemiSeg(Method):
         n = len(self.net.decoders)
         self.fusions = nn.ModuleList(
             build_fusion(fusion_kind, channels, text_dim, num_classes, self.tmr_mode or "paper",
-                         int(hp.get("tmr_heads", 8)), patch_size=context.get("patch_size"))
+                         int(hp.get("tmr_heads", 8)), patch_size=self.patch_size())
             for _ in range(n)) if self.tmr_mode is not None else None
         self.csa_heads = nn.ModuleList(ProjectionHead(channels, text_dim) for _ in range(n)) if self.use_csa else None
         self.seg_activation = _activation(hp, "seg_activation")
