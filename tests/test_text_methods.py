@@ -87,6 +87,7 @@ def test_text_semiseg_text_changes_prediction_and_official_tmr_does_not(emb):
         torch.manual_seed(0)
         # train-mode batch statistics (no dropout): an untrained net's eval-mode BN can silence the decoder
         m = _method("text-semiseg", emb["clip"], f"method.tmr={mode}", "method.backbone.has_dropout=false")
+        m.fusions.eval()  # the published TMR layer has dropout 0.1
         with torch.no_grad():
             a = m.predict_logits(x)
             m.text.embeddings.copy_(torch.randn_like(m.text.embeddings) * 3)
@@ -114,15 +115,18 @@ def test_text_semiseg_dca_trains_only_the_worse_decoder(emb):
 
 def test_text_semiseg_step_terms_follow_the_flags(emb):
     b = _batch()
-    full = _method("text-semiseg", emb["clip"], "method.dca_start=0").training_step(b, _ctx(0))
+    full = _method("text-semiseg", emb["clip"], "method.dca_start=0").training_step(b, _ctx(1))
     assert {"loss_sup", "loss_csa", "loss_consistency", "loss_dca", "loss_csa_mixed"} <= set(full)
-    late = _method("text-semiseg", emb["clip"], "method.dca_start=5").training_step(b, _ctx(4))
-    assert "loss_dca" not in late  # DCA starts at dca_start
+    late = _method("text-semiseg", emb["clip"], "method.dca_start=5").training_step(b, _ctx(5))
+    assert "loss_dca" not in late  # DCA only after dca_start (iter_num > mixed_iterations, trainer.py:157)
     bare = _method("text-semiseg", emb["clip"], "method.tmr=false", "method.csa=false", "method.dca=false")
     assert bare.text is None and bare.fusions is None and bare.csa_heads is None
-    # ramp: 0.1 · exp(-5 (1 - (t // 150) / 200)^2)
+    # ramp at the 0-based iteration as the published trainer (trainer.py:153): 0.1 · exp(-5 (1 - (t // 150) / 200)^2);
+    # at t = 299 that is epoch 1 (the old 1-based count gave epoch 2)
     w = _method("text-semiseg", emb["clip"]).training_step(b, _ctx(299))["consistency_weight"].item()
-    assert w == pytest.approx(0.1 * torch.exp(torch.tensor(-5 * (1 - 2 / 200) ** 2)).item(), rel=1e-5)
+    assert w == pytest.approx(0.1 * torch.exp(torch.tensor(-5 * (1 - 1 / 200) ** 2)).item(), rel=1e-6)
+    w = _method("text-semiseg", emb["clip"]).training_step(b, _ctx(300))["consistency_weight"].item()
+    assert w == pytest.approx(0.1 * torch.exp(torch.tensor(-5 * (1 - 2 / 200) ** 2)).item(), rel=1e-6)
 
 
 def test_vclipseg_vwpm_uses_text_and_flags_remove_modules(emb):
@@ -281,3 +285,23 @@ def test_cli_reports_missing_embeddings_and_misplaced_flags(synthetic_data, tmp_
     code, out = run_cli("train", "--method", "mcnet", "--data", synthetic_data, "--iterations", "1", "--no-dca",
                         "--out", tmp_path / "b", *TINY)
     assert code == 2 and "--dca applies to text-semiseg" in out
+
+
+def test_llm_segnet_unsupervised_weight_is_unramped_by_default(emb):
+    # Eq. 1 of the paper has no ramp on L_u: weight 1 from the first step (the old default ramped over 40 epochs)
+    m = _method("llm-segnet", emb["bert"])
+    assert m.training_step(_batch(), _ctx(0))["consistency_weight"].item() == pytest.approx(1.0)
+    ramped = _method("llm-segnet", emb["bert"], "method.consistency.rampup=40")
+    w = ramped.training_step(_batch(), _ctx(299))["consistency_weight"].item()  # 1-based step 300 → epoch 2
+    assert w == pytest.approx(float(torch.exp(torch.tensor(-5 * (1 - 2 / 40) ** 2))), rel=1e-6)
+    assert "2407.05088" in m.paper
+
+
+def test_vclipseg_step_weights_at_chosen_iterations(emb):
+    # λ_u = 1 · ramp((t + 1) // 150, 40) (train_3d.py:195-196); labeled Dice × 0.5, L_reg × 0.5 (--lamda, --sim_w)
+    m = _method("vclipseg", emb["clip"])
+    for it, epoch in ((0, 0), (149, 1), (2999, 20), (7000, 40)):
+        w = m.training_step(_batch(), _ctx(it))["consistency_weight"].item()
+        assert w == pytest.approx(float(torch.exp(torch.tensor(-5 * (1 - min(epoch, 40) / 40) ** 2))), rel=1e-6)
+    hp = m.hparams
+    assert (hp["sup_weight"], hp["reg_weight"], hp["eval_decoder"], hp["pseudo_label"]) == (0.5, 0.5, 0, "hard")

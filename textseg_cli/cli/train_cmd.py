@@ -76,7 +76,7 @@ def train_command(
     vlcm: Optional[str] = typer.Option(None, "--vlcm", rich_help_panel=_TGC, help="VLCM: gated, none, single or bi."),
     clip_weights: Optional[str] = typer.Option(None, "--clip-weights", rich_help_panel=_TGC,
                                                help="Frozen CLIP weights: an open_clip pretrained tag or a local "
-                                                    "checkpoint path (default: none, random CLIP)."),
+                                                    "checkpoint path; `none` trains on a random CLIP (required: no default)."),
 ) -> None:
     """Train a method; writes RUN/config.yaml, env.json, log.csv and checkpoints/{last,best}.pt.
 

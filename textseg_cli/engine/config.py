@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from textseg_cli.data.names import canonical_name
 from textseg_cli.errors import ConfigError
 
 SCHEDULES = ("constant", "poly", "step", "linear")
@@ -130,7 +131,7 @@ def build_config(method: str, dataset_name: str | None = None, dataset_dim: int 
     for path, value in parsed_sets:
         if path == ["data", "profile"]:
             profile = value
-    profile = profile or (user.get("data") or {}).get("profile") or (dataset_name or "").lower() or None
+    profile = profile or (user.get("data") or {}).get("profile") or canonical_name(dataset_name) or None
 
     cfg = {k: v for k, v in defaults.items() if k != "datasets"}
     layers = [(defaults.get("datasets") or {}).get(profile, {}) if profile else {},

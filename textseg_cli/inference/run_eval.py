@@ -8,6 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from textseg_cli.errors import DataError
+from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
 
 
 def _labeled_counts(run) -> tuple[int | None, int | None]:
@@ -162,6 +163,9 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
         **scoring_meta(3 if per_volume else ds.dim, ds.name, per_volume, method_uses_text(run.method)),
         "overlays": [p.name for p in written],
     }
+    if run_uses_random_clip(run.config):  # an explicit choice at train time; every row of this result says so
+        meta["clip"] = RANDOM_LABEL
+        meta["name"] = f"{meta['method']} ({RANDOM_LABEL})"
     write_evaluation(df, out, meta, table=table)
     return df
 

@@ -78,6 +78,12 @@ class Method(nn.Module):
         """This method's hyper-parameters: `cfg["method"]` (empty when the config has none)."""
         return dict(self.cfg.get("method") or {}) if isinstance(self.cfg, dict) else {}
 
+    def patch_size(self) -> list[int] | None:
+        """The training patch: the run context's, else the config's `data.patch_size` (bench, models)."""
+        patch = self.context.get("patch_size") or ((self.cfg.get("data") or {}).get("patch_size")
+                                                   if isinstance(self.cfg, dict) else None)
+        return list(patch) if patch else None
+
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Return a dict with 'loss' (the total to back-propagate) and any scalars to log."""
         raise NotImplementedError

@@ -1,14 +1,18 @@
-"""LLM-SegNet (Kumari et al.): co-training of two networks with LLM-description knowledge in the bottleneck.
+"""LLM-SegNet (Kumari et al., "Leveraging task-specific knowledge from LLM for semi-supervised 3D medical image
+segmentation", arXiv:2407.05088; no official code): co-training of two networks with LLM-description knowledge in the bottleneck.
 
 Two networks A and B of the same architecture (V-Net for LA and Pancreas, the 3D U-Net for BraTS) each add
-β · MLP(mean of the BERT embeddings of the LLM descriptions) to their bottleneck: D(E(x) + β·z)
-(`models.text_fusion.TextInjection`; β = 0.1 on LA, 1 on Pancreas and BraTS). Inputs get uniform noise
+β · z to their bottleneck, D(E(x) + β·z), where z maps the BERT embeddings of the N LLM descriptions through an
+MLP to the bottleneck's shape (C × grid, one learned map from the N descriptions to the grid; textseg's
+reading, `models.text_fusion.TextInjection`; `method.text_injection: pooled` = the former per-channel constant;
+β = 0.1 on LA, 1 on Pancreas and BraTS). Inputs get uniform noise
 U(−0.2, 0.2). B sees a CutMix of the unlabeled images (a cuboid of each image replaced by the next image's);
 A sees them unmixed and its probabilities are CutMixed identically, so both predictions are aligned.
 
 L = Σ_{A,B} (Dice + CE)(labeled) + λ(t) · [USL(ŷ_A, ỹ_B) + USL(ŷ_B, ỹ_A)] with the unified segmentation
 loss of `text_losses.usl_loss` (thresholds t1, t2; `--unsup-loss mse|nll` for the paper's Table 7) and
-λ(t) = weight · ramp(t // 150, rampup).
+λ(t) = weight · ramp(t // 150, rampup); Eq. 1 has no ramp, so `consistency.rampup` defaults to 0 (constant
+weight) and `--set method.consistency.rampup=40` restores the ramp textseg used before.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ BACKBONES = ("vnet", "unet3d")
 class InjectedNet(nn.Module):
     """A segmentation network whose bottleneck receives the text injection; forward(x) → logits."""
 
-    def __init__(self, backbone: str, in_channels: int, num_classes: int, text: torch.Tensor, hp: dict[str, Any]):
+    def __init__(self, backbone: str, in_channels: int, num_classes: int, text: torch.Tensor, hp: dict[str, Any],
+                 patch: Any = None):
         super().__init__()
         self.backbone = backbone
         if backbone == "vnet":
@@ -50,8 +55,11 @@ class InjectedNet(nn.Module):
             self.net.down[-1].register_forward_hook(lambda m, i, o: self.injection(o, self._text[0]))
         else:
             raise ConfigError(f"method.backbone_model {backbone!r}: expected one of {', '.join(BACKBONES)}")
+        grid = [max(1, int(p) // 16) for p in patch] if patch else None  # V-Net bottleneck: 4 stride-2 stages
         self.injection = TextInjection(channels, int(text.shape[-1]), int(hp.get("text_hidden", 512)),
-                                       float(hp.get("beta", 0.1)))
+                                       float(hp.get("beta", 0.1)), mode=str(hp.get("text_injection", "spatial")),
+                                       num_texts=int(text.shape[0]), grid=grid,
+                                       learnable_beta=bool(hp.get("learnable_beta", False)))
         self._text = [text]
 
     def set_text(self, text: torch.Tensor) -> None:
@@ -71,7 +79,8 @@ def uniform_noise(x: torch.Tensor, amplitude: float) -> torch.Tensor:
 @register_method("llm-segnet")
 class LLMSegNet(Method):
     embedding_encoder = "bert"  # what `textseg encode` must produce for --text-embeddings
-    paper = "Kumari et al., LLM-SegNet: large language model driven bidirectional collaborative learning"
+    paper = ("Kumari et al., Leveraging task-specific knowledge from LLM for semi-supervised 3D medical image "
+             "segmentation (LLM-SegNet), arXiv:2407.05088")
     has_text = True
     dims = (3,)
 
@@ -81,8 +90,15 @@ class LLMSegNet(Method):
         emb = load_method_embeddings(hp, "llm-segnet", "bert", context.get("dataset_name"))
         self.register_buffer("text_embeddings", emb)
         backbone = str(hp.get("backbone_model", "vnet"))
-        self.net_a = InjectedNet(backbone, in_channels, num_classes, emb, hp)
-        self.net_b = InjectedNet(backbone, in_channels, num_classes, emb, hp)
+        mode = str(hp.get("text_injection", "spatial"))
+        if mode not in TextInjection.MODES:
+            raise ConfigError(f"method.text_injection {mode!r}: expected {' or '.join(TextInjection.MODES)}")
+        if mode == "spatial" and not self.patch_size():
+            raise ConfigError("llm-segnet: the spatial text injection is sized to data.patch_size, which is unset")
+
+        patch = self.patch_size()
+        self.net_a = InjectedNet(backbone, in_channels, num_classes, emb, hp, patch)
+        self.net_b = InjectedNet(backbone, in_channels, num_classes, emb, hp, patch)
         kind = str(hp.get("unsup_loss", "usl"))
         if kind not in ("usl", "mse", "nll"):
             raise ConfigError(f"method.unsup_loss {kind!r}: expected usl, mse or nll")
@@ -127,7 +143,7 @@ class LLMSegNet(Method):
             t1, t2, kind = float(hp.get("t1", 0.9)), float(hp.get("t2", 0.1)), str(hp.get("unsup_loss", "usl"))
             unsup = usl_loss(p_a_mix, p_b, t1, t2, kind) + usl_loss(p_b, p_a_mix, t1, t2, kind)
             c = hp.get("consistency") or {}
-            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 40)),
+            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 0)),
                                    int(c.get("per", 150)))
             loss = loss + w * unsup
             out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w))

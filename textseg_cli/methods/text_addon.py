@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Batch, Method, StepContext
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss
-from textseg_cli.models.text_fusion import TMR, RepeatTextFusion
+from textseg_cli.models.text_fusion import TMR, RepeatTextFusion, TMROfficial
 
 ENCODE_HINTS = {
     "clip": "textseg encode --encoder clip --dataset {dataset} --data PREPARED_DIR",
@@ -90,9 +91,10 @@ class TextSource(nn.Module):
 
     def __init__(self, kind: str, embeddings: torch.Tensor | None = None, class_names: list[str] | None = None,
                  clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai", n_ctx: int = 4,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, normalize: bool = False):
         super().__init__()
         self.kind = kind
+        self.normalize = normalize  # L2 per row (Text-SemiSeg's PromptMaker, model/CoOp.py:199)
         self._cache: torch.Tensor | None = None
         if kind == "file":
             if embeddings is None:
@@ -119,9 +121,10 @@ class TextSource(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if self.kind == "file":
-            return self.embeddings
+            return F.normalize(self.embeddings, dim=-1) if self.normalize else self.embeddings
         if self._cache is None or (self.training and torch.is_grad_enabled() and not self._cache.requires_grad):
-            self._cache = self.coop().float()
+            out = self.coop().float()
+            self._cache = F.normalize(out, dim=-1) if self.normalize else out
         return self._cache
 
 
@@ -131,23 +134,37 @@ def build_text_source(hp: dict[str, Any], context: dict[str, Any], num_classes: 
     an embedding file is given, else coop)."""
     t = text_hparams(hp)
     kind = str(t.get("source") or default)
+    normalize = bool(t.get("normalize", False))
     if kind == "auto":
         kind = "file" if t.get("embeddings") else "coop"
     if kind == "file":
         emb = load_method_embeddings(hp, method_label, "clip", context.get("dataset_name"), rows=num_classes)
-        return TextSource("file", embeddings=emb)
+        return TextSource("file", embeddings=emb, normalize=normalize)
     pretrained = t.get("clip_pretrained", "openai")
     return TextSource("coop", class_names=prompt_class_names(context, num_classes),
                       clip_model=str(t.get("clip_model", "ViT-B-32")),
                       clip_pretrained=None if pretrained in (None, "none", "None") else str(pretrained),
-                      n_ctx=int(t.get("n_ctx", 4)), init_std=float(t.get("init_std", 0.02)))
+                      n_ctx=int(t.get("n_ctx", 4)), init_std=float(t.get("init_std", 0.02)), normalize=normalize)
+
+
+def bottleneck_grid(patch_size: Any, levels: int = 4) -> tuple[int, ...]:
+    """The V-Net bottleneck grid of a training patch (4 stride-2 stages: patch / 16)."""
+    if not patch_size:
+        raise ConfigError("--tmr official needs data.patch_size (its layer is sized to the bottleneck grid)")
+    grid = tuple(int(p) // 2 ** levels for p in patch_size)
+    if any(g < 1 for g in grid) or any(int(p) % 2 ** levels for p in patch_size):
+        raise ConfigError(f"--tmr official: data.patch_size {list(patch_size)} must be multiples of {2 ** levels}")
+    return grid
 
 
 def build_fusion(kind: str, channels: int, text_dim: int, num_classes: int, tmr_mode: str = "paper",
-                 heads: int = 8) -> nn.Module:
-    """A bottleneck text-fusion module: Text-SemiSeg's TMR or VCLIPSeg-style replication ("repeat")."""
+                 heads: int = 8, patch_size: Any = None) -> nn.Module:
+    """A bottleneck text-fusion module: Text-SemiSeg's TMR (the paper's reading, or the published layer with
+    `tmr_mode="official"`) or VCLIPSeg-style replication ("repeat")."""
+    if kind == "tmr" and tmr_mode == "official":
+        return TMROfficial(channels, bottleneck_grid(patch_size), text_dim=text_dim, heads=heads)
     if kind == "tmr":
-        return TMR(channels, text_dim, heads=heads, mode=tmr_mode)
+        return TMR(channels, text_dim, heads=heads)
     if kind == "repeat":
         return RepeatTextFusion(channels, text_dim, num_texts=num_classes)
     raise ConfigError(f"method.text_fusion {kind!r}: expected tmr or repeat")
@@ -258,8 +275,8 @@ class TextAddon(Method):
         mode = tmr_setting(hp) or "paper"
         self.students = students
         for i, s in enumerate(students):
-            fusion = build_fusion("tmr", channels, self.text.dim, base.num_classes, mode) if "tmr" in self.parts \
-                else None
+            fusion = build_fusion("tmr", channels, self.text.dim, base.num_classes, mode,
+                                  patch_size=base.patch_size()) if "tmr" in self.parts else None
             s.encoder = TextEncoder(s.encoder, fusion, self.text)
             if teachers:
                 t_fusion = copy.deepcopy(fusion)

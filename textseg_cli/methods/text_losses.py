@@ -32,7 +32,7 @@ class ProjectionHead(nn.Module):
 
 
 def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tensor, pool: str = "mean",
-             channel_reduction: str = "sum") -> torch.Tensor:
+             channel_reduction: str = "sum", class_reduction: str = "sum", resize: str = "avgpool") -> torch.Tensor:
     """Class-semantic alignment (Text-SemiSeg Eq. 4).
 
     For each decoder's probabilities ŷ_d (resized to the feature grid) and class k, the prototype
@@ -40,16 +40,27 @@ def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tens
     averaged over the batch. pool="mean" divides by the voxel count as the paper's avg(·) does;
     pool="masked" divides by Σ_v ŷ_{d,k}(v) (a soft masked mean). channel_reduction="sum" sums the squared
     error over the D channels (Eq. 4 as written); "mean" averages it (the published code's scale, which keeps
-    the loss O(1) with unnormalised 512-d CLIP features).
+    the loss O(1) with unnormalised 512-d CLIP features). class_reduction="mean" also averages over the K
+    classes: with channel_reduction="mean" the term is `torch.mean((proto - t)**2)` of the published code
+    (Text-SemiSeg trainer.py:138). resize="trilinear" samples the probabilities onto the grid by trilinear
+    interpolation (align_corners=False) as that code does (trainer.py:125); "avgpool" averages them.
     """
     if channel_reduction not in ("sum", "mean"):
         raise ValueError(f"csa channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
+    if class_reduction not in ("sum", "mean"):
+        raise ValueError(f"csa class_reduction must be 'sum' or 'mean', got {class_reduction!r}")
+    if resize not in ("avgpool", "trilinear"):
+        raise ValueError(f"csa resize must be 'avgpool' or 'trilinear', got {resize!r}")
     b, _ = features.shape[:2]
     spatial = features.shape[2:]
     n = float(torch.tensor(spatial).prod())
     total = features.new_zeros(())
     for p in probs:
-        ps = resize_probs(p.float(), spatial).to(features.dtype)
+        if resize == "trilinear":
+            mode = "trilinear" if p.dim() == 5 else "bilinear"
+            ps = F.interpolate(p.float(), size=tuple(spatial), mode=mode, align_corners=False).to(features.dtype)
+        else:
+            ps = resize_probs(p.float(), spatial).to(features.dtype)
         proto = torch.einsum("bc...,bk...->bkc", features, ps)
         if pool == "mean":
             proto = proto / n
@@ -59,7 +70,8 @@ def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tens
             raise ValueError(f"csa pool must be 'mean' or 'masked', got {pool!r}")
         err = (proto - text.to(proto.dtype).unsqueeze(0)) ** 2  # (B, K, D)
         err = err.sum(dim=2) if channel_reduction == "sum" else err.mean(dim=2)
-        total = total + err.sum(dim=1).mean()
+        per_class = err.sum(dim=1) if class_reduction == "sum" else err.mean(dim=1)
+        total = total + per_class.mean()
     return total
 
 
@@ -67,29 +79,32 @@ def _nearest_labels(labels: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(labels.unsqueeze(1).float(), size=tuple(size), mode="nearest").squeeze(1).long()
 
 
-def vtcm_loss(proj: torch.Tensor, labels: torch.Tensor, preds: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-    """Vision-text consistency (VCLIPSeg): L_reg = mean_k (1 − cos(prototype_k, t_k)).
+def vtcm_loss(projs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, preds: list[torch.Tensor],
+              text: torch.Tensor) -> torch.Tensor:
+    """Vision-text consistency (VCLIPSeg): L_reg = 1 − mean_k cos(prototype_k, t_k).
 
-    proj: L2-normalised projected features (B, D, *grid) of labeled samples; labels and each decoder's
-    argmax prediction (B, *full) are nearest-downsampled to the grid; the prototype of class k averages the
-    features of voxels where the label and every decoder agree on k. Classes with no such voxel are skipped
-    (a zero loss that keeps the graph when none qualifies).
+    projs: each decoder head's projected features (B, D, *grid) of labeled samples (one tensor = one head);
+    labels and each decoder's argmax prediction (B, *full) are nearest-downsampled to the grid. As in the
+    published code (train_3d.py:146-155) ONE prototype per class averages the features of all heads together
+    at the voxels where the label and every decoder agree on k. A class with no such voxel is left out (the
+    published code's mean over no voxels is NaN); a zero loss that keeps the graph when none qualifies.
     """
-    grid = proj.shape[2:]
+    projs = [projs] if isinstance(projs, torch.Tensor) else list(projs)
+    grid = projs[0].shape[2:]
     lab = _nearest_labels(labels, grid)
     agree = torch.ones_like(lab, dtype=torch.bool)
     for p in preds:
         agree &= _nearest_labels(p, grid) == lab
-    feats = proj.movedim(1, -1)  # (B, *grid, D)
-    losses = []
+    feats = [f.movedim(1, -1) for f in projs]  # (B, *grid, D)
+    sims = []
     for k in range(text.shape[0]):
         m = agree & (lab == k)
         if bool(m.any()):
-            proto = feats[m].mean(0)
-            losses.append(1 - F.cosine_similarity(proto, text[k].to(proto.dtype), dim=0))
-    if not losses:
-        return proj.sum() * 0.0
-    return torch.stack(losses).mean()
+            proto = torch.cat([f[m] for f in feats]).mean(0)
+            sims.append(F.cosine_similarity(proto, text[k].to(proto.dtype), dim=0))
+    if not sims:
+        return sum(f.sum() for f in projs) * 0.0
+    return 1 - torch.stack(sims).mean()
 
 
 def dlb_weights(dice_losses: list[torch.Tensor]) -> torch.Tensor:
@@ -97,17 +112,23 @@ def dlb_weights(dice_losses: list[torch.Tensor]) -> torch.Tensor:
     return torch.softmax(1 - torch.sigmoid(torch.stack([d.detach() for d in dice_losses])), dim=0)
 
 
-def dlb_pseudo_label(probs_u: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Pseudo-label argmax Σ_i w_i p_i of the decoders' unlabeled probabilities."""
-    fused = sum(w * p.detach() for w, p in zip(weights, probs_u))
-    return fused.argmax(dim=1)
+def dlb_fused(probs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i p_i of the decoders' probabilities (detached): the soft pseudo-label of paper Eq. 9."""
+    return sum(w * p.detach() for w, p in zip(weights, probs))
+
+
+def dlb_pseudo_label(probs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Hard pseudo-label argmax Σ_i w_i p_i (the published code, train_3d.py:184-187)."""
+    return dlb_fused(probs, weights).argmax(dim=1)
 
 
 def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1, kind: str = "usl") -> torch.Tensor:
     """Unified segmentation loss of LLM-SegNet (Eqs. 8–11), student probabilities p vs the other model's q.
 
     - confident voxels (max q > t1): NLL of p at argmax q, weighted by max q;
-    - complementary voxels (min q < t2): NLL of the complement, −log(1 − p at argmin q), weighted by 1 − min q;
+    - complementary voxels (min q < t2, not already confident): NLL of the complement, −log(1 − p at argmin q),
+      weighted by 1 − min q. With two classes max q > t1 ⇔ min q < 1 − t1, and −log(1 − p_argmin) is the
+      confident term again, so counting confident voxels here too would weigh them twice;
     - uncertain voxels (t2 < min q and max q < t1): MSE between p and q (mean over classes).
     Each term is summed over its voxels and divided by the total voxel count. kind="mse" uses MSE
     everywhere, kind="nll" only the two NLL terms (paper Table 7).
@@ -122,7 +143,8 @@ def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1,
     qmin, qargmin = q.min(dim=1)
     p_pos = p.gather(1, qarg.unsqueeze(1)).squeeze(1)
     p_neg = p.gather(1, qargmin.unsqueeze(1)).squeeze(1)
-    conf, comp = qmax > t1, qmin < t2
+    conf = qmax > t1
+    comp = (qmin < t2) & ~conf
     l_pos = -(qmax * torch.log(p_pos.clamp_min(eps)))[conf].sum()
     l_neg = -((1 - qmin) * torch.log((1 - p_neg).clamp_min(eps)))[comp].sum()
     total = l_pos + l_neg

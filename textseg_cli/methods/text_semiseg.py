@@ -1,19 +1,27 @@
 """Text-SemiSeg (Huang et al., MICCAI 2025): text-driven multi-plane visual interaction on MC-Net.
 
+Defaults follow the published code (taozh2017/Text-SemiSeg@18ceced, trainer.py, model/MC_CLIP.py, CoOp.py);
+docs/fidelity-text.md lists each item with its file:line and the switch for the paper's reading.
+
 Backbone: MC-Net's shared V-Net encoder with decoders of upsampling modes 0 and 1. Text features F_t (K×512)
 come from learnable CoOp prompts over the frozen CLIP ViT-B/32 text tower (or a frozen `textseg encode`
-file). Per decoder d:
+file), L2-normalised per class (CoOp.py:199; `method.text.normalize`). Per decoder d:
 
-- TMR on the bottleneck (`textseg_cli.models.text_fusion.TMR`, residual included), or the "repeat" fusion;
+- TMR on the bottleneck: the paper's mechanism (`text_fusion.TMR`, default) or the published layer
+  (`--tmr official`, `text_fusion.TMROfficial`); or the "repeat" fusion;
 - CSA: a projection head maps the fused bottleneck to 512 channels; avg(F_p · ŷ_d,k) is pulled to F_t^k.
+  Published scale: ŷ = sigmoid(logits) sampled trilinearly onto the grid, mean of the squared error over
+  batch, classes and channels, and F_p of decoder 1 divided by its norm along the last spatial axis
+  (trainer.py:123; both decoders in the mixed pass, :196/:205) — `csa_loss.feature_norm: official`.
 
-Loss (Eq. 9): Σ_d (CE + Dice)(labeled) + λ_csa · CSA + λ(t) · Σ_{i≠j} (CE + Dice)(f_j(x_u), PL_i) with PL_i
-decoder i's prediction binarised at 0.5 and reduced to its largest component, λ(t) = 0.1 · ramp(t // 150, 200).
-DCA from iteration `dca_start` (6,000): the decoder with the lower supervised loss gives the pseudo-label of
-the unlabeled image; labeled foreground is pasted onto the unlabeled image and pseudo-foreground onto the
-labeled one (Eqs. 5–6); (CE + Dice) on the mixed pair trains the worse decoder only, and CSA also applies to
-the mixed batch. SGD 0.01 with linear decay. Evaluation: decoder 1 (index 0), threshold 0.5, then LCC
-(`textseg eval RUN --lcc`).
+Loss: Σ_d (CE + Dice)(labeled) + λ_csa · CSA + λ(t) · Σ_{i≠j} (CE + Dice)(f_j(x_u), PL_i). The Dice term is
+the published DiceLoss (squared denominators, all classes, smooth 1e-10) on sigmoid(logits) (trainer.py:118,
+141; `seg_activation: softmax` for the softmax reading). PL_i: softmax ≥ 0.5, largest component.
+λ(t) = 0.1 · ramp(t // 150, 200) at the 0-based iteration t (trainer.py:153). DCA when t > `dca_start`
+(6,000; trainer.py:157): decoder 1 gives the pseudo-label when its supervised loss is strictly lower, else
+decoder 2; labeled foreground is pasted onto the unlabeled image and pseudo-foreground onto the labeled one;
+(CE + Dice) on the mixed pair trains the other decoder, and CSA also applies to the mixed batch. SGD 0.01
+with linear decay. Inference: sigmoid of decoder 1's foreground logit > 0.5 (prediction.py:70-80), then LCC.
 """
 
 from __future__ import annotations
@@ -34,11 +42,23 @@ from textseg_cli.models.registry import build_model
 
 
 def ce_plus_dice(logits: torch.Tensor, labels: torch.Tensor, dice_kw: dict[str, Any], ce_weight: float = 1.0,
-                 dice_weight: float = 1.0) -> torch.Tensor:
-    """w_ce · CE + w_dice · Dice (weights 1 and 1: the published code's sup/cons/mixed loss)."""
+                 dice_weight: float = 1.0, activation: str = "softmax") -> torch.Tensor:
+    """w_ce · CE + w_dice · Dice (weights 1 and 1: the published code's sup/cons/mixed loss); the Dice term
+    on `activation` (sigmoid or softmax) of the logits."""
     logits = logits.float()
     ce = F.cross_entropy(logits, labels.long()) if ce_weight else logits.new_zeros(())
-    return ce_weight * ce + dice_weight * dice_loss(torch.softmax(logits, 1), labels, **dice_kw)
+    probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, 1)
+    return ce_weight * ce + dice_weight * dice_loss(probs, labels, **dice_kw)
+
+
+def _activation(hp: dict[str, Any], key: str) -> str:
+    v = str(hp.get(key, "sigmoid"))
+    if v not in ("sigmoid", "softmax"):
+        raise ConfigError(f"method.{key} {v!r}: expected sigmoid (published code) or softmax")
+    return v
+
+
+FEATURE_NORMS = ("official", "channel", "none")
 
 
 @register_method("text-semiseg")
@@ -68,8 +88,16 @@ class TextSemiSeg(Method):
         n = len(self.net.decoders)
         self.fusions = nn.ModuleList(
             build_fusion(fusion_kind, channels, text_dim, num_classes, self.tmr_mode or "paper",
-                         int(hp.get("tmr_heads", 8))) for _ in range(n)) if self.tmr_mode is not None else None
+                         int(hp.get("tmr_heads", 8)), patch_size=self.patch_size())
+            for _ in range(n)) if self.tmr_mode is not None else None
         self.csa_heads = nn.ModuleList(ProjectionHead(channels, text_dim) for _ in range(n)) if self.use_csa else None
+        self.seg_activation = _activation(hp, "seg_activation")
+        self.inference_activation = _activation(hp, "inference_activation")
+        c = hp.get("csa_loss") or {}
+        self.feature_norm = str(c.get("feature_norm", "official"))
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ConfigError(f"method.csa_loss.feature_norm {self.feature_norm!r}: expected "
+                              f"{', '.join(FEATURE_NORMS)}")
 
     # --- forward ---------------------------------------------------------------------------------------
     def _text(self) -> torch.Tensor | None:
@@ -86,18 +114,32 @@ class TextSemiSeg(Method):
             logits.append(self.net.decoders[d]([*feats[:-1], x5]))
         return logits, fused
 
-    def _csa(self, fused: list[torch.Tensor], probs: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+    def _csa(self, fused: list[torch.Tensor], logits: list[torch.Tensor], text: torch.Tensor,
+             mixed: bool = False) -> torch.Tensor:
         c = self.hparams.get("csa_loss") or {}
-        return sum(csa_loss(head(f.float()), [p], text, pool=str(c.get("pool", "mean")),
-                            channel_reduction=str(c.get("channel_reduction", "mean")))
-                   for head, f, p in zip(self.csa_heads, fused, probs))
+        total = None
+        for d, (head, f, o) in enumerate(zip(self.csa_heads, fused, logits)):
+            feats = head(f.float())
+            if self.feature_norm == "channel":
+                feats = F.normalize(feats, dim=1)
+            elif self.feature_norm == "official" and (mixed or d == 0):
+                # the published code divides by the norm over dim=-1, the last spatial axis (trainer.py:123)
+                feats = feats / feats.norm(dim=-1, keepdim=True)
+            o = o.float()
+            p = torch.sigmoid(o) if self.seg_activation == "sigmoid" else torch.softmax(o, 1)
+            term = csa_loss(feats, [p], text, pool=str(c.get("pool", "mean")),
+                            channel_reduction=str(c.get("channel_reduction", "mean")),
+                            class_reduction=str(c.get("class_reduction", "mean")),
+                            resize=str(c.get("resize", "trilinear")))
+            total = term if total is None else total + term
+        return total
 
     # --- training --------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         hp = self.hparams
         seg_w = hp.get("seg_loss") or {}
         seg = lambda o, y: ce_plus_dice(o, y, dict(hp.get("dice") or {}), float(seg_w.get("ce", 1.0)),  # noqa: E731
-                                        float(seg_w.get("dice", 1.0)))
+                                        float(seg_w.get("dice", 1.0)), self.seg_activation)
         thr = float(hp.get("pseudo_threshold", 0.5))
         lcc = bool(hp.get("pseudo_lcc", True))
         if self.text is not None:
@@ -112,7 +154,7 @@ class TextSemiSeg(Method):
         out: dict[str, torch.Tensor] = {"loss_sup": loss.detach()}
         csa_w = float(hp.get("csa_weight", 1.0))
         if self.use_csa:
-            csa = self._csa(fused, probs, text)
+            csa = self._csa(fused, logits, text)
             loss = loss + csa_w * csa
             out["loss_csa"] = csa.detach()
         if bu:
@@ -120,11 +162,12 @@ class TextSemiSeg(Method):
             cons = sum(seg(logits[j][bl:], pls[i])
                        for i in range(len(logits)) for j in range(len(logits)) if i != j)
             c = hp.get("consistency") or {}
-            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 0.1)), float(c.get("rampup", 200)),
+            # the published ramp takes the 0-based iteration (trainer.py:153, train.py:139-140)
+            w = consistency_weight(ctx.iteration, float(c.get("weight", 0.1)), float(c.get("rampup", 200)),
                                    int(c.get("per", 150)))
             loss = loss + w * cons
             out.update(loss_consistency=cons.detach(), consistency_weight=torch.tensor(w))
-            if self.use_dca and ctx.iteration >= int(hp.get("dca_start", 6000)):
+            if self.use_dca and ctx.iteration > int(hp.get("dca_start", 6000)):  # trainer.py:157
                 mixed, csa_mixed = self._dca(batch, sup, pls, text, seg)
                 loss = loss + mixed
                 out["loss_dca"] = mixed.detach()
@@ -136,28 +179,41 @@ class TextSemiSeg(Method):
 
     def _dca(self, batch: Batch, sup: list[torch.Tensor], pls: list[torch.Tensor], text, seg):
         """Dual copy-paste with the better decoder's pseudo-labels; the mixed loss trains the worse decoder."""
-        better = int(torch.stack([s.detach() for s in sup]).argmin())
-        worse = int(torch.stack([s.detach() for s in sup]).argmax())
+        losses = torch.stack([s.detach() for s in sup])
+        if len(sup) == 2:  # decoder 1 gives the labels only when strictly better (trainer.py:162, :187)
+            better = 0 if bool(losses[0] < losses[1]) else 1
+            worse = 1 - better
+        else:
+            better, worse = int(losses.argmin()), int(losses.argmax())
         n = min(batch.image_l.shape[0], batch.image_u.shape[0])  # labeled i is paired with unlabeled i
         xu_mix, yu_mix, xl_mix, yl_mix = dca_mix(batch.image_l[:n], batch.label_l[:n], batch.image_u[:n],
                                                  pls[better][:n])
         images, labels = torch.cat([xu_mix, xl_mix]), torch.cat([yu_mix, yl_mix])
         logits, fused = self.forward_decoders(images, text)
         mixed = seg(logits[worse], labels)
-        csa = self._csa(fused, [torch.softmax(o.float(), 1) for o in logits], text) if self.use_csa else None
+        csa = self._csa(fused, logits, text, mixed=True) if self.use_csa else None
         return mixed, csa
 
     # --- inference -------------------------------------------------------------------------------------
+    def _to_proba(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax, or (published test script) sigmoid: two classes give [1 − σ(z_1), σ(z_1)], so the argmax
+        is σ(z_1) > 0.5 as in prediction.py:70-80."""
+        logits = logits.float()
+        if self.inference_activation == "softmax":
+            return torch.softmax(logits, 1)
+        s = torch.sigmoid(logits)
+        return torch.cat([1 - s[:, 1:2], s[:, 1:2]], 1) if s.shape[1] == 2 else s
+
     def predict_proba(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         idx = decoder_index(decoder, self.hparams.get("eval_decoder", 0), len(self.net.decoders))
         text = self._text()
         if idx == "mean":
             logits, _ = self.forward_decoders(x, text)
-            return torch.stack([torch.softmax(o.float(), 1) for o in logits]).mean(0)
-        return torch.softmax(self.forward_decoders(x, text, [idx])[0][0].float(), 1)
+            return torch.stack([self._to_proba(o) for o in logits]).mean(0)
+        return self._to_proba(self.forward_decoders(x, text, [idx])[0][0])
 
     def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         idx = decoder_index(decoder, self.hparams.get("eval_decoder", 0), len(self.net.decoders))
-        if idx == "mean":
-            return torch.log(self.predict_proba(x, "mean").clamp_min(1e-12))
+        if idx == "mean" or self.inference_activation == "sigmoid":
+            return torch.log(self.predict_proba(x, idx).clamp_min(1e-12))
         return self.forward_decoders(x, self._text(), [idx])[0][0]

@@ -22,6 +22,7 @@ from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import ce_dice_loss, dice_loss
 from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.clip_weights import is_random, require_clip_weights
 from textseg_cli.models.registry import build_model
 from textseg_cli.models.tgcnet.clip_backbone import TINY_CLIP
 
@@ -78,8 +79,13 @@ class TGCNetMethod(Method):
         self.date_mode = date
         clip = hp.get("clip_model", "ViT-L-14-336")
         net_kw = dict(hp.get("net") or {})
+        weights = hp.get("clip_weights")
+        # A run on a data set (train, eval, predict) must name its CLIP weights or ask for a random CLIP;
+        # counting parameters or timing steps (`textseg models`, `bench`) builds it with random weights.
+        weights = require_clip_weights(weights, "tgcnet") if context.get("data_root") else (
+            None if is_random(weights) else str(weights))
         self.net = build_model("tgcnet", in_channels, num_classes, clip_model=CLIP_PRESETS.get(clip, clip),
-                               clip_weights=hp.get("clip_weights"), clip_finetune=_switch(hp, "clip_finetune", "none"),
+                               clip_weights=weights, clip_finetune=_switch(hp, "clip_finetune", "none"),
                                sse=_switch(hp, "sse", "on"), date=date, vlcm=_switch(hp, "vlcm", "gated"), **net_kw)
         self.referring = num_classes == 2
         names = list(context.get("class_names") or [])
@@ -151,6 +157,18 @@ class TGCNetMethod(Method):
             raise ConfigError("tgcnet: this case has no auxiliary prompt (aux_texts.json)")
         n = x.shape[0]
         return self.forward_texts(x, [text] * n, None if self.date_mode == "main-only" else [aux] * n)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """CLIP's fine-tuned weights (`--clip-finetune qv|full`) train at `clip_lr_scale` (0.01, as CAT-Seg's
+        backbone multiplier) × the lr of the other modules."""
+        clip_params = [p for p in self.net.clip.parameters() if p.requires_grad]
+        ids = {id(p) for p in clip_params}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups: list[dict[str, Any]] = [{"params": rest}]
+        if clip_params:
+            lr = float((self.cfg.get("optim") or {}).get("lr", 1e-4))
+            groups.append({"params": clip_params, "lr": lr * float(self.hparams.get("clip_lr_scale", 0.01))})
+        return groups
 
     def networks(self):
         return {"tgcnet": self.net}

@@ -1,17 +1,24 @@
 """VCLIPSeg (Li et al., MICCAI 2024): voxel-wise CLIP-enhanced semi-supervised segmentation.
 
-Frozen CLIP embeddings of "A pixel of a {class}." (K×512, from `textseg encode --encoder clip`) and a V-Net
-encoder with two decoders (upsampling modes 0 and 1):
+Defaults follow the published code (SmileJET/VCLIPSeg@fe50145, code/train_3d.py, code/networks/VNet_clip.py,
+code/test_3d.py); docs/fidelity-text.md lists each item with its file:line and the paper's switch.
 
-- VWPM on the bottleneck (`models.text_fusion.VWPM`): a per-voxel vision-semantic map weights the projected
-  class embeddings into a voxel prompt, fused with the bottleneck by a conv before the decoders;
-- VTCM: per decoder a projection head (1×1 conv 256→256, ReLU, 1×1 conv →512, L2-normalised); class
-  prototypes average the projected features of labeled voxels where the label and both decoders agree
-  (bottleneck grid); L_reg = mean_k (1 − cos(prototype_k, t_k)), averaged over the decoders' heads;
-- DLB: w_i = softmax_i(1 − σ(Dice loss_i on labeled data)); pseudo-label argmax Σ_i w_i p_i on unlabeled
-  data; L_u = Σ_i (Dice + CE)(p_i, pseudo-label).
+Frozen CLIP embeddings of "A pixel of a {class}." (K×512, `textseg encode --encoder clip`, NOT normalised as
+published) and a V-Net encoder with two decoders (upsampling modes 0 and 1):
 
-Total = 0.5 · Σ_i Dice_i(labeled) + λ_u(t) · L_u + 0.5 · L_reg, λ_u = 1 · ramp(t // 150, 40).
+- VWPM on the bottleneck (`models.text_fusion.VWPM`): 3³ conv+BN+LeakyReLU to 64, MLP 64→16→K, softmax per
+  voxel, Σ_k map_k · Linear_{512→256}(t_k), 3³ fusion conv+BN+LeakyReLU of [F, prompt];
+- VTCM: per decoder a projection head (1×1 conv 256→256, ReLU, 1×1 conv →512) on the fused bottleneck,
+  L2-normalised over the last axis as published (VNet_clip.py:204-218; `vtcm_norm: channel` normalises the
+  512 channels); ONE prototype per class from both heads at labeled voxels where label and both decoders
+  agree (1/16 grid); L_reg = 1 − mean_k cos(prototype_k, t_k);
+- DLB: w_i = softmax_i(1 − σ(Dice loss_i on labeled data)); pseudo-label argmax Σ_i w_i p_i over the whole
+  batch (labeled and unlabeled, train_3d.py:158-193; `pseudo_label: soft` = paper Eq. 9, the soft Σ w_i p_i);
+  L_u = Σ_i (CE + foreground Dice)(p_i, pseudo-label).
+
+Total = sup_weight · Σ_i Dice_i(labeled) + λ_u(t) · L_u + 0.5 · L_reg with sup_weight 0.5 (published `--lamda`;
+1.0 = paper Eq. 11), λ_u = 1 · ramp(t // 150, 40) at the 1-based iteration. Inference: decoder 1's softmax
+(test_patch.py:149-163), no LCC (test_3d.py `--nms 0`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from textseg_cli.losses import consistency_weight, dice_loss
 from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs
 from textseg_cli.methods.text_addon import load_method_embeddings
-from textseg_cli.methods.text_losses import ProjectionHead, dlb_pseudo_label, dlb_weights, vtcm_loss
+from textseg_cli.methods.text_losses import ProjectionHead, dlb_fused, dlb_weights, vtcm_loss
 from textseg_cli.models.registry import build_model
 from textseg_cli.models.text_fusion import VWPM
 
@@ -60,8 +67,18 @@ class VCLIPSeg(Method):
             text_dim = 0
         self.vwpm = VWPM(channels, text_dim, num_classes) if self.use_vwpm else None
         hidden = int(hp.get("vtcm_hidden", channels))
-        self.vtcm_heads = nn.ModuleList(ProjectionHead(channels, text_dim, hidden=hidden, normalize=True)
+        self.vtcm_heads = nn.ModuleList(ProjectionHead(channels, text_dim, hidden=hidden)
                                         for _ in modes) if self.use_vtcm else None
+        self.vtcm_norm = str(hp.get("vtcm_norm", "official"))
+        self.pseudo_label = str(hp.get("pseudo_label", "hard"))
+        if self.vtcm_norm not in ("official", "channel"):
+            raise ConfigError(f"method.vtcm_norm {self.vtcm_norm!r}: expected official (last axis) or channel")
+        if self.pseudo_label not in ("hard", "soft"):
+            raise ConfigError(f"method.pseudo_label {self.pseudo_label!r}: expected hard (published) or soft (Eq. 9)")
+
+    def project(self, head: nn.Module, x5: torch.Tensor) -> torch.Tensor:
+        """A VTCM head's features, L2-normalised over the last axis (published) or the channels."""
+        return F.normalize(head(x5.float()), dim=-1 if self.vtcm_norm == "official" else 1)
 
     def bottleneck_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         feats = self.net.encoder(x)
@@ -81,34 +98,40 @@ class VCLIPSeg(Method):
         loss = float(hp.get("sup_weight", 0.5)) * sum(dices)
         out: dict[str, torch.Tensor] = {"loss_dice": sum(dices).detach()}
         if bu:
+            # the published code pseudo-labels and trains the whole batch, labeled half included (train_3d.py:171-193)
             weights = dlb_weights(dices)
-            pseudo = dlb_pseudo_label([p[bl:] for p in probs], weights)
-            unsup = sum(dice_loss(p[bl:], pseudo, **dice_kw) + F.cross_entropy(o[bl:].float(), pseudo)
-                        for p, o in zip(probs, logits))
+            fused = dlb_fused(probs, weights)
+            if self.pseudo_label == "hard":
+                pseudo = fused.argmax(1)
+                unsup = sum(F.cross_entropy(o.float(), pseudo) + dice_loss(p, pseudo, **dice_kw)
+                            for p, o in zip(probs, logits))
+            else:  # paper Eq. 9: soft targets Σ_i w_i p_i
+                unsup = sum(-(fused * torch.log_softmax(o.float(), 1)).sum(1).mean() + dice_loss(p, fused, **dice_kw)
+                            for p, o in zip(probs, logits))
             c = hp.get("consistency") or {}
+            # iter_num is incremented before the ramp (train_3d.py:195-196): the 1-based step
             w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 40)),
                                    int(c.get("per", 150)))
             loss = loss + w * unsup
             out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w),
                        dlb_weight_0=weights[0].detach())
         if self.vtcm_heads is not None:
-            preds = [p[:bl].argmax(1) for p in probs]
-            text = F.normalize(self.text_embeddings, dim=-1)
-            reg = sum(vtcm_loss(head(x5[:bl].float()), batch.label_l, preds, text)
-                      for head in self.vtcm_heads) / len(self.vtcm_heads)
+            preds = [o[:bl].detach().argmax(1) for o in logits]
+            projs = [self.project(head, x5[:bl]) for head in self.vtcm_heads]
+            reg = vtcm_loss(projs, batch.label_l, preds, self.text_embeddings.detach())
             loss = loss + float(hp.get("reg_weight", 0.5)) * reg
             out["loss_vtcm"] = reg.detach()
         out["loss"] = loss
         return out
 
     def predict_proba(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
-        idx = decoder_index(decoder, self.hparams.get("eval_decoder", "mean"), len(self.net.decoders))
+        idx = decoder_index(decoder, self.hparams.get("eval_decoder", 0), len(self.net.decoders))
         _, logits = self.bottleneck_and_logits(x)
         probs = [torch.softmax(o.float(), 1) for o in logits]
         return torch.stack(probs).mean(0) if idx == "mean" else probs[idx]
 
     def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
-        idx = decoder_index(decoder, self.hparams.get("eval_decoder", "mean"), len(self.net.decoders))
+        idx = decoder_index(decoder, self.hparams.get("eval_decoder", 0), len(self.net.decoders))
         if idx == "mean":
             return torch.log(self.predict_proba(x, "mean").clamp_min(1e-12))
         return self.bottleneck_and_logits(x)[1][idx]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from textseg_cli.data.names import canonical_name
 from textseg_cli.errors import DataError
 
 SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
@@ -226,8 +227,7 @@ def _minmax_per_channel(img: np.ndarray) -> np.ndarray:
 
 
 # The modality of the LViT releases by data set name (dataset.json `modality`; DATE's offline prompts use it).
-KNOWN_MODALITIES = {"monuseg": "histology", "qata-cov19": "chest x-ray", "qata": "chest x-ray",
-                    "mosmeddata+": "ct", "mosmeddata": "ct", "mosmed": "ct"}
+KNOWN_MODALITIES = {"monuseg": "histology", "qata-cov19": "chest x-ray", "mosmeddata+": "ct"}  # canonical names
 
 
 def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = False, resize: int | None = None,
@@ -262,7 +262,7 @@ def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = Fa
     n_ch = 3 if any(_is_colour(it.image) for it in items) else 1
     channel_names = ["R", "G", "B"] if n_ch == 3 else ["gray"]
     ds_name = name or src.resolve().name
-    modality = modality or KNOWN_MODALITIES.get(ds_name.lower(), "2D")
+    modality = modality or KNOWN_MODALITIES.get(canonical_name(ds_name), "2D")
     w = PreparedWriter(out, name=ds_name, dim=2, modality=modality, channel_names=channel_names,
                        class_names=["background", "foreground"], force=force, src=src)
     shapes = set()

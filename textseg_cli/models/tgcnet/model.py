@@ -9,7 +9,7 @@ Data flow for an image x and its primary text p (and auxiliary text a):
     F'_V, F'_T = VLCM(F_V^1/32, F_T)
     logits  = Decoder(F'_V, F'_T, F_V^1/16, F_V^1/8)  → one map per prompt at the input size
 
-Every module has the paper's ablation switch: sse on|off|cnn-only, clip_finetune none|qv|full,
+Every module has the paper's ablation switch: sse on|off|cnn-only|no-deform, clip_finetune none|qv|full,
 date injection|main-only|aux-only|llm-expanded, vlcm gated|none|single|bi.
 """
 
@@ -25,7 +25,7 @@ from textseg_cli.models.registry import register_model
 from textseg_cli.models.tgcnet.clip_backbone import CLIPFeatures, FeatureCache
 from textseg_cli.models.tgcnet.date import DATE, DATE_MODES
 from textseg_cli.models.tgcnet.decoder import CostAggregationDecoder
-from textseg_cli.models.tgcnet.sse import SSE
+from textseg_cli.models.tgcnet.sse import SSE, USES_CLIP_IMAGE
 from textseg_cli.models.tgcnet.vlcm import VLCM
 
 Texts = Sequence[str] | Sequence[Sequence[str]]
@@ -58,7 +58,9 @@ class TGCNet(nn.Module):
         self.date = DATE(dim, date_heads) if date == "injection" else None
         self.text_proj = nn.Linear(dim, d_model)  # P_T: joint space → model width
         self.vlcm = VLCM(d_model, 8, vlcm)
-        self.decoder = CostAggregationDecoder(d_model, text_len, decoder_hidden, window=window)
+        h = int(decoder_hidden)  # CAT-Seg ViT-L: hidden 128, decoder (64, 32), guidance (32, 16), in that ratio
+        self.decoder = CostAggregationDecoder(d_model, text_len, h, window=window, up_channels=(h // 2, h // 4),
+                                              guide_channels=(max(1, h // 4), max(1, h // 8)))
         self.cache = FeatureCache(cache_size if self.clip.frozen else 0)
         self.use_cache = True
 
@@ -130,7 +132,10 @@ class TGCNet(nn.Module):
         f_t = self.text_proj(f_t.to(image.dtype))  # (B·T, L, d)
         n_tok = f_t.shape[1]
 
-        f8, f16, f32 = self.sse(self._image_features(image), image)
+        if self.sse.mode in USES_CLIP_IMAGE:
+            f8, f16, f32 = self.sse(self._image_features(image), image)
+        else:  # CNN-only (no CLIP): CLIP's image tower is not run
+            f8, f16, f32 = self.sse(None, image, grid=self.clip.grid)
         g = f32.shape[-2:]
         f_v, f_tc = self.vlcm(f32.flatten(2).transpose(1, 2), tuple(g), f_t.reshape(b, t * n_tok, -1),
                               valid.reshape(b, t * n_tok))

@@ -6,9 +6,11 @@ features at 1/8, 1/16 and 1/32; the 1/32 grid equals CLIP's patch grid, where
 projected to `d_model`, is refined by multi-scale deformable attention layers into
 F_V = {F_V^1/8, F_V^1/16, F_V^1/32}.
 
-Modes (ablation `--sse`): "on" as above; "cnn-only" keeps the CNN pyramid and the fusion but skips
-the deformable refinement; "off" drops the CNN: F_V^1/32 = LayerNorm(P_V(F_clip)) and the finer
-levels are learned ×2 / ×4 transposed-convolution upsamplings of it.
+Modes (ablation `--sse`): "on" as above; "cnn-only" is Table 4's "CNN-only (no CLIP)" row: the CNN pyramid
+alone, F_V^1/32 = LayerNorm(P_C(F_cnn^1/32)), refined by the same deformable layers, and the model never runs
+CLIP's image tower; "no-deform" keeps the CNN pyramid and the CLIP fusion but skips the deformable refinement
+(what "cnn-only" meant before); "off" drops the CNN: F_V^1/32 = LayerNorm(P_V(F_clip)) and the finer levels are
+learned ×2 / ×4 transposed-convolution upsamplings of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 from textseg_cli.errors import ConfigError
 from textseg_cli.models.tgcnet.msdeform_attn import DeformableEncoderLayer, reference_points, sine_position_2d
 
-SSE_MODES = ("on", "off", "cnn-only")
+SSE_MODES = ("on", "off", "cnn-only", "no-deform")
+USES_CLIP_IMAGE = ("on", "off", "no-deform")  # modes that read CLIP's dense image features
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -54,7 +57,7 @@ class SSE(nn.Module):
         if mode not in SSE_MODES:
             raise ConfigError(f"sse '{mode}': expected one of {', '.join(SSE_MODES)}")
         self.mode, self.d_model = mode, d_model
-        self.p_v = nn.Linear(clip_dim, d_model)
+        self.p_v = nn.Linear(clip_dim, d_model) if mode != "cnn-only" else None
         self.norm = nn.LayerNorm(d_model)
         if mode == "off":
             self.up16 = nn.Sequential(nn.ConvTranspose2d(d_model, d_model, 2, 2), nn.GroupNorm(32, d_model))
@@ -66,23 +69,30 @@ class SSE(nn.Module):
         self.proj16 = nn.Sequential(nn.Conv2d(c16, d_model, 1), nn.GroupNorm(32, d_model))
         self.p_c = nn.Conv2d(c32, d_model, 1)
         self.layers = nn.ModuleList()
-        if mode == "on":
+        if mode in ("on", "cnn-only"):
             self.level_embed = nn.Parameter(torch.randn(3, d_model) * 0.02)
             self.layers = nn.ModuleList(DeformableEncoderLayer(d_model, 3, heads, points, ffn) for _ in range(layers))
 
-    def forward(self, clip_feats: torch.Tensor, image: torch.Tensor | None) -> list[torch.Tensor]:
-        """clip_feats (B, D, g, g); image (B, 3, H, W) in [0, 1] (unused when mode is "off").
+    def forward(self, clip_feats: torch.Tensor | None, image: torch.Tensor | None, grid: int | None = None
+                ) -> list[torch.Tensor]:
+        """clip_feats (B, D, g, g) (None in "cnn-only", which then needs `grid`); image (B, 3, H, W) in [0, 1]
+        (unused when mode is "off").
 
         Returns [F_V^1/8 (4g), F_V^1/16 (2g), F_V^1/32 (g)], each (B, d_model, ·, ·).
         """
-        b, _, g, _ = clip_feats.shape
-        clip_tok = self.p_v(clip_feats.flatten(2).transpose(1, 2))  # (B, g², d)
+        if self.mode == "cnn-only":
+            b, g = image.shape[0], int(grid)
+        else:
+            b, _, g, _ = clip_feats.shape
+            clip_tok = self.p_v(clip_feats.flatten(2).transpose(1, 2))  # (B, g², d)
         if self.mode == "off":
             f32 = self.norm(clip_tok).transpose(1, 2).reshape(b, self.d_model, g, g)
             return [self.up8(f32), self.up16(f32), f32]
         x = F.interpolate(image, size=(32 * g, 32 * g), mode="bilinear", align_corners=False)
         c8, c16, c32 = self.cnn(x)
-        fused = self.norm(clip_tok + self.p_c(c32).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, g, g)
+        cnn_tok = self.p_c(c32).flatten(2).transpose(1, 2)
+        fused = self.norm(cnn_tok if self.mode == "cnn-only" else clip_tok + cnn_tok)
+        fused = fused.transpose(1, 2).reshape(b, -1, g, g)
         pyramid = [self.proj8(c8), self.proj16(c16), fused]
         if not self.layers:
             return pyramid

@@ -1,0 +1,102 @@
+"""Shared helpers of the text-method parity tests (Text-SemiSeg, VCLIPSeg).
+
+The official repositories are imported at run time from `$TEXTSEG_OFFICIAL/<Repo>`; nothing of them is
+copied here. Both repositories have top-level packages with generic names (`utils`, `model`, `networks`), so
+each import purges those names from `sys.modules` before and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GENERIC = ("utils", "model", "networks", "dataloaders", "prediction", "test_patch", "losses", "ramps")
+
+
+def official_repo(name: str) -> Path:
+    root = os.environ.get("TEXTSEG_OFFICIAL")
+    if not root:
+        pytest.skip("TEXTSEG_OFFICIAL is not set (folder of official checkouts)")
+    repo = Path(root) / name
+    if not repo.is_dir():
+        pytest.skip(f"{repo} is missing")
+    return repo
+
+
+def official_commit(repo: Path) -> str:
+    f = repo / ".commit"
+    return f.read_text().strip() if f.is_file() else "unknown"
+
+
+def _purge() -> None:
+    for key in list(sys.modules):
+        if key.split(".")[0] in GENERIC:
+            del sys.modules[key]
+
+
+@contextlib.contextmanager
+def official_imports(path: Path):
+    """Import official modules from `path` (sys.path first), leaving no trace afterwards."""
+    _purge()
+    sys.path.insert(0, str(path))
+    try:
+        yield lambda mod: importlib.import_module(mod)
+    finally:
+        sys.path.remove(str(path))
+        _purge()
+
+
+def vnet_key(key: str) -> str:
+    """Official V-Net block names → textseg's: the blocks are `nn.Sequential`s without the `.conv` level
+    (`encoder.block_one.conv.0.weight` → `encoder.block_one.0.weight`)."""
+    return re.sub(r"\.conv\.(\d+)\.", r".\1.", key)
+
+
+def load_mapped(target: torch.nn.Module, official_sd: dict[str, torch.Tensor], mapping, drop=()) -> None:
+    """Copy every official tensor into `target` through `mapping(name) -> name`; both sides must be complete."""
+    mapped = {}
+    for k, v in official_sd.items():
+        if any(re.search(d, k) for d in drop):
+            continue
+        mapped[mapping(k)] = v
+    own = target.state_dict()
+    missing = sorted(set(own) - set(mapped))
+    extra = sorted(set(mapped) - set(own))
+    assert not extra, f"official names without a textseg counterpart: {extra[:8]}"
+    return missing, target.load_state_dict(mapped, strict=False)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5, what: str = "") -> None:
+    """max |a − b| ≤ atol · max(1, max |b|): float32 round-off through a V-Net grows with the values' scale."""
+    err = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    tol = atol * max(1.0, float(b.float().abs().max()) if b.numel() else 0.0)
+    assert a.shape == b.shape and err <= tol, (f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}, "
+                                               f"max |diff| {err:.3g} > {tol:.3g}")
+
+
+def assert_grads_close(pairs, rel: float = 1e-4) -> None:
+    """pairs: (name, textseg grad, official grad); ||g_t − g_o|| ≤ rel · ||g_o|| per tensor (float32 sums over
+    a 96³ batch make a max-abs criterion on the first layers measure round-off, not the method)."""
+    checked = 0
+    for name, g_t, g_o in pairs:
+        if g_o is None:
+            assert g_t is None or float(g_t.abs().max()) == 0.0, name
+            continue
+        ref = float(g_o.norm())
+        err = float((g_t - g_o).norm())
+        assert err <= rel * ref + 1e-9, f"grad {name}: ||diff|| {err:.3g} vs ||grad|| {ref:.3g}"
+        checked += 1
+    assert checked > 10
+
+
+def patch_cuda(monkeypatch) -> None:
+    """Official code calls `.cuda()`: keep tensors and modules where they are (CPU)."""
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=True)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self, raising=True)
