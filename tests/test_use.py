@@ -1,0 +1,137 @@
+"""Issue 15: from a trained run to use — predict replays preprocessing, relocatable runs, export, splits, curves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import run_cli
+from raw_fakes import phantom_ct, write_image
+
+SP = (0.7, 0.7, 2.0)
+FLIP = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+TRAIN = ["--iterations", "3", "--set", "train.batch_labeled=2",
+         "--set", "inference.stride=16,16,8", "--threads", "1"]
+
+
+def _raw_folder(root, n=10, shape=(26, 24, 8)):
+    images, labels = root / "imgs", root / "labs"
+    for i in range(n):
+        hu, lab = phantom_ct(shape, seed=i, blob_radius=4)
+        write_image(images / f"case{i}.nii.gz", hu, SP, (5.0, -3.0, 1.0), FLIP)
+        write_image(labels / f"case{i}.nii.gz", lab, SP, (5.0, -3.0, 1.0), FLIP)
+    return images, labels
+
+
+def _dice(a, b):
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return 1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def custom_run(tmp_path_factory):
+    """prep custom with resampling, a body crop and a CT window (default split), then 3 iterations of sup."""
+    root = tmp_path_factory.mktemp("use")
+    images, labels = _raw_folder(root)
+    prepared, run_dir = root / "prepared", root / "run"
+    code, text = run_cli("prep", "custom", "--images", images, "--labels", labels, "--out", prepared,
+                         "--spacing", "1", "--window-preset", "abdomen", "--crop", "body", "--classes", "blob")
+    assert code == 0, text
+    code, text = run_cli("train", "--method", "sup", "--data", prepared, "--out", run_dir, *TRAIN)
+    assert code == 0, text
+    return root, images, prepared, run_dir
+
+
+def test_predict_replays_preprocessing_and_matches_eval(custom_run, tmp_path):
+    import SimpleITK as sitk
+
+    root, images, prepared, run_dir = custom_run
+    ds = json.loads((prepared / "dataset.json").read_text())
+    cid = ds["splits"]["val"][0]
+    code, text = run_cli("eval", run_dir, "--split", "val", "--out", tmp_path / "ev")
+    assert code == 0, text
+    out = tmp_path / "pred"
+    code, text = run_cli("predict", run_dir, "--images", images / f"{cid}.nii.gz", "--out", out,
+                         "--save-probabilities")
+    assert code == 0, text
+    raw = nib.load(str(images / f"{cid}.nii.gz"))
+    mine = nib.load(str(out / f"{cid}.nii.gz"))
+    assert mine.shape == raw.shape and np.allclose(mine.affine, raw.affine, atol=1e-6)
+    # eval's mask lives on the prepared (resampled, cropped) grid; bring it onto the raw grid by physical
+    # coordinates with SimpleITK, independently of predict's own mapping
+    ev = sitk.ReadImage(str(tmp_path / "ev" / "predictions" / f"{cid}.nii.gz"))
+    ref = sitk.ReadImage(str(images / f"{cid}.nii.gz"))
+    back = sitk.Resample(ev, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, ev.GetPixelID())
+    ev_raw = np.transpose(sitk.GetArrayFromImage(back), (2, 1, 0))
+    mask = np.asarray(mine.dataobj)
+    assert ev_raw.any() or mask.any()
+    assert _dice(mask, ev_raw) >= 0.99
+    probs = nib.load(str(out / f"{cid}_probs.nii.gz"))
+    assert probs.shape == raw.shape + (2,) and np.allclose(probs.affine, raw.affine, atol=1e-6)
+    meta = json.loads((out / "predict.json").read_text())
+    assert [s["step"] for s in meta["preprocessing"]] == ["resample", "crop", "window", "zscore"]
+
+
+def test_predict_refuses_unreplayable_chain(custom_run, tmp_path):
+    from textseg_cli.errors import ConfigError
+    from textseg_cli.inference.replay import replay_processing
+
+    with pytest.raises(ConfigError, match="around the label"):
+        replay_processing([{"step": "crop", "params": {"around": "label"}}])
+    with pytest.raises(ConfigError, match="'from_h5' cannot be replayed"):
+        replay_processing([{"step": "from_h5", "params": {}}])
+    proc = replay_processing([{"step": "read"}, {"step": "resample", "params": {"spacing_mm": [1, None, 2]}},
+                              {"step": "zscore", "params": {"over": "non-zero voxels"}}])
+    assert proc.target_spacing == (1.0, None, 2.0) and proc.normalize == "zscore-nonzero"
+
+
+def test_predict_nrrd_and_mha_keep_format_and_geometry(custom_run, tmp_path):
+    import SimpleITK as sitk
+
+    _, _, _, run_dir = custom_run
+    hu, _ = phantom_ct((22, 20, 7), seed=42, blob_radius=4)
+    folder = tmp_path / "new"
+    write_image(folder / "a.nrrd", hu, (0.8, 0.6, 2.5), (1.0, 2.0, 3.0))
+    write_image(folder / "b.mha", hu, (0.9, 0.9, 1.5), (0.0, 0.0, 0.0), FLIP)
+    code, text = run_cli("predict", run_dir, "--images", folder, "--out", tmp_path / "p")
+    assert code == 0, text
+    for name in ("a.nrrd", "b.mha"):
+        src, res = sitk.ReadImage(str(folder / name)), sitk.ReadImage(str(tmp_path / "p" / name))
+        assert res.GetSize() == src.GetSize() and np.allclose(res.GetSpacing(), src.GetSpacing())
+        assert np.allclose(res.GetOrigin(), src.GetOrigin()) and np.allclose(res.GetDirection(), src.GetDirection())
+
+
+def test_moved_run_predicts_without_its_data_folder(custom_run, tmp_path, monkeypatch):
+    """sup and vclipseg (offline CLIP embeddings given by a relative path) still predict after the run folder
+    moved, the prepared folder and the embedding file were deleted, from another working directory."""
+    import torch
+
+    from textseg_cli.text.embeddings import save_embeddings
+
+    root, images, prepared, run_dir = custom_run
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work / "prepared")
+    monkeypatch.chdir(work)
+    save_embeddings("emb/clip.safetensors", {"embeddings": torch.randn(2, 512)},
+                    {"encoder": "clip", "texts": ["A pixel of background.", "A pixel of blob."]})
+    code, text = run_cli("train", "--method", "vclipseg", "--data", "prepared", "--out", "vrun", "--labeled", "4",
+                         "--text-embeddings", "emb/clip.safetensors", *TRAIN, "--set", "train.batch_unlabeled=2")
+    assert code == 0, text
+    ref_out = tmp_path / "ref"
+    code, text = run_cli("predict", "vrun", "--images", images / "case1.nii.gz", "--out", ref_out)
+    assert code == 0, text
+    shutil.copytree(run_dir, tmp_path / "moved" / "sup")
+    shutil.move(str(work / "vrun"), str(tmp_path / "moved" / "vclipseg"))
+    shutil.rmtree(work)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in ("sup", "vclipseg"):
+        code, text = run_cli("predict", tmp_path / "moved" / name, "--images", images / "case1.nii.gz",
+                             "--out", tmp_path / f"p_{name}")
+        assert code == 0, text
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "p_vclipseg" / "case1.nii.gz")).dataobj),
+                                  np.asarray(nib.load(str(ref_out / "case1.nii.gz")).dataobj))
