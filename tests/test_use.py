@@ -135,3 +135,36 @@ def test_moved_run_predicts_without_its_data_folder(custom_run, tmp_path, monkey
         assert code == 0, text
     np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "p_vclipseg" / "case1.nii.gz")).dataobj),
                                   np.asarray(nib.load(str(ref_out / "case1.nii.gz")).dataobj))
+
+
+def test_default_split_has_validation_and_best_checkpoint(custom_run):
+    _, _, prepared, run_dir = custom_run
+    ds = json.loads((prepared / "dataset.json").read_text())
+    assert {k: len(v) for k, v in ds["splits"].items()} == {"train": 7, "val": 1, "test": 2}
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+    assert json.loads((run_dir / "cases.json").read_text())["val"] == ds["splits"]["val"]
+
+
+def test_folds_and_train_fold(custom_run, tmp_path):
+    root, images, _, _ = custom_run
+    labels = images.parent / "labs"
+    code, text = run_cli("prep", "custom", "--images", images, "--labels", labels, "--out", tmp_path / "p",
+                         "--folds", "5")
+    assert code == 0, text
+    ds = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    folds = ds["extra"]["folds"]
+    assert len(folds) == 5 and sorted(c for f in folds for c in f["val"]) == sorted(folds[0]["train"] + folds[0]["val"])
+    assert not set(ds["splits"]["test"]) & {c for f in folds for c in f["val"]}
+    code, text = run_cli("train", "--method", "sup", "--data", tmp_path / "p", "--out", tmp_path / "r", "--fold", "2",
+                         *TRAIN)
+    assert code == 0, text
+    cases = json.loads((tmp_path / "r" / "cases.json").read_text())
+    assert cases["val"] == folds[2]["val"] and cases["labeled"] == folds[2]["train"]
+    code, text = run_cli("eval", tmp_path / "r", "--out", tmp_path / "ev")
+    assert code == 0, text
+    import pandas as pd
+
+    assert sorted(pd.read_csv(tmp_path / "ev" / "per_case.csv")["case"].unique()) == folds[2]["val"]
+    code, text = run_cli("train", "--method", "sup", "--data", tmp_path / "p", "--out", tmp_path / "r7", "--fold", "7",
+                         *TRAIN)
+    assert code == 2 and "expected 0 to 4" in text
