@@ -168,3 +168,34 @@ def test_folds_and_train_fold(custom_run, tmp_path):
     code, text = run_cli("train", "--method", "sup", "--data", tmp_path / "p", "--out", tmp_path / "r7", "--fold", "7",
                          *TRAIN)
     assert code == 2 and "expected 0 to 4" in text
+
+
+def test_curves_piped_lines_plot_and_export(tmp_path, synthetic_data):
+    import torch
+
+    run_dir = tmp_path / "r"
+    code, text = run_cli("train", "--method", "sup", "--data", synthetic_data, "--out", run_dir, "--iterations", "4",
+                         "--set", "train.log_every=2", "--set", "train.batch_labeled=2", "--val-every", "2",
+                         "--threads", "1")
+    assert code == 0, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("it ")]  # run_cli's output is not a terminal
+    assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"] and all("ETA" in ln and "loss" in ln for ln in lines)
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["SimpleITK"] and env["packages"]["scipy"] and env["cpu"]
+    code, text = run_cli("plot", run_dir, run_dir, "--out", tmp_path / "both.png")
+    assert code == 0 and (tmp_path / "both.png").exists(), text
+    code, text = run_cli("export", run_dir, "--format", "torchscript", "--out", tmp_path / "exp")
+    assert code == 0, text
+    rec = json.loads((tmp_path / "exp" / "export.json").read_text())
+    with pytest.warns(FutureWarning):  # torch deprecates TorchScript; the file still loads
+        model = torch.jit.load(str(tmp_path / "exp" / "model.torchscript.pt"))
+    x = torch.zeros(rec["input"])
+    assert model(x).shape == tuple(rec["output"]) and rec["load_back_check"]["max_abs_diff"] < 1e-4
+    assert set(torch.load(tmp_path / "exp" / "weights.pt")) and rec["class_names"][0] == "background"
+    code, text = run_cli("export", run_dir, "--format", "torch-export", "--out", tmp_path / "exp2")
+    assert code == 0, text
+    prog = torch.export.load(str(tmp_path / "exp2" / "model.pt2")).module()
+    torch.testing.assert_close(prog(x), model(x), atol=1e-4, rtol=0)
+    code, text = run_cli("export", run_dir, "--format", "onnx", "--out", tmp_path / "exp3")
+    assert code == 2 and "--format" in text

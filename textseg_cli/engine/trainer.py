@@ -30,11 +30,12 @@ from textseg_cli.data.splits import apply_fold, labeled_subset
 from textseg_cli.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from textseg_cli.engine.config import build_config, load_config, save_config
 from textseg_cli.engine.optim import build_optimizer, build_scheduler
-from textseg_cli.engine.runlog import RunLog
+from textseg_cli.engine.runlog import RunLog, progress_line
 from textseg_cli.engine.bundle import snapshot_run_inputs
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
+from textseg_cli.reports.curves import write_run_curves
 from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
 
 
@@ -427,6 +428,11 @@ class Trainer:
                     if row and self.log is not None:
                         self.log.log(it, row)
                         self.log.flush()
+                        if not self.quiet and not console.is_terminal and "it_per_s" in row:  # piped: plain lines
+                            console.print(progress_line(it, self.max_iterations, row, self._info(row, loss_terms)),
+                                          highlight=False, markup=False, soft_wrap=True)
+                        if do_val or it == self.max_iterations:
+                            write_run_curves(self.run_dir)  # RUN/curves.png
                     if do_val or it % tr["checkpoint_every"] == 0 or it == self.max_iterations:
                         self.save("last")
                     bar.update(task, completed=it, info=self._info(row, loss_terms))
