@@ -62,6 +62,8 @@ _COMMAND_MODULES: list[str] = [
     "encode_cmd",
     "export_cmd",
     "plot_cmd",
+    "prep_nnunet",
+    "export_data_cmd",
 ]
 for _mod in _COMMAND_MODULES:
     importlib.import_module(f"textseg_cli.cli.{_mod}")

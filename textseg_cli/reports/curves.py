@@ -25,8 +25,12 @@ def read_log(run_dir: str | Path):
 
 def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Draw the curves of one or more runs into `out` (PNG, atomically). Returns `out`."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from textseg_cli.errors import ConfigError
 
+        raise ConfigError("plots need matplotlib: pip install 'textseg-cli[plot]'") from None
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
 

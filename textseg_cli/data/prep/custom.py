@@ -71,7 +71,7 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
                 crop: str = "none", crop_margin: Any = 0, body_threshold: float = -500.0, normalize: str = "zscore",
                 split: Any = "auto", split_file: str | Path | None = None, seed: int = 1337,
                 require_labels: bool = False, patch_size: Sequence[int] | None = None, label_geometry: str = "check",
-                workers: int = 1, force: bool = False, drop_failed: bool = False, folds: int | None = None):
+                workers: int = 1, force: bool = False, drop_failed: bool = False, folds: int | list | None = None):
     """Prepare image/label folders matched by case id. `classes` names the foreground classes (label values
     1..K); the default is one class. Labeled cases are split (seeded --split, or --split-file); image-only
     cases join the end of the training list as unlabeled cases. `split="auto"` keeps 20 % for test and
@@ -131,7 +131,14 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
         splits = make_splits(labeled, split=split, split_file=None, seed=seed)
         splits["train"] += unlabeled
     fold_list = None
-    if folds:
+    if isinstance(folds, list):  # given folds (nnU-Net's splits_final.json)
+        fold_list = [{"train": list(f["train"]) + [c for c in splits["train"] if c in unlabeled and c not in f["train"]],
+                      "val": list(f["val"])} for f in folds]
+        known = set(image_files)
+        bad = sorted({c for f in fold_list for c in f["train"] + f["val"]} - known)
+        if bad:
+            raise ConfigError(f"folds name unknown case(s) {bad[:5]}")
+    elif folds:
         fold_list = make_folds([c for c in splits["train"] + splits["val"] if c not in unlabeled], int(folds), seed)
         for f in fold_list:
             f["train"] += [c for c in splits["train"] if c in unlabeled]
@@ -151,5 +158,5 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
                          drop_failed=drop_failed, warnings=warnings, patch_size=list(patch_size), seed=seed,
                          extra={"split_rule": (f"user file {split_file}" if split_file else
                                 f"seeded {split} of the labeled cases (seed {seed}); image-only cases at the end of train")
-                                + (f"; {folds} folds over train+val, fold 0 as train/val" if folds else ""),
+                                + (f"; {len(fold_list)} folds, fold 0 as train/val" if fold_list else ""),
                                 **({"folds": fold_list} if fold_list else {})})
