@@ -88,4 +88,9 @@ def write_run_curves(run_dir: Path) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    plot_curves([run_dir], Path(run_dir) / "curves.png")
+    try:
+        plot_curves([run_dir], Path(run_dir) / "curves.png")
+    except Exception as exc:  # a full disk or a broken font cache must not stop training
+        from textseg_cli.console import err_console
+
+        err_console.print(f"[yellow]warning:[/] curves.png not written ({type(exc).__name__}: {exc})")
