@@ -47,20 +47,20 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
         df = read_log(run)
         c = colours[i % len(colours)]
         it = df["iteration"]
-        for col in df.columns:
-            if col in _SKIP or col.startswith("val_") or "weight" in col:
-                continue
+        terms = [col for col in df.columns if col not in _SKIP and not col.startswith("val_") and "weight" not in col]
+        for j, col in enumerate(terms):
             s = df[col].notna()
-            if s.any():
-                ax_loss.plot(it[s], df[col][s], color=c, ls="-" if col == "loss" else "--", lw=1.5 if col == "loss" else 0.8,
-                             label=f"{name}: {col}" if len(runs) > 1 or col != "loss" else col)
+            if s.any():  # one run: a colour per term; several: a colour per run, the terms dashed
+                ax_loss.plot(it[s], df[col][s], color=c if len(runs) > 1 else colours[j % len(colours)],
+                             ls="-" if col == "loss" else "--", lw=1.5 if col == "loss" else 0.8,
+                             label=f"{name}: {col}" if len(runs) > 1 else col)
         for col, ax in (("lr", ax_lr),):
             if col in df:
                 s = df[col].notna()
                 ax.plot(it[s], df[col][s], color=c, label=name)
         for col in [c_ for c_ in df.columns if "weight" in c_]:
             s = df[col].notna()
-            ax_w.plot(it[s], df[col][s], color=c, label=f"{name}: {col}")
+            ax_w.plot(it[s], df[col][s], color=c, label=f"{name}: {col}" if len(runs) > 1 else col)
         if "val_dice" in df:
             s = df["val_dice"].notna()
             ax_val.plot(it[s], df["val_dice"][s], color=c, marker="o", ms=3, label=name)
