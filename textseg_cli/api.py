@@ -27,3 +27,6 @@ from textseg_cli.text.encode import encode  # noqa: F401  (textseg encode)
 from textseg_cli.text.embeddings import load_embeddings  # noqa: F401
 from textseg_cli.engine import load_run, train  # noqa: F401  (textseg train)
 from textseg_cli.engine.listing import list_models  # noqa: F401  (textseg models)
+from textseg_cli.inference.export import export_run  # noqa: F401  (textseg export)
+from textseg_cli.reports.curves import plot_curves  # noqa: F401  (textseg plot)
+from textseg_cli.data.prep.nnunet import export_data, prep_nnunet  # noqa: F401  (export-data, prep nnunet)

@@ -126,5 +126,37 @@ def environment_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "cpu": _cpu_model(),
+        "packages": package_versions(),
     }
     return info
+
+
+# The stack a result depends on (the design card's packages plus the numeric and image-I/O ones).
+STACK = ("torch", "torchvision", "numpy", "scipy", "SimpleITK", "nibabel", "h5py", "scikit-image", "pandas",
+         "safetensors", "transformers", "open_clip_torch", "openai", "pydicom", "pillow", "typer", "rich",
+         "pyyaml", "medpy", "matplotlib", "onnx", "onnxruntime", "nnunetv2", "tensorboard")
+
+
+def package_versions(names=STACK) -> dict[str, str | None]:
+    """Installed version of each distribution (None when absent), read from package metadata."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

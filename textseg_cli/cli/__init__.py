@@ -60,6 +60,10 @@ _COMMAND_MODULES: list[str] = [
     "eval_cmd",
     "describe_cmd",
     "encode_cmd",
+    "export_cmd",
+    "plot_cmd",
+    "prep_nnunet",
+    "export_data_cmd",
 ]
 for _mod in _COMMAND_MODULES:
     importlib.import_module(f"textseg_cli.cli.{_mod}")

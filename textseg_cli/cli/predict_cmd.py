@@ -13,9 +13,11 @@ from textseg_cli.cli import app
 def predict(
     run_dir: Path = typer.Argument(..., help="Run folder written by `textseg train` (config.yaml + checkpoints/)."),
     images: Path = typer.Option(..., "--images",
-                                help="Folder of NIfTI volumes (*.nii.gz, *.nii), or a prepared folder."),
+                                help="An image file or a folder of them (NIfTI, NRRD, MHA; nnU-Net channel files "
+                                     "case_0000, case_0001 form one image), or a prepared folder."),
     out: Path = typer.Option(..., "--out",
-                             help="Folder for the masks (<name>.nii.gz, input geometry) and predict.json."),
+                             help="Folder for the masks (<name>.nii.gz, or the input's format; input geometry) "
+                                  "and predict.json."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best (best on validation), last, or a .pt path."),
     decoder: str = typer.Option(None, "--decoder",
                                 help="Decoder of a multi-decoder method: an index or 'mean' (default: the run's)."),
@@ -27,14 +29,21 @@ def predict(
                                        help="Accumulate probabilities on the CPU to save GPU memory on large volumes."),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 "
                                                             "(2-3x faster on CPUs with AVX512-BF16)."),
-    normalize: str = typer.Option("none", "--normalize", help="none (images already preprocessed like the "
-                                                              "training data) or zscore (per image)."),
+    preprocessed: bool = typer.Option(False, "--preprocessed",
+                                      help="Images are already preprocessed like the training data: skip replaying "
+                                           "the data set's chain (resample, crop, window, clip, z-score)."),
+    normalize: str = typer.Option("none", "--normalize", help="With --preprocessed: none, or zscore (per image)."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities",
+                                            help="Also write <name>_probs (float32 softmax, classes on the last "
+                                                 "axis) on the input's grid."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
-    """Segment every volume in --images with a trained run; masks keep each input's spacing and origin."""
+    """Segment new images with a trained run: the training data's preprocessing is replayed and the masks are
+    mapped back onto each input's own grid (spacing, origin, direction)."""
     from textseg_cli.inference.predict import predict_folder
 
     predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
                    device=device, normalize=normalize, sw_batch_size=sw_batch_size,
-                   out_device="cpu" if buffer_on_cpu else None, precision=precision)
+                   out_device="cpu" if buffer_on_cpu else None, precision=precision,
+                   preprocessed=preprocessed, save_probabilities=save_probabilities)

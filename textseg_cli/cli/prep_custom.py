@@ -31,8 +31,10 @@ def prep_custom_cmd(
     crop: str = typer.Option("none", "--crop", help=CROP_HELP),
     crop_margin: int = typer.Option(0, "--crop-margin", help="Voxels added on each side of the crop box.", min=0),
     normalize: str = typer.Option("zscore", "--normalize", help="zscore, zscore-nonzero or none."),
-    split: str = typer.Option("0.8,0.2", "--split", help="TRAIN,TEST or TRAIN,VAL,TEST counts or fractions of the "
-                              "labeled cases."),
+    split: str = typer.Option("auto", "--split", help="TRAIN,TEST or TRAIN,VAL,TEST counts or fractions of the "
+                              "labeled cases; auto: 20 % test, 10 % (at least 1) validation."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Record K cross-validation folds over the labeled "
+                                        "non-test cases (train with --fold k); fold 0 is splits.train/val.", min=2),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
     seed: int = typer.Option(1337, "--seed", help="Seed of the split."),
     require_labels: bool = typer.Option(False, "--require-labels", help="Treat an image without a label as an error."),
@@ -50,5 +52,5 @@ def prep_custom_cmd(
                      classes=classes.split(",") if classes else None, name=name, spacing=spacing, window=window,
                      window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin, normalize=normalize,
                      split=split, split_file=split_file, seed=seed, require_labels=require_labels,
-                     label_geometry=label_geometry, workers=workers, force=force, drop_failed=drop_failed)
+                     label_geometry=label_geometry, workers=workers, force=force, drop_failed=drop_failed, folds=folds)
     _report(ds.name, ds, out)

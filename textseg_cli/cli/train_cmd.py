@@ -21,7 +21,11 @@ def train_command(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Prepared data folder (from `textseg prep`)."),
     labeled: Optional[str] = typer.Option(None, "--labeled", "-l",
                                           help="Labeled cases: a count (8) or a percentage (10%) of splits.train, "
-                                               "taken from its head; the rest is used unlabeled. Default: all."),
+                                               "taken from its head; the rest is used unlabeled. Default: the prepared "
+                                               "set's labeled.default in dataset.json (prep la: 8), "
+                                               "else all."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Train on fold k of a set prepared with --folds K "
+                                       "(its train/val replace splits.train/val)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="Training iterations (overrides "
                                              "the method config; with --resume, extends the run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: "
@@ -91,7 +95,7 @@ def train_command(
                           csa=False if no_csa else None, dca=False if no_dca else None,
                           vwpm=False if no_vwpm else None, vtcm=False if no_vtcm else None,
                           unsup_loss=unsup_loss, t1=t1, t2=t2, sse=sse, clip_finetune=clip_finetune, date=date,
-                          vlcm=vlcm, clip_weights=clip_weights) + list(sets or [])
+                          vlcm=vlcm, clip_weights=clip_weights) + list(sets or []) + ([f"data.fold={fold}"] if fold is not None else [])
     if print_config:
         from textseg_cli.data.prepared import load_prepared
         from textseg_cli.engine.config import build_config, dump_config

@@ -47,3 +47,17 @@ def carve_validation(train_ids: Sequence[str], n_val: int, seed: int, keep_first
         raise ConfigError(f"--val {n_val} asks for more cases than the {len(pool)} available")
     val = set(random.Random(seed).sample(pool, n_val))
     return [c for c in train_ids if c not in val], [c for c in train_ids if c in val]
+
+
+def apply_fold(ds, fold: int | None) -> None:
+    """Make fold `fold` of a prepared set's `extra.folds` (`prep custom --folds K`) its train/val split,
+    in memory; None leaves the splits as they are."""
+    if fold is None:
+        return
+    folds = (ds.spec.get("extra") or {}).get("folds") or []
+    if not folds:
+        raise ConfigError(f"--fold {fold}: {ds.root} records no folds (prepare it with --folds K)")
+    if not 0 <= int(fold) < len(folds):
+        raise ConfigError(f"--fold {fold}: expected 0 to {len(folds) - 1} ({len(folds)} folds)")
+    ds.spec["splits"] = {**ds.spec["splits"], "train": list(folds[int(fold)]["train"]),
+                         "val": list(folds[int(fold)]["val"])}

@@ -72,3 +72,17 @@ def _num(v: str) -> Any:
     except ValueError:
         return v
     return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
+def progress_line(iteration: int, total: int, row: dict[str, Any], info: str) -> str:
+    """One plain line for logs that are not a terminal (batch jobs, `| tee`): where, how fast, ETA."""
+    rate = float(row.get("it_per_s") or 0.0)
+    eta = _hms((total - iteration) / rate) if rate > 0 else "?"
+    elapsed = _hms(float(row.get("time_s") or 0.0))
+    return (f"it {iteration}/{total} ({100.0 * iteration / max(1, total):.1f}%) | {info} | {rate:.2f} it/s | "
+            f"elapsed {elapsed} | ETA {eta}")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from textseg_cli.console import err_console
-from textseg_cli.data.prepared import PreparedDataset, load_prepared
+from textseg_cli.data.prepared import PreparedDataset
 from textseg_cli.engine.checkpoint import load_checkpoint
 from textseg_cli.engine.config import load_config
 from textseg_cli.errors import DataError
@@ -65,17 +65,18 @@ def load_run(run_dir: str | Path, checkpoint: str | Path = "best", device: str |
              data_root: str | Path | None = None) -> LoadedRun:
     """Rebuild a run's method from RUN/config.yaml and load a checkpoint ("best", "last" or a path).
 
-    `data_root` overrides the prepared folder recorded in the config (when the data moved).
+    `data_root` overrides the prepared folder recorded in the config (when the data moved); without the
+    folder, the run's own copy of its dataset.json (RUN/prepared.json) is enough to predict new images.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError("run folder not found", run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    root = data_root or cfg["data"]["root"]
-    try:
-        ds = load_prepared(root)
-    except DataError as exc:
-        raise DataError(f"{exc} (the run's prepared data; pass data_root= if it moved)", run_dir / "config.yaml") from exc
+    from textseg_cli.data.splits import apply_fold
+    from textseg_cli.engine.bundle import localize_config, run_dataset
+
+    cfg = localize_config(load_config(run_dir / "config.yaml"), run_dir)  # text inputs: the run's own copies
+    ds = run_dataset(cfg, run_dir, data_root)  # the data folder, else the run's RUN/prepared.json
+    apply_fold(ds, cfg["data"].get("fold"))
     path, rule = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path, map_location="cpu")
     method = build_run_method(cfg, ds)

@@ -26,14 +26,16 @@ import torch.nn as nn
 from textseg_cli.console import console, err_console, progress
 from textseg_cli.data.prepared import PreparedDataset, load_prepared
 from textseg_cli.data.sampling import Augment, TwoStreamSampler, load_training_cases
-from textseg_cli.data.splits import labeled_subset
+from textseg_cli.data.splits import apply_fold, labeled_subset
 from textseg_cli.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from textseg_cli.engine.config import build_config, load_config, save_config
 from textseg_cli.engine.optim import build_optimizer, build_scheduler
-from textseg_cli.engine.runlog import RunLog
+from textseg_cli.engine.runlog import RunLog, progress_line
+from textseg_cli.engine.bundle import snapshot_run_inputs
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
+from textseg_cli.reports.curves import write_run_curves
 from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
 
 
@@ -426,6 +428,11 @@ class Trainer:
                     if row and self.log is not None:
                         self.log.log(it, row)
                         self.log.flush()
+                        if not self.quiet and not console.is_terminal and "it_per_s" in row:  # piped: plain lines
+                            console.print(progress_line(it, self.max_iterations, row, self._info(row, loss_terms)),
+                                          highlight=False, markup=False, soft_wrap=True)
+                        if do_val or it == self.max_iterations:
+                            write_run_curves(self.run_dir)  # RUN/curves.png
                     if do_val or it % tr["checkpoint_every"] == 0 or it == self.max_iterations:
                         self.save("last")
                     bar.update(task, completed=it, info=self._info(row, loss_terms))
@@ -573,12 +580,14 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         cfg["data"]["root"] = str(Path(data).resolve())
         if out is None:
             lab = str(cfg["data"]["labeled"] or "all").replace("%", "pct")
-            out = Path("runs") / ds.name / f"{method.replace('+', '_plus')}_{lab}L_s{cfg['seed']}"
+            fold = "" if cfg["data"].get("fold") is None else f"_f{cfg['data']['fold']}"
+            out = Path("runs") / ds.name / f"{method.replace('+', '_plus')}_{lab}L_s{cfg['seed']}{fold}"
         run_dir = Path(out)
         # every rank checks, so a refused folder fails everywhere instead of hanging the others
         if run_dir.exists() and any(run_dir.iterdir()) and not force:
             raise OutputExistsError(run_dir)
         last = None
+    apply_fold(ds, cfg["data"].get("fold"))  # `train --fold k`: fold k's train/val replace the splits
 
     dev = resolve_device(device, dist)
     if dist.enabled:
@@ -598,6 +607,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         if dist.main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
+            snapshot_run_inputs(run_dir, cfg, ds)  # RUN/prepared.json + RUN/text/: the run predicts after a move
             _write_env(run_dir, cfg, dev, dist, resume)
             atomic_write_json(run_dir / "cases.json", {
                 "labeled": trainer.labeled_ids, "unlabeled": trainer.unlabeled_ids,

@@ -133,8 +133,6 @@ class InputImage:
 
 def read_input_image(path: Path, dim: int, name: str | None = None) -> InputImage:
     """Read a NIfTI image (channels last when 4D/3D-for-2D) with the geometry to write its mask back."""
-    import nibabel as nib
-
     from textseg_cli.data.io import read_nifti
 
     vol = read_nifti(path, dtype=np.float32)
@@ -145,33 +143,27 @@ def read_input_image(path: Path, dim: int, name: str | None = None) -> InputImag
         arr = np.moveaxis(arr, -1, 0)
     else:
         raise DataError(f"image has shape {arr.shape}; expected {dim}D (or {dim}D with channels last)", path)
+    if name is None:
+        name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
+    return InputImage(name, np.ascontiguousarray(arr, dtype=np.float32), *nifti_geometry(path))
+
+
+def nifti_geometry(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(spacing, origin, direction) from a NIfTI affine's columns, so `write_nifti` reproduces it exactly."""
+    import nibabel as nib
+
     aff = np.asarray(nib.load(str(path)).affine, dtype=float)
     spacing = np.linalg.norm(aff[:3, :3], axis=0)
     spacing[spacing == 0] = 1.0
     direction = aff[:3, :3] / spacing[None, :]
-    if name is None:
-        name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
-    return InputImage(name, np.ascontiguousarray(arr, dtype=np.float32), tuple(float(s) for s in spacing),
-                      tuple(float(v) for v in aff[:3, 3]), tuple(float(v) for v in direction.ravel()))
+    return (tuple(float(s) for s in spacing), tuple(float(v) for v in aff[:3, 3]),
+            tuple(float(v) for v in direction.ravel()))
 
 
 def write_mask(path: Path, mask: np.ndarray, like: InputImage) -> None:
     from textseg_cli.data.io import write_nifti
 
     write_nifti(path, mask.astype(np.uint8, copy=False), like.spacing, like.origin, like.direction)
-
-
-def _list_inputs(images: Path) -> list[tuple[str, Path]]:
-    """(name, path) of the volumes to segment: every case of a prepared folder, else every NIfTI file."""
-    if (images / "dataset.json").exists():
-        from textseg_cli.data.prepared import load_prepared
-
-        ds = load_prepared(images)
-        return [(cid, ds.image_path(cid)) for cid in ds.case_ids]
-    files = sorted(p for p in images.iterdir() if p.is_file() and (p.name.endswith(".nii.gz") or p.suffix == ".nii"))
-    if not files:
-        raise DataError("no NIfTI files (*.nii.gz, *.nii) and no dataset.json here", images)
-    return [(p.name[:-7] if p.name.endswith(".nii.gz") else p.stem, p) for p in files]
 
 
 def inference_settings(config: dict[str, Any], inference: str | None = None, decoder: int | str | None = None,
@@ -201,53 +193,85 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                    decoder: int | str | None = None, inference: str | None = None, force: bool = False,
                    device: str | None = None, normalize: str = "none",
                    sw_batch_size: int | None = None, out_device: str | None = None,
-                   precision: str | None = None) -> list[Path]:
-    """Segment every volume in `images` (NIfTI files, or a prepared folder) with a trained run.
+                   precision: str | None = None, preprocessed: bool = False,
+                   save_probabilities: bool = False) -> list[Path]:
+    """Segment new images (one file, a folder of NIfTI/NRRD/MHA files, or a prepared folder) with a trained run.
 
-    Masks (uint8 class indices) go to `out/<name>.nii.gz` with the input's affine (spacing, origin,
-    direction); `out/predict.json` records the run, checkpoint, decoder and inference settings.
-    Images must be preprocessed like the training data; `normalize="zscore"` z-scores each image first.
-    Returns the written mask paths.
+    Raw images go through the run's data-set preprocessing chain (`inference/replay.py`: resampling,
+    crop, window, clip, z-score as dataset.json records them) and the masks are mapped back onto each
+    input's own grid; `preprocessed=True` skips the replay for images already preprocessed like the
+    training data (then `normalize="zscore"` z-scores each image). Masks (uint8 class indices) go to
+    `out/<name>.nii.gz` (NRRD/MHA inputs keep their format) with the input's geometry;
+    `save_probabilities` adds `<name>_probs` (float32, classes as the last axis). `out/predict.json`
+    records the run, checkpoint, decoder, preprocessing and inference settings. Returns the mask paths.
     """
     from textseg_cli.console import console, progress
     from textseg_cli.engine.runs import load_run
+    from textseg_cli.inference import replay
     from textseg_cli.utils import atomic_write_json, prepare_output_dir
 
     images, out = Path(images), Path(out)
-    if not images.is_dir():
-        raise DataError("image folder not found", images)
+    if not images.exists():
+        raise DataError("image file or folder not found", images)
     if out.resolve() == images.resolve():
         raise ConfigError("--out must differ from --images (inputs are never overwritten)")
     if normalize not in ("none", "zscore"):
         raise ConfigError(f"normalize must be 'none' or 'zscore', got {normalize!r}")
-    inputs = _list_inputs(images)
     dev = resolve_device(device)
     run = load_run(run_dir, checkpoint, device=str(dev))
     inf_cfg = inference_settings(run.config, inference, decoder, sw_batch_size=sw_batch_size, out_device=out_device,
                                  precision=precision)
     dim = int(getattr(run.method, "dim", 3))
+    if images.is_dir() and (images / "dataset.json").exists():
+        from textseg_cli.data.prepared import load_prepared
+
+        ds = load_prepared(images)
+        inputs = [(cid, [ds.image_path(cid)]) for cid in ds.case_ids]
+        chain, steps = replay.Processing(normalize="none"), "none (a prepared folder)"
+    else:
+        inputs = replay.list_raw_inputs(images)
+        if preprocessed:
+            chain, steps = replay.Processing(normalize="none"), "none (--preprocessed)"
+        else:
+            recorded = run.dataset.spec.get("preprocessing") or []
+            chain = replay.replay_processing(recorded, run.dataset.root / "dataset.json")
+            steps = [s for s in recorded if s.get("step") not in replay.SOURCE_STEPS]
+    identity = chain == replay.Processing(normalize="none")
+    if dim != 3 and not identity:
+        raise replay.ReplayError("replaying preprocessing is implemented for 3D data sets; pass --preprocessed "
+                                 "with images prepared like the training data", run.dataset.root / "dataset.json")
     prepare_output_dir(out, force=force)
 
     written: list[Path] = []
     with progress() as bar:
         task = bar.add_task("predict", total=len(inputs), info="")
-        for name, path in inputs:
+        for name, files in inputs:
             bar.update(task, info=name)
-            img = read_input_image(path, dim, name=name)
-            arr = img.array
+            if identity and len(files) == 1 and files[0].name.lower().endswith(replay.NIFTI):
+                # nibabel keeps any affine exactly (SimpleITK refuses non-orthonormal ones)
+                arr, raw = read_input_image(files[0], dim, name=name).array, None
+            else:
+                raw = replay.load_raw(name, files, chain)
+                arr = raw.array
             if normalize == "zscore":
                 from textseg_cli.data.preprocessing import zscore
 
                 arr = np.stack([zscore(c) for c in arr])
-            mask = probs_to_mask(predict_case(run.method, arr, inf_cfg, dev))
-            target = out / f"{name}.nii.gz"
-            write_mask(target, mask, img)
+            probs = predict_case(run.method, arr, inf_cfg, dev)
+            mask = probs_to_mask(probs)
+            target = out / replay.output_name(files[0], name)
+            replay.write_like(target, mask if raw is None else raw.restore_mask(mask), files[0])
+            if save_probabilities:
+                p = probs.to(device="cpu", dtype=torch.float32).numpy()
+                replay.write_like(out / replay.output_name(files[0], name, "_probs"),
+                                  p if raw is None else raw.restore_probs(p), files[0], channels=True)
             written.append(target)
             bar.advance(task)
     atomic_write_json(out / "predict.json", {
         "run_dir": str(Path(run_dir).resolve()), "checkpoint": str(run.checkpoint_path),
         "checkpoint_rule": checkpoint_rule(getattr(run, "checkpoint_rule", checkpoint), run.checkpoint_path),
-        "images": str(images.resolve()), "normalize": normalize,
+        "images": str(images.resolve()), "preprocessing": steps, "normalize": normalize,
+        "probabilities": "<name>_probs: float32 softmax, classes on the last axis" if save_probabilities else None,
         "inference": inf_cfg, "device": str(dev), "cases": [p.name for p in written]})
     console.print(f"wrote {len(written)} mask(s) to {out}")
     return written

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from textseg_cli.data.prep import runner
-from textseg_cli.data.prep.steps import default_patch_size, load_files, make_splits, processing_from_options
+from textseg_cli.data.prep.steps import (default_patch_size, load_files, make_folds, make_splits,
+                                         processing_from_options)
 from textseg_cli.errors import ConfigError, DataError
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -68,12 +69,15 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
                 classes: Sequence[str] | None = None, channel_names: Sequence[str] | None = None, name: str = "custom",
                 spacing: Any = None, window: Any = None, window_preset: str | None = None, clip: Any = None,
                 crop: str = "none", crop_margin: Any = 0, body_threshold: float = -500.0, normalize: str = "zscore",
-                split: Any = "0.8,0.2", split_file: str | Path | None = None, seed: int = 1337,
+                split: Any = "auto", split_file: str | Path | None = None, seed: int = 1337,
                 require_labels: bool = False, patch_size: Sequence[int] | None = None, label_geometry: str = "check",
-                workers: int = 1, force: bool = False, drop_failed: bool = False):
+                workers: int = 1, force: bool = False, drop_failed: bool = False, folds: int | list | None = None):
     """Prepare image/label folders matched by case id. `classes` names the foreground classes (label values
     1..K); the default is one class. Labeled cases are split (seeded --split, or --split-file); image-only
-    cases join the end of the training list as unlabeled cases. Returns the PreparedDataset."""
+    cases join the end of the training list as unlabeled cases. `split="auto"` keeps 20 % for test and
+    10 % (at least one case) for validation. `folds=K` records K cross-validation folds over the labeled
+    non-test cases (dataset.json `extra.folds`; `train --fold k`); fold 0 becomes splits.train/val.
+    Returns the PreparedDataset."""
     images, out = Path(images), Path(out)
     labels_p = Path(labels) if labels is not None else None
     for p in (images, labels_p):
@@ -126,6 +130,19 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
                             images)
         splits = make_splits(labeled, split=split, split_file=None, seed=seed)
         splits["train"] += unlabeled
+    fold_list = None
+    if isinstance(folds, list):  # given folds (nnU-Net's splits_final.json)
+        fold_list = [{"train": list(f["train"]) + [c for c in splits["train"] if c in unlabeled and c not in f["train"]],
+                      "val": list(f["val"])} for f in folds]
+        known = set(image_files)
+        bad = sorted({c for f in fold_list for c in f["train"] + f["val"]} - known)
+        if bad:
+            raise ConfigError(f"folds name unknown case(s) {bad[:5]}")
+    elif folds:
+        fold_list = make_folds([c for c in splits["train"] + splits["val"] if c not in unlabeled], int(folds), seed)
+        for f in fold_list:
+            f["train"] += [c for c in splits["train"] if c in unlabeled]
+        splits["train"], splits["val"] = list(fold_list[0]["train"]), list(fold_list[0]["val"])
     n = len(next(iter(image_files.values())))
     chan = list(channel_names) if channel_names else ([modality] if n == 1 else [f"{modality}{i}" for i in range(n)])
     if len(chan) != n:
@@ -139,5 +156,7 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
     return runner.finish(writer, report, splits=splits, preprocessing=preprocessing,
                          source={"layout": "custom", "paths": [str(images)] + ([str(labels_p)] if labels_p else [])},
                          drop_failed=drop_failed, warnings=warnings, patch_size=list(patch_size), seed=seed,
-                         extra={"split_rule": f"user file {split_file}" if split_file else
-                                f"seeded {split} of the labeled cases (seed {seed}); image-only cases at the end of train"})
+                         extra={"split_rule": (f"user file {split_file}" if split_file else
+                                f"seeded {split} of the labeled cases (seed {seed}); image-only cases at the end of train")
+                                + (f"; {len(fold_list)} folds, fold 0 as train/val" if fold_list else ""),
+                                **({"folds": fold_list} if fold_list else {})})

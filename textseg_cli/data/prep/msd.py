@@ -22,6 +22,9 @@ def read_task(src: Path) -> dict[str, Any]:
         raise DataError("no dataset.json: expected an MSD task folder (TaskXX_Name with dataset.json, imagesTr/, "
                         "labelsTr/)", src)
     spec = read_json(path)
+    if "training" not in spec and "channel_names" in spec and "file_ending" in spec:
+        raise DataError("this is an nnU-Net v2 raw folder (channel_names, file_ending): use `textseg prep nnunet`",
+                        path)
     for key in ("labels", "training"):
         if key not in spec:
             raise DataError(f"MSD dataset.json lacks '{key}'", path)

@@ -258,7 +258,14 @@ def apply_processing(case_id: str, loaded: Loaded, proc: Processing) -> Processe
 # --- splits ----------------------------------------------------------------------------------------
 
 def parse_split_counts(spec: Any, n: int, names: Sequence[str] = ("train", "val", "test")) -> dict[str, int]:
-    """'48,15' (train,test) or '250,25,60' (train,val,test); fractions like '0.8,0.2' are scaled to n."""
+    """'48,15' (train,test) or '250,25,60' (train,val,test); fractions like '0.8,0.2' are scaled to n.
+
+    'auto': 20 % test and, from 5 cases on, 10 % (at least one) validation, so small sets still get a
+    best-on-validation checkpoint."""
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        n_test = int(math.floor(0.2 * n + 0.5)) if n >= 2 else 0
+        n_val = max(1, int(math.floor(0.1 * n + 0.5))) if n >= 5 else 0
+        return dict(zip(names, (n - n_val - n_test, n_val, n_test)))
     parts = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
     try:
         vals = [float(p) for p in parts]
@@ -467,7 +474,21 @@ def processing_from_options(*, spacing: Any = None, window: Any = None, window_p
 
 
 def make_splits(case_ids: Sequence[str], *, split: Any, split_file: str | Path | None, seed: int) -> dict[str, list[str]]:
-    """--split-file wins; otherwise a seeded split with the --split counts or fractions."""
+    """--split-file wins; otherwise a seeded split with the --split counts or fractions ('auto': see
+    `parse_split_counts`)."""
     if split_file is not None:
         return load_split_file(split_file, case_ids)
     return seeded_split(case_ids, parse_split_counts(split, len(case_ids)), seed)
+
+
+def make_folds(pool: Sequence[str], k: int, seed: int) -> list[dict[str, list[str]]]:
+    """K seeded cross-validation folds over `pool` (the labeled non-test cases): fold i validates on the
+    i-th of K near-equal chunks of the shuffled pool and trains on the rest (nnU-Net's splits_final.json)."""
+    import random
+
+    if k < 2 or k > len(pool):
+        raise ConfigError(f"--folds {k}: expected 2 to {len(pool)} (the labeled non-test cases)")
+    ids = sorted(pool)
+    random.Random(seed).shuffle(ids)
+    chunks = [ids[i::k] for i in range(k)]
+    return [{"train": [c for c in ids if c not in set(chunk)], "val": sorted(chunk)} for chunk in chunks]

@@ -1,0 +1,96 @@
+"""Training curves from RUN/log.csv: `RUN/curves.png` (written by training) and `textseg plot RUN [RUN ...]`.
+
+Four panels against iteration: loss terms, learning rate, consistency weight(s) and validation Dice.
+Several runs are overlaid with one colour per run (the total loss solid, its terms dashed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from textseg_cli.errors import DataError
+
+_SKIP = {"iteration", "lr", "it_per_s", "time_s", "val_seconds", "val_best"}
+
+
+def read_log(run_dir: str | Path):
+    import pandas as pd
+
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        raise DataError("no log.csv (not a run folder, or training has not logged yet)", path)
+    return pd.read_csv(path)
+
+
+def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Draw the curves of one or more runs into `out` (PNG, atomically). Returns `out`."""
+    try:
+        import matplotlib
+    except ImportError:
+        from textseg_cli.errors import ConfigError
+
+        raise ConfigError("plots need matplotlib: pip install 'textseg-cli[plot]'") from None
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    from textseg_cli.utils import atomic_path
+
+    runs = [Path(r) for r in run_dirs]
+    if not runs:
+        raise DataError("no run folders given")
+    names = list(labels) if labels else [r.name for r in runs]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    (ax_loss, ax_lr), (ax_w, ax_val) = axes
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run, name) in enumerate(zip(runs, names)):
+        df = read_log(run)
+        c = colours[i % len(colours)]
+        it = df["iteration"]
+        terms = [col for col in df.columns if col not in _SKIP and not col.startswith("val_") and "weight" not in col]
+        for j, col in enumerate(terms):
+            s = df[col].notna()
+            if s.any():  # one run: a colour per term; several: a colour per run, the terms dashed
+                ax_loss.plot(it[s], df[col][s], color=c if len(runs) > 1 else colours[j % len(colours)],
+                             ls="-" if col == "loss" else "--", lw=1.5 if col == "loss" else 0.8,
+                             label=f"{name}: {col}" if len(runs) > 1 else col)
+        for col, ax in (("lr", ax_lr),):
+            if col in df:
+                s = df[col].notna()
+                ax.plot(it[s], df[col][s], color=c, label=name)
+        for col in [c_ for c_ in df.columns if "weight" in c_]:
+            s = df[col].notna()
+            ax_w.plot(it[s], df[col][s], color=c, label=f"{name}: {col}" if len(runs) > 1 else col)
+        if "val_dice" in df:
+            s = df["val_dice"].notna()
+            ax_val.plot(it[s], df["val_dice"][s], color=c, marker="o", ms=3, label=name)
+    for ax, title in ((ax_loss, "loss terms"), (ax_lr, "learning rate"), (ax_w, "consistency weight"),
+                      (ax_val, "validation Dice")):
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    for ax in axes[1]:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def write_run_curves(run_dir: Path) -> None:
+    """RUN/curves.png, or nothing when matplotlib is missing (training must not fail over a plot)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    try:
+        plot_curves([run_dir], Path(run_dir) / "curves.png")
+    except Exception as exc:  # a full disk or a broken font cache must not stop training
+        from textseg_cli.console import err_console
+
+        err_console.print(f"[yellow]warning:[/] curves.png not written ({type(exc).__name__}: {exc})")
