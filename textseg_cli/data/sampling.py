@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from textseg_cli.data.prepared import PreparedDataset
-from textseg_cli.errors import DataError
+from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.methods.base import Batch
 
 
@@ -65,6 +65,7 @@ class CaseCycle:
 class Augment:
     flip: bool = False
     rot90: bool = False
+    lvit: bool = False  # LViT's RandomGenerator (data/augment_lvit.py), after the crop
 
 
 class TwoStreamSampler:
@@ -78,6 +79,9 @@ class TwoStreamSampler:
             raise DataError("no labeled training cases")
         self.patch = [int(p) for p in patch_size]
         self.augment = augment or Augment()
+        if self.augment.lvit and len(self.patch) != 2:
+            raise ConfigError("data.augment.lvit is LViT's 2D augmentation; this data set is "
+                              f"{len(self.patch)}D")
         # rot90 swaps the first two axes of a patch, so volumes must cover the larger of the two
         need = list(self.patch)
         if self.augment.rot90 and len(need) >= 2:
@@ -111,6 +115,10 @@ class TwoStreamSampler:
                 if self.rng.random() < 0.5:
                     img = np.flip(img, axis=ax + 1)
                     lab = np.flip(lab, axis=ax) if lab is not None else None
+        if self.augment.lvit:
+            from textseg_cli.data.augment_lvit import random_generator
+
+            img, lab = random_generator(img, lab, self.rng)
         return img, lab
 
     def next_batch(self) -> Batch:

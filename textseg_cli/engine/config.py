@@ -17,7 +17,7 @@ import yaml
 
 from textseg_cli.errors import ConfigError
 
-SCHEDULES = ("constant", "poly", "step", "linear")
+SCHEDULES = ("constant", "poly", "step", "linear", "cosine_restarts")
 INFERENCE_MODES = ("sliding", "whole")
 
 
