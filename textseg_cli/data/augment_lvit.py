@@ -21,12 +21,12 @@ def rot_flip(image: np.ndarray, label: np.ndarray | None, k: int, axis: int):
 
 
 def rotate(image: np.ndarray, label: np.ndarray | None, angle: float):
-    """Load_Dataset.py:26-30 (`random_rotate`) with its angle given. LViT rotates (rows, cols, C) arrays
-    in scipy's default plane axes=(1, 0); (C, rows, cols) uses axes=(2, 1), the same plane and sense."""
+    """Load_Dataset.py:26-30 (`random_rotate`) with its angle given. LViT rotates (rows, cols, C) arrays in
+    scipy's default plane axes=(1, 0), which scipy sorts to (0, 1): rows/cols; here (C, rows, cols) → (1, 2)."""
     from scipy import ndimage
 
-    image = ndimage.rotate(image, angle, axes=(2, 1), order=0, reshape=False)
-    label = None if label is None else ndimage.rotate(label, angle, axes=(1, 0), order=0, reshape=False)
+    image = ndimage.rotate(image, angle, axes=(1, 2), order=0, reshape=False)
+    label = None if label is None else ndimage.rotate(label, angle, axes=(0, 1), order=0, reshape=False)
     return image, label
 
 
