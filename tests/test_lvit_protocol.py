@@ -60,7 +60,8 @@ def test_forward_is_sigmoid_of_logits_and_method_predicts_by_threshold():
 def test_weighted_dice_bce_on_a_fixed_example():
     prob = torch.tensor([[[[0.9, 0.2], [0.6, 0.1]]]])
     target = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
-    # utils.py:25-37: foreground and background BCE means, 0.5 each: 0.5·(−ln .9 − ln .6)/2 + 0.5·(−ln .8 − ln .9)/2
+    # utils.py:25-37: foreground and background BCE means, 0.5 each:
+    # 0.5·(−ln .9 − ln .6)/2 + 0.5·(−ln .8 − ln .9)/2
     assert weighted_bce(prob, target).item() == pytest.approx(0.23617255159896328, rel=1e-6)
     # utils.py:45-61 with w = 0.5 everywhere: 1 − (2·0.375 + 1e-5) / (0.805 + 1e-5)
     assert weighted_soft_dice(prob, target).item() == pytest.approx(0.06832213264431486, rel=1e-5)
