@@ -261,6 +261,14 @@ def test_trainer_time_budget_stops_cleanly(tiny_2d, tmp_path, one_thread):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+def test_explicit_iterations_override_epochs(tiny_2d, tmp_path, one_thread):
+    from textseg_cli.engine.trainer import train
+
+    res = train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True, iterations=2,
+                sets=["train.epochs=50", "method.backbone.base=2"])
+    assert res.iteration == 2 and json.loads((tmp_path / "run" / "training.json").read_text())["ended"] == "completed"
+
+
 # --- data: LViT's loader resize -----------------------------------------------------------------------
 
 def test_lvit_loader_resize_is_bilinear_255_and_dilating_masks():

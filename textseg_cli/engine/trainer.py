@@ -603,6 +603,8 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             raise OutputExistsError(run_dir)
         last = None
 
+    if iterations is not None:  # an explicit --iterations sets the length, also of an epoch-based config
+        cfg["train"]["epochs"] = None
     dev = resolve_device(device, dist)
     if dist.enabled:
         import torch.distributed as tdist
