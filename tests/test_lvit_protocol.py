@@ -287,3 +287,20 @@ def test_lvit_loader_resize_is_bilinear_255_and_dilating_masks():
     assert m.sum() == 1 and m[5, 10] == 1
     odd, m2 = lvit_loader_resize(img, mask, 17)  # non-integer scale: bilinear > 0 grows the mask
     assert m2.sum() >= 1
+
+
+def test_eval_metrics_equal_lvits_test_script_on_nonempty_masks():
+    from sklearn.metrics import jaccard_score
+
+    from textseg_cli.metrics import dice, jaccard
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        prob = rng.random((224, 224))
+        lab = (rng.random((224, 224)) > rng.uniform(0.5, 0.95)).astype(np.float32)
+        pred = (prob > 0.5).astype(np.float32)  # test_model.py:51: output > 0.5
+        # test_model.py:17-21, per image
+        lvit_dice = 2 * np.sum(lab * pred) / (np.sum(lab) + np.sum(pred) + 1e-5)
+        lvit_iou = jaccard_score(lab.reshape(-1), pred.reshape(-1))
+        assert dice(pred > 0, lab > 0) == pytest.approx(lvit_dice, abs=1e-8)
+        assert jaccard(pred > 0, lab > 0) == pytest.approx(lvit_iou, abs=1e-12)

@@ -69,7 +69,7 @@ class StopRules:
         """
         if self.patience is None or not self.every:
             return False
-        ref = best_iteration if best_iteration else self.every
+        ref = self.every if best_iteration is None else best_iteration
         if (iteration - ref) // self.every > self.patience:
             self.reason = (f"early stopping: {self.patience} validations without a better validation Dice "
                            f"(best at iteration {ref})")
