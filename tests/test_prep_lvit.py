@@ -147,3 +147,21 @@ def test_real_monuseg_smoke_train_and_eval(monuseg_dir, tmp_path, one_thread):
     df = pd.read_csv(run / "eval" / "val-best-whole" / "per_case.csv")
     assert len(df) == 6 and df["dice"].between(0, 1).all()
 
+
+
+def test_protocol_lvit_reads_pixels_like_lvits_loader(tmp_path):
+    src = tmp_path / "src"
+    _make_split(src, "Train", ["a1"], size=(16, 16))
+    with pytest.raises(DataError, match="needs --resize"):
+        prep_lvit(src, tmp_path / "no", protocol="lvit")
+    ds = prep_lvit(src, tmp_path / "out", resize=8, protocol="lvit")
+    case = ds.load_case("a1", with_label=True)
+    raw = np.asarray(Image.open(src / "Train_Folder" / "img" / "a1.png")).astype(np.float64)
+    # 2× down, cv2 INTER_LINEAR: the mean of each 2×2 block, rounded to a grey level, / 255 (no min-max)
+    expect = np.floor(raw.reshape(8, 2, 8, 2, 3).mean(axis=(1, 3)) + 0.5) / 255
+    assert np.allclose(np.moveaxis(case.image, 0, -1), expect, atol=1e-6)
+    # mask rows 2:6, cols 3:9 → blocks 1..2 × 1..4 (a half-covered block is > 0 after bilinear)
+    want = np.zeros((8, 8), np.uint8)
+    want[1:3, 1:5] = 1
+    assert np.array_equal(case.label, want)
+    assert ds.spec["extra"]["protocol"] == "lvit" and ds.spec["preprocessing"][-1]["params"]["divide_by"] == 255

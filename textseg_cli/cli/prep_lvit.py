@@ -19,6 +19,9 @@ def prep_lvit_cmd(
                                                  "rows without image) instead of stopping."),
     resize: int = typer.Option(None, "--resize", help="Resize every image and mask to N×N (e.g. 224 or 256); "
                                "recorded in dataset.json. Default: keep the original size."),
+    protocol: str = typer.Option("textseg", "--protocol", help="How pixels are read: textseg (antialiased "
+                                 "resize, nearest masks, per-image min-max) or lvit (LViT's loader: bilinear "
+                                 "resize without antialiasing, /255, masks bilinear then > 0; needs --resize)."),
     name: str = typer.Option(None, "--name", help="Data set name (default: the source folder's name)."),
     modality: str = typer.Option(None, "--modality", help="Imaging modality, e.g. 'chest x-ray', ct, histology "
                                  "(default: known for MoNuSeg, QaTa-COV19, MosMedData+ by name, else 2D)."),
@@ -29,7 +32,7 @@ def prep_lvit_cmd(
     from textseg_cli.data.prep.lvit import prep_lvit
 
     ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name,
-                   modality=modality)
+                   modality=modality, protocol=protocol)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     n_ex = len(ds.spec["extra"].get("excluded", []))
     console.print(f"prepared [bold]{ds.name}[/] (2D, {ds.in_channels} channel(s)): {counts}"

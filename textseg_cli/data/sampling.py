@@ -19,7 +19,7 @@ import torch
 
 from textseg_cli.data.augment import random_rot_flip
 from textseg_cli.data.prepared import PreparedDataset
-from textseg_cli.errors import DataError
+from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.methods.base import Batch
 
 
@@ -67,6 +67,7 @@ class Augment:
     flip: bool = False
     rot90: bool = False
     rotflip: bool = False  # the official LA scripts' RandomRotFlip on the volume, before the crop (data/augment.py)
+    lvit: bool = False  # LViT's RandomGenerator (data/augment_lvit.py), after the crop
 
 
 class TwoStreamSampler:
@@ -80,6 +81,9 @@ class TwoStreamSampler:
             raise DataError("no labeled training cases")
         self.patch = [int(p) for p in patch_size]
         self.augment = augment or Augment()
+        if self.augment.lvit and len(self.patch) != 2:
+            raise ConfigError("data.augment.lvit is LViT's 2D augmentation; this data set is "
+                              f"{len(self.patch)}D")
         # rot90 swaps the first two axes of a patch, so volumes must cover the larger of the two
         need = list(self.patch)
         if (self.augment.rot90 or self.augment.rotflip) and len(need) >= 2:
@@ -115,6 +119,10 @@ class TwoStreamSampler:
                 if self.rng.random() < 0.5:
                     img = np.flip(img, axis=ax + 1)
                     lab = np.flip(lab, axis=ax) if lab is not None else None
+        if self.augment.lvit:
+            from textseg_cli.data.augment_lvit import random_generator
+
+            img, lab = random_generator(img, lab, self.rng)
         return img, lab
 
     def next_batch(self) -> Batch:

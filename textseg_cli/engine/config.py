@@ -18,7 +18,7 @@ import yaml
 from textseg_cli.data.names import canonical_name
 from textseg_cli.errors import ConfigError
 
-SCHEDULES = ("constant", "poly", "step", "linear")
+SCHEDULES = ("constant", "poly", "step", "linear", "cosine_restarts")
 INFERENCE_MODES = ("sliding", "whole")
 
 

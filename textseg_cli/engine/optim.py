@@ -1,8 +1,10 @@
-"""Optimiser and learning-rate schedules (constant, poly, step, linear; optional linear warm-up)."""
+"""Optimiser and learning-rate schedules (constant, poly, step, linear, cosine_restarts; optional linear warm-up)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import torch
 
@@ -20,8 +22,13 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim: dict[str, Any]) -
     raise ConfigError(f"optim.name {name!r}: expected sgd, adam or adamw")
 
 
-def lr_factor(iteration: int, max_iterations: int, optim: dict[str, Any]) -> float:
-    """Multiplier of the base lr for the step with 0-based index `iteration`."""
+def lr_factor(iteration: int, max_iterations: int, optim: dict[str, Any],
+              iterations_per_epoch: int | None = None) -> float:
+    """Multiplier of the base lr for the step with 0-based index `iteration`.
+
+    cosine_restarts (SGDR, as torch's CosineAnnealingWarmRestarts with T_mult=1) counts epochs when the run
+    has epochs (`iterations_per_epoch`), so the lr changes once per epoch, as LViT steps it; else iterations.
+    """
     warm = int(optim.get("warmup_iterations") or 0)
     if warm and iteration < warm:
         return (iteration + 1) / warm
@@ -37,8 +44,14 @@ def lr_factor(iteration: int, max_iterations: int, optim: dict[str, Any]) -> flo
         return float(optim.get("step_gamma", 0.1)) ** (counted // int(optim.get("step_size", 2500)))
     if sched == "linear":
         return 1.0 - frac
-    raise ConfigError(f"optim.schedule {sched!r}: expected constant, poly, step or linear")
+    if sched == "cosine_restarts":
+        t = (iteration // max(1, int(iterations_per_epoch or 1))) % int(optim.get("restart_period") or 10)
+        lo = float(optim.get("eta_min") or 0.0) / float(optim["lr"])
+        return lo + (1.0 - lo) * (1 + math.cos(math.pi * t / int(optim.get("restart_period") or 10))) / 2
+    raise ConfigError(f"optim.schedule {sched!r}: expected constant, poly, step, linear or cosine_restarts")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, max_iterations: int, optim: dict[str, Any]):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, max_iterations, optim))
+def build_scheduler(optimizer: torch.optim.Optimizer, max_iterations: int, optim: dict[str, Any],
+                    iterations_per_epoch: int | None = None):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, max_iterations, optim, iterations_per_epoch))

@@ -32,6 +32,7 @@ from textseg_cli.engine.config import build_config, load_config, save_config
 from textseg_cli.engine.optim import build_optimizer, build_scheduler
 from textseg_cli.engine.runlog import RunLog, progress_line
 from textseg_cli.engine.bundle import snapshot_run_inputs
+from textseg_cli.engine.stopping import StopRules, resolve_epochs, write_summary
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
@@ -51,6 +52,7 @@ class TrainResult:
     best_iteration: int | None
     val_history: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    stop_reason: str | None = None  # early stopping / time budget (engine/stopping.py)
 
 
 # --- devices and processes --------------------------------------------------------------------------
@@ -185,6 +187,8 @@ class Trainer:
             default = (ds.spec.get("labeled") or {}).get("default")
             cfg["data"]["labeled"] = None if default is None else str(default)
         self.labeled_ids, unlabeled_ids = labeled_subset(train_ids, cfg["data"]["labeled"])
+        self.max_iterations = resolve_epochs(cfg, len(self.labeled_ids))  # train.epochs, if set
+        self.stop = StopRules(cfg)
         method_cls = list_methods().get(cfg["method"]["name"])
         if method_cls is None:
             raise ConfigError(f"unknown method '{cfg['method']['name']}'; available: {', '.join(list_methods())}")
@@ -206,7 +210,8 @@ class Trainer:
         self.sampler = self._make_sampler()
         self.val_cases = [(cid, *self._load_val(cid)) for cid in self.val_ids] if dist.main else []
         self.optimizer = build_optimizer(self.method.param_groups(), cfg["optim"])
-        self.scheduler = build_scheduler(self.optimizer, self.max_iterations, cfg["optim"])
+        self.scheduler = build_scheduler(self.optimizer, self.max_iterations, cfg["optim"],
+                                         tr.get("iterations_per_epoch"))
         self.iteration = 0
         self.best_metric: float | None = None
         self.best_iteration: int | None = None
@@ -372,7 +377,7 @@ class Trainer:
         res = validate(self.method, self.val_cases, self.cfg, self.device, self.ds.num_classes, self.ds.class_names,
                        texts={cid: self.ds.text(cid) for cid, _, _ in self.val_cases})
         res["val_seconds"] = round(time.perf_counter() - t0, 3)
-        if self.best_metric is None or res["val_dice"] > self.best_metric:
+        if self.stop.is_best(self.iteration, res["val_dice"], self.best_metric):
             self.best_metric, self.best_iteration = res["val_dice"], self.iteration
             res["val_best"] = 1
         return res
@@ -436,6 +441,8 @@ class Trainer:
                     if do_val or it % tr["checkpoint_every"] == 0 or it == self.max_iterations:
                         self.save("last")
                     bar.update(task, completed=it, info=self._info(row, loss_terms))
+                    if self._should_stop(it, do_val, t_start):
+                        break
             if it_start >= self.max_iterations:  # nothing to train (0 iterations or already done)
                 self.save("last")
         finally:
@@ -444,7 +451,23 @@ class Trainer:
             if self.log is not None:
                 self.log.close()
         return TrainResult(self.run_dir, self.iteration, self.best_metric, self.best_iteration, history,
-                           time.perf_counter() - t_start)
+                           time.perf_counter() - t_start, stop_reason=self.stop.reason)
+
+    def _should_stop(self, it: int, do_val: bool, t_start: float) -> bool:
+        """Early stopping after a validation, or the time budget, checked where a validation (in epoch
+        mode: an epoch) ends, or at every step when the run does not validate."""
+        if it >= self.max_iterations or (self.val_ids and not do_val):
+            return False
+        now = time.perf_counter()
+        chunk, self._chunk_t0 = now - getattr(self, "_chunk_t0", t_start), now
+        stop = (do_val and self.stop.early_stop(it, self.best_iteration)) or self.stop.time_up(now - t_start, chunk)
+        if not self._from_main(bool(stop)):
+            return False
+        if not do_val:  # after a validation, last.pt was just written
+            self.save("last")
+        if self.dist.main:
+            err_console.print(f"[yellow]stopped at iteration {it}: {self.stop.reason}[/]", highlight=False)
+        return True
 
     def _from_main(self, flag: bool) -> bool:
         """Rank 0's value of `flag` on every rank (only rank 0 validates)."""
@@ -589,6 +612,8 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         last = None
     apply_fold(ds, cfg["data"].get("fold"))  # `train --fold k`: fold k's train/val replace the splits
 
+    if iterations is not None:  # an explicit --iterations sets the length, also of an epoch-based config
+        cfg["train"]["epochs"] = None
     dev = resolve_device(device, dist)
     if dist.enabled:
         import torch.distributed as tdist
@@ -615,11 +640,14 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             if not quiet:
                 _print_header(trainer, cfg, dev, dist)
         result = trainer.run()
+        if dist.main:
+            write_summary(run_dir, result, trainer.stop, trainer.max_iterations)
         result.seconds = time.perf_counter() - t0
         if dist.main and not quiet:
             best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f} at iteration {result.best_iteration}"
             console.print(f"done: {result.iteration} iterations in {result.seconds:.1f} s; best validation Dice {best}; "
-                          f"run folder {run_dir}")
+                          f"run folder {run_dir}" + (f"; {result.stop_reason}" if result.stop_reason else ""),
+                          highlight=False)
         return result
     finally:
         if dist.enabled:

@@ -152,6 +152,7 @@ _METHOD_MODULES: list[str] = [
     "textseg_cli.methods.mlrp",
     "textseg_cli.methods.cps",
     "textseg_cli.methods.unet2d",
+    "textseg_cli.methods.lvit_unet",
     "textseg_cli.methods.tgcnet",
     "textseg_cli.methods.text_semiseg",
     "textseg_cli.methods.vclipseg",

@@ -1,5 +1,5 @@
-"""`unet2d`: the standard 2D U-Net, fully supervised (CE + Dice) — the text-free baseline of the
-text-guided 2D tables (LViT's U-Net row)."""
+"""`unet2d`: the standard 2D U-Net, fully supervised (CE + Dice) — a text-free 2D baseline. LViT's U-Net
+row is reproduced exactly (its network, loss and protocol) by `lvit-unet` (methods/lvit_unet.py)."""
 
 from __future__ import annotations
 

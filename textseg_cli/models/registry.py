@@ -44,6 +44,7 @@ def _import_all() -> None:
 _MODEL_MODULES: list[str] = [
     "textseg_cli.models.vnet",
     "textseg_cli.models.unet2d",
+    "textseg_cli.models.lvit_unet",
     "textseg_cli.models.tgcnet.model",
     "textseg_cli.models.unet3d",
     "textseg_cli.models.resnet3d",

@@ -1,6 +1,6 @@
-"""The standard 2D U-Net (Ronneberger et al. 2015) as the text-guided 2D papers use it as baseline
-(LViT's U-Net: 64-128-256-512-1024 double-conv blocks with BatchNorm and ReLU, max-pool down,
-bilinear or transposed-convolution up). `base` scales every width (64 → the paper's net; 8-16 for
+"""The standard 2D U-Net (Ronneberger et al. 2015): 64-128-256-512-1024 double-conv blocks with BatchNorm
+and ReLU, max-pool down, bilinear or transposed-convolution up (LViT's own, smaller U-Net is
+`models/lvit_unet.py`). `base` scales every width (64 → the paper's net; 8-16 for
 CPU tests)."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Up(nn.Module):
 
 class UNet2D(nn.Module):
     """Encoder widths base·(1, 2, 4, 8, 16); with bilinear=True the bottleneck is base·8 (as in the
-    widely used PyTorch U-Net that LViT's baseline follows), with transposed convs base·16."""
+    widely used PyTorch U-Net), with transposed convs base·16."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base: int = 64, bilinear: bool = True):
         super().__init__()
@@ -70,7 +70,7 @@ class UNet2D(nn.Module):
         return self.outc(y)
 
 
-@register_model("unet2d", doc="standard 2D U-Net (LViT's baseline; 64-1024 channels, bilinear or transposed up)")
+@register_model("unet2d", doc="standard 2D U-Net (64-1024 channels, bilinear or transposed up; LViT's: lvit-unet)")
 def build_unet2d(in_channels: int = 1, num_classes: int = 2, base: int = 64, bilinear: bool = True, **_) -> UNet2D:
     """The standard 2D U-Net; `base` sets the first width (64 = the published net)."""
     return UNet2D(in_channels, num_classes, base=base, bilinear=bilinear)

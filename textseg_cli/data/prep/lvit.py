@@ -213,10 +213,23 @@ def _resize(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
     t = t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]
     if mode == "nearest":
         t = F.interpolate(t, size=(size, size), mode="nearest")
+    elif mode == "linear":  # cv2.INTER_LINEAR: no antialiasing
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
     else:
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     t = t[0].permute(1, 2, 0) if arr.ndim == 3 else t[0, 0]
     return t.numpy()
+
+
+def lvit_loader_resize(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """LViT's loader (Load_Dataset.py:173-180): `cv2.resize` to size² (INTER_LINEAR: two-tap bilinear, half-pixel
+    centres, no antialiasing) of the uint8 image and of the uint8 mask as stored, each rounded to uint8; then
+    image / 255 (ValGenerator's to_tensor) and mask > 0. cv2 is not a dependency: the interpolation is
+    computed in float and rounded half up, which can differ from cv2's 11-bit fixed point by one grey level."""
+    def lin(a: np.ndarray) -> np.ndarray:
+        return np.clip(np.floor(_resize(a.astype(np.float32), size, "linear") + 0.5), 0, 255)
+
+    return (lin(img) / 255.0).astype(np.float32), (lin(mask) > 0).astype(np.uint8)
 
 
 def _minmax_per_channel(img: np.ndarray) -> np.ndarray:
@@ -231,12 +244,15 @@ KNOWN_MODALITIES = {"monuseg": "histology", "qata-cov19": "chest x-ray", "mosmed
 
 
 def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = False, resize: int | None = None,
-              force: bool = False, name: str | None = None, modality: str | None = None):
+              force: bool = False, name: str | None = None, modality: str | None = None,
+              protocol: str = "textseg"):
     """Prepare an LViT-layout folder into a 2D prepared folder (see module docstring).
 
     Images become float32 NIfTI (rows, cols, C) scaled to [0, 1] per image and channel; masks become
     uint8 0/1 (foreground > 0); every case keeps its description as `text`; splits follow the
     folders present. `resize=N` resizes images (bilinear, antialiased) and masks (nearest) to N×N.
+    `protocol="lvit"` instead reads pixels as LViT's loader does (`lvit_loader_resize`: bilinear without
+    antialiasing, intensities / 255, masks bilinear then > 0); it needs `resize` (LViT: 224).
     Returns the `PreparedDataset`.
     """
     from textseg_cli.console import progress
@@ -244,6 +260,10 @@ def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = Fa
 
     if resize is not None and resize < 8:
         raise DataError(f"--resize {resize}: expected a size of at least 8 pixels")
+    if protocol not in ("textseg", "lvit"):
+        raise DataError(f"--protocol {protocol!r}: expected textseg or lvit")
+    if protocol == "lvit" and resize is None:
+        raise DataError("--protocol lvit resizes as LViT's loader does and needs --resize (LViT: 224)")
     src = Path(src)
     items, excluded, sheets = collect_lvit(src, allow_missing_text=allow_missing_text)
     if not items:
@@ -281,12 +301,16 @@ def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = Fa
             if img.shape[-1] != n_ch:
                 img = np.repeat(img[..., :1], n_ch, axis=-1)
             original_shape = list(img.shape[:2])
-            img = img.astype(np.float32)
-            mask = (mask > 0).astype(np.uint8)
-            if resize is not None:
+            if protocol == "lvit":
+                img, mask = lvit_loader_resize(img, mask, resize)
+            else:
+                img = img.astype(np.float32)
+                mask = (mask > 0).astype(np.uint8)
+            if protocol == "textseg" and resize is not None:
                 img = _resize(img, resize, "bilinear")
                 mask = (_resize(mask, resize, "nearest") > 0.5).astype(np.uint8)
-            img = _minmax_per_channel(img)
+            if protocol == "textseg":
+                img = _minmax_per_channel(img)
             stored = img[..., 0] if n_ch == 1 else img
             shapes.add(tuple(img.shape[:2]))
             w.add_case(it.image.stem, stored, mask, (1.0, 1.0), text=it.text,
@@ -309,11 +333,19 @@ def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = Fa
                                     "grey_to_colour": "replicated" if n_ch == 3 else None}},
         {"step": "binarise_mask", "params": {"foreground": "> 0"}},
     ]
-    if resize is not None:
-        preprocessing.append({"step": "resize", "params": {"size": [resize, resize],
-                                                           "image": "bilinear, antialiased", "mask": "nearest"}})
-    preprocessing.append({"step": "minmax_per_channel", "params": {"range": [0.0, 1.0], "per": "image and channel"}})
+    if protocol == "lvit":
+        preprocessing.append({"step": "resize", "params": {
+            "size": [resize, resize], "as": "LViT Load_Dataset.py:173-180 (cv2.resize INTER_LINEAR, uint8)",
+            "image": "bilinear, no antialiasing, rounded to uint8", "mask": "bilinear of the stored mask, > 0"}})
+        preprocessing.append({"step": "scale", "params": {"divide_by": 255, "as": "torchvision to_tensor"}})
+    else:
+        if resize is not None:
+            preprocessing.append({"step": "resize", "params": {"size": [resize, resize],
+                                                               "image": "bilinear, antialiased", "mask": "nearest"}})
+        preprocessing.append({"step": "minmax_per_channel",
+                              "params": {"range": [0.0, 1.0], "per": "image and channel"}})
     source = {"layout": "lvit", "paths": [str(src.resolve())], "text_sheets": sheets}
-    extra = {"excluded": excluded, "resize": resize, "text_key": "stem (a leading 'mask_' dropped)"}
+    extra = {"excluded": excluded, "resize": resize, "protocol": protocol,
+             "text_key": "stem (a leading 'mask_' dropped)"}
     return w.finish(splits=splits, preprocessing=preprocessing, source=source, patch_size=patch,
                     extra=extra)
