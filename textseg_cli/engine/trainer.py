@@ -32,9 +32,11 @@ from textseg_cli.engine.config import build_config, load_config, save_config
 from textseg_cli.engine.optim import build_optimizer, build_scheduler
 from textseg_cli.engine.runlog import RunLog
 from textseg_cli.engine.runs import build_run_method
-from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
+from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
-from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
+from textseg_cli.engine.ddp_exit import shutdown_process_group
+from textseg_cli.safety import guarded_run_dir, refuse_existing_run
+from textseg_cli.utils import atomic_write_json, environment_info, seed_everything
 
 
 class NonFiniteLossError(TextsegError):
@@ -322,6 +324,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.iteration = int(ckpt["iteration"])
+        if self.max_iterations < self.iteration:
+            raise ConfigError(f"--iterations {self.max_iterations} is below the run's current iteration "
+                              f"{self.iteration}; give at least {self.iteration} (the run is unchanged)")
         self.best_metric, self.best_iteration = ckpt.get("best_metric"), ckpt.get("best_iteration")
         ranks = ckpt["rng"]["ranks"]
         if len(ranks) == self.dist.world_size:
@@ -576,8 +581,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             out = Path("runs") / ds.name / f"{method.replace('+', '_plus')}_{lab}L_s{cfg['seed']}"
         run_dir = Path(out)
         # every rank checks, so a refused folder fails everywhere instead of hanging the others
-        if run_dir.exists() and any(run_dir.iterdir()) and not force:
-            raise OutputExistsError(run_dir)
+        refuse_existing_run(run_dir, force)
         last = None
 
     dev = resolve_device(device, dist)
@@ -587,9 +591,11 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         if not tdist.is_initialized():
             tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                      timeout=_dt.timedelta(hours=2))
+    guard, ok = contextlib.ExitStack(), True
     try:
-        if dist.main and not resume:
-            prepare_output_dir(run_dir, force=force)
+        if dist.main:  # lock (+ claim a new folder); a failed new run leaves nothing behind
+            guard.enter_context(guarded_run_dir(run_dir, "train", new=not resume, force=force,
+                                                sources=[] if resume else [cfg["data"]["root"]]))
         if dist.enabled:
             import torch.distributed as tdist
 
@@ -611,12 +617,14 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             console.print(f"done: {result.iteration} iterations in {result.seconds:.1f} s; best validation Dice {best}; "
                           f"run folder {run_dir}")
         return result
+    except BaseException as exc:
+        ok = False
+        guard.__exit__(type(exc), exc, exc.__traceback__)
+        raise
     finally:
+        guard.close()
         if dist.enabled:
-            import torch.distributed as tdist
-
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
+            shutdown_process_group(ok)
 
 
 def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool) -> None:

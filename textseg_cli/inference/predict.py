@@ -226,7 +226,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     inf_cfg = inference_settings(run.config, inference, decoder, sw_batch_size=sw_batch_size, out_device=out_device,
                                  precision=precision)
     dim = int(getattr(run.method, "dim", 3))
-    prepare_output_dir(out, force=force)
+    prepare_output_dir(out, force=force, command="predict", inputs=[run_dir], sources=[images])
 
     written: list[Path] = []
     with progress() as bar:
