@@ -390,6 +390,9 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
         raise ConfigError("--per-volume needs --labels to be a slices folder made by `textseg prep slices`")
     if write:
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(pred_dir, name)
+        from textseg_cli.safety import check_out_path
+
+        check_out_path(out_dir, inputs=[pred_dir, labels_dir])
         paths = guard_outputs(out_dir, table, force)  # fail before the work, not after
 
     cases = [cid for cid in refs if cid in preds]

@@ -90,7 +90,9 @@ def prepare_output_dir(path: str | Path, force: bool = False, allow_existing: bo
 
 
 def guard_output_file(path: str | Path, force: bool = False) -> Path:
-    path = Path(path)
+    from textseg_cli.safety import check_out_path
+
+    path = check_out_path(path)  # a symlinked output is refused, not written through
     if path.exists() and not force:
         raise OutputExistsError(path)
     return path

@@ -220,7 +220,9 @@ def _finish(record: dict[str, Any], out: str | Path | None, force: bool, cached:
 
 def write_json_once(path: str | Path, obj: dict[str, Any], force: bool) -> bool:
     """Write `obj`; an existing identical file is left alone, a different one needs `force`."""
-    path = Path(path)
+    from textseg_cli.safety import check_out_path
+
+    path = check_out_path(path)
     if path.exists() and not force:
         try:
             same = json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(obj, default=str))

@@ -150,7 +150,9 @@ def _finished_record(out: Path, cid: str, expected_hash: str) -> dict[str, Any] 
 
 def open_output(out: str | Path, *, force: bool, src, **writer_kw: Any) -> PreparedWriter:
     """A PreparedWriter that resumes an earlier run of a preparer (or starts fresh with force)."""
-    out = Path(out)
+    from textseg_cli.safety import check_out_path
+
+    out = check_out_path(out)
     if not force and out.exists() and any(out.iterdir()) and not (out / STATE_DIR).is_dir():
         raise OutputExistsError(out)  # a foreign non-empty folder is never written into
     writer = PreparedWriter(out, force=force, src=src, resume=not force, **writer_kw)
