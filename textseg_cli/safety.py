@@ -231,6 +231,9 @@ def discard_if_unfinished(folder: str | Path, finished: Iterable[str] = ()) -> b
     for name in man.get("entries", []):
         _remove(folder / name)
     remove_leftovers(folder, recursive=False)
+    for p in folder.iterdir():  # folders it made but never wrote into
+        if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+            p.rmdir()
     (folder / MANIFEST).unlink(missing_ok=True)
     if not any(p.name != LOCK for p in folder.iterdir()):
         (folder / LOCK).unlink(missing_ok=True)

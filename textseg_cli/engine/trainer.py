@@ -34,6 +34,7 @@ from textseg_cli.engine.runlog import RunLog
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
+from textseg_cli.engine.checks import check_run_config, device_from
 from textseg_cli.engine.ddp_exit import shutdown_process_group
 from textseg_cli.safety import guarded_run_dir, refuse_existing_run
 from textseg_cli.utils import atomic_write_json, environment_info, seed_everything
@@ -80,7 +81,7 @@ def _dist_from_env() -> Dist:
 def resolve_device(device: str | None, dist: Dist) -> torch.device:
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = device_from(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine")
@@ -575,6 +576,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         flags = {"data.labeled": None if labeled is None else str(labeled), "train.iterations": iterations,
                  "seed": seed, "val.every": val_every, "deterministic": True if deterministic else None}
         cfg = build_config(method, ds.name, ds.dim, ds.patch_size, user_config=config, flags=flags, sets=sets)
+        check_run_config(cfg, build_config(method, ds.name, ds.dim, ds.patch_size))
         cfg["data"]["root"] = str(Path(data).resolve())
         if out is None:
             lab = str(cfg["data"]["labeled"] or "all").replace("%", "pct")

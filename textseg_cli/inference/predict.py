@@ -22,7 +22,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`None`/"auto" → CUDA when available, else CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    from textseg_cli.engine.checks import device_from
+
+    dev = device_from(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' requested but CUDA is not available")
     return dev
