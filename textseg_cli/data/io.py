@@ -43,6 +43,62 @@ def write_nifti(path: str | Path, array: np.ndarray, spacing, origin=(0.0, 0.0, 
         nib.save(img, str(tmp))
 
 
+def check_complete(path: str | Path) -> None:
+    """Refuse a NIfTI whose data block, or any gzip stream, is shorter than its header says.
+
+    SimpleITK fills the missing part of a truncated file with a constant; this reads the stream to its end.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    name = path.name.lower()
+    got = 0
+    try:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                got += len(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"truncated or corrupt gzip stream ({exc}); the file is incomplete", path) from None
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            hdr = nib.load(str(path)).header
+            need = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+        except Exception as exc:
+            raise DataError(f"unreadable NIfTI header ({type(exc).__name__}: {exc})", path) from None
+        if got < need:
+            raise DataError(f"truncated: the data block holds {got} of the {need} bytes its header declares", path)
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """NaN/Inf voxels (0 for integer arrays)."""
+    a = np.asarray(array)
+    return 0 if not np.issubdtype(a.dtype, np.floating) else int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+NAN_POLICIES = ("refuse", "zero")
+
+
+def apply_nan_policy(array: np.ndarray, policy: str, case_id: str, path: str | Path | None = None,
+                     option: str = "--nan-policy") -> tuple[np.ndarray, str | None]:
+    """(array, warning): 'refuse' raises DataError naming the case and count; 'zero' replaces them by 0."""
+    if policy not in NAN_POLICIES:
+        from textseg_cli.errors import ConfigError
+
+        raise ConfigError(f"{option} {policy!r}: expected refuse or zero")
+    n = count_nonfinite(array)
+    if not n:
+        return array, None
+    if policy == "refuse":
+        raise DataError(f"case '{case_id}': {n} NaN/Inf voxel(s) in the image; fix the file or pass "
+                        f"{option} zero to replace them by 0", path)
+    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), \
+        f"case '{case_id}': {n} NaN/Inf voxel(s) replaced by 0 ({option} zero)"
+
+
 def read_nifti(path: str | Path, dtype=None) -> Volume:
     """Read a NIfTI file fully into memory; a truncated or corrupt file raises DataError naming it."""
     import nibabel as nib
@@ -88,6 +144,7 @@ def read_sitk(path: str | Path) -> Volume:
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path)
+    check_complete(path)
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:
