@@ -31,10 +31,13 @@ def predict(
                                                               "training data) or zscore (per image)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    nan_policy: str = typer.Option("refuse", "--nan-policy", help="NaN/Inf voxels in an image: refuse (that "
+                                   "file fails, the others are segmented) or zero (replace them by 0, with a warning)."),
 ) -> None:
     """Segment every volume in --images with a trained run; masks keep each input's spacing and origin."""
     from textseg_cli.inference.predict import predict_folder
 
     predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
                    device=device, normalize=normalize, sw_batch_size=sw_batch_size,
-                   out_device="cpu" if buffer_on_cpu else None, precision=precision)
+                   out_device="cpu" if buffer_on_cpu else None, precision=precision,
+                   nan_policy=nan_policy)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.inference.fusion import fused_for_inference
 from textseg_cli.inference.sliding_window import sliding_window_inference, whole_volume_inference
 
@@ -203,13 +203,15 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                    decoder: int | str | None = None, inference: str | None = None, force: bool = False,
                    device: str | None = None, normalize: str = "none",
                    sw_batch_size: int | None = None, out_device: str | None = None,
-                   precision: str | None = None) -> list[Path]:
+                   precision: str | None = None, nan_policy: str = "refuse") -> list[Path]:
     """Segment every volume in `images` (NIfTI files, or a prepared folder) with a trained run.
 
     Masks (uint8 class indices) go to `out/<name>.nii.gz` with the input's affine (spacing, origin,
     direction); `out/predict.json` records the run, checkpoint, decoder and inference settings.
     Images must be preprocessed like the training data; `normalize="zscore"` z-scores each image first.
-    Returns the written mask paths.
+    Returns the written mask paths. A file that cannot be segmented (unreadable, wrong shape, NaN/Inf
+    voxels under `nan_policy="refuse"`; "zero" replaces them by 0) does not stop the others: the good
+    masks and predict.json are written, then a DataError lists the failed files.
     """
     from textseg_cli.console import console, progress
     from textseg_cli.engine.runs import load_run
@@ -230,18 +232,30 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     dim = int(getattr(run.method, "dim", 3))
     prepare_output_dir(out, force=force, command="predict", inputs=[run_dir], sources=[images])
 
+    from textseg_cli.data.io import NAN_POLICIES, apply_nan_policy
+
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"--nan-policy {nan_policy!r}: expected refuse or zero")
     written: list[Path] = []
+    failed: dict[str, str] = {}
     with progress() as bar:
         task = bar.add_task("predict", total=len(inputs), info="")
         for name, path in inputs:
             bar.update(task, info=name)
-            img = read_input_image(path, dim, name=name)
-            arr = img.array
-            if normalize == "zscore":
-                from textseg_cli.data.preprocessing import zscore
+            try:
+                img = read_input_image(path, dim, name=name)
+                arr, note = apply_nan_policy(img.array, nan_policy, name, path)
+                if note:
+                    console.print(f"[yellow]warning:[/] {note}", highlight=False)
+                if normalize == "zscore":
+                    from textseg_cli.data.preprocessing import zscore
 
-                arr = np.stack([zscore(c) for c in arr])
-            mask = probs_to_mask(predict_case(run.method, arr, inf_cfg, dev))
+                    arr = np.stack([zscore(c) for c in arr])
+                mask = probs_to_mask(predict_case(run.method, arr, inf_cfg, dev))
+            except TextsegError as exc:  # one bad file must not cost the others
+                failed[name] = str(exc)
+                bar.advance(task)
+                continue
             target = out / f"{name}.nii.gz"
             write_mask(target, mask, img)
             written.append(target)
@@ -250,8 +264,14 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
         "run_dir": str(Path(run_dir).resolve()), "checkpoint": str(run.checkpoint_path),
         "checkpoint_rule": checkpoint_rule(getattr(run, "checkpoint_rule", checkpoint), run.checkpoint_path),
         "images": str(images.resolve()), "normalize": normalize,
-        "inference": inf_cfg, "device": str(dev), "cases": [p.name for p in written]})
+        "inference": inf_cfg, "device": str(dev), "cases": [p.name for p in written],
+        **({"failed": failed} if failed else {})})
     console.print(f"wrote {len(written)} mask(s) to {out}")
+    if failed:
+        for msg in failed.values():
+            console.print(f"[red]failed:[/] {msg}", highlight=False, soft_wrap=True)
+        raise DataError(f"{len(failed)} of {len(inputs)} file(s) could not be segmented ({', '.join(list(failed)[:10])}); "
+                        f"the {len(written)} others are written and listed in predict.json", images)
     return written
 
 
