@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,8 +29,21 @@ from textseg_cli.errors import ConfigError, OutputExistsError, TextsegError
 MANIFEST = ".textseg-output.json"
 LOCK = ".textseg.lock"
 _OWN = (MANIFEST, LOCK)
-# atomic_path's temporaries: "." + name + "." + 8 mkstemp characters + suffix
-_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[A-Za-z0-9.]+)?$")
+# atomic_path's temporaries: "." + name + "." + 8 mkstemp characters + the name's suffixes (or .tmp)
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>(\.[A-Za-z0-9]+)*)$")
+
+
+class _Temp:
+    @staticmethod
+    def match(name: str) -> bool:
+        m = _TEMP_RE.match(name)
+        if m is None:
+            return False
+        target, suffix = m.group("name"), m.group("suffix")
+        return bool(suffix) and (target.endswith(suffix) or (suffix == ".tmp" and "." not in target))
+
+
+_TEMP = _Temp()
 
 
 class OutputOwnershipError(TextsegError):
@@ -136,7 +150,7 @@ def claim_output_dir(path: str | Path, command: str, force: bool = False, allow_
             _remove(path / name)
         remove_leftovers(path, recursive=False)
     path.mkdir(parents=True, exist_ok=True)
-    _write_manifest(path, {"tool": "textseg", "command": command, "entries": [],
+    _write_manifest(path, {"tool": "textseg", "command": command, "entries": [], "claim": uuid.uuid4().hex,
                            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return path
 
@@ -215,7 +229,7 @@ def remove_leftovers(folder: str | Path, recursive: bool = True) -> list[Path]:
     return gone
 
 
-def discard_if_unfinished(folder: str | Path, finished: Iterable[str] = ()) -> bool:
+def discard_if_unfinished(folder: str | Path, finished: Iterable[str] = (), keep_dir: bool = False) -> bool:
     """After a failed command: remove the folder textseg created if it holds no finished work.
 
     finished: relative paths whose presence means there is work worth keeping (e.g. checkpoints/last.pt).
@@ -235,12 +249,28 @@ def discard_if_unfinished(folder: str | Path, finished: Iterable[str] = ()) -> b
         if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
             p.rmdir()
     (folder / MANIFEST).unlink(missing_ok=True)
-    if not any(p.name != LOCK for p in folder.iterdir()):
+    if not keep_dir and not any(p.name != LOCK for p in folder.iterdir()):
         (folder / LOCK).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             folder.rmdir()
         return True
     return False
+
+
+@contextlib.contextmanager
+def discard_on_failure(folder: str | Path, finished: Iterable[str] = ("dataset.json",)) -> Iterator[Path]:
+    """Run a one-shot writer (prep lvit/slices/synthetic); if it fails, remove the half-written output it
+    made, so a re-run needs no --force. Finished work (e.g. an existing dataset.json) is never removed."""
+    folder = Path(folder)
+    existed = folder.exists()
+    before = (read_manifest(folder) or {}).get("claim") if existed and not folder.is_symlink() else None
+    try:
+        yield folder
+    except BaseException:
+        now = (read_manifest(folder) or {}).get("claim") if folder.is_dir() and not folder.is_symlink() else None
+        if now is not None and now != before:  # only what this run claimed, never an older output
+            discard_if_unfinished(folder, finished, keep_dir=existed)
+        raise
 
 
 # --- run lock -----------------------------------------------------------------------------------------

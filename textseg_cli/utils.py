@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -30,7 +31,15 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                from textseg_cli.errors import DataError
+
+                raise DataError(f"no space left on the device while writing ({exc.strerror}); the previous "
+                                "version of the file, if any, is unchanged", path) from None
+            raise
         # mkstemp creates 0600 files; give outputs the usual umask-based mode.
         umask = os.umask(0)
         os.umask(umask)

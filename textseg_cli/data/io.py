@@ -43,34 +43,34 @@ def write_nifti(path: str | Path, array: np.ndarray, spacing, origin=(0.0, 0.0, 
         nib.save(img, str(tmp))
 
 
-def check_complete(path: str | Path) -> None:
-    """Refuse a NIfTI whose data block, or any gzip stream, is shorter than its header says.
+def check_complete(path: str | Path) -> int:
+    """Read a file to its end: refuse a NIfTI whose data block, or any gzip stream, is shorter than declared.
 
-    SimpleITK fills the missing part of a truncated file with a constant; this reads the stream to its end.
+    SimpleITK fills the missing part of a truncated file with a constant and reads NIfTI NaNs as 0, so NIfTI
+    files are read here with nibabel. Returns the number of NaN/Inf voxels found (NIfTI; else 0).
     """
     import gzip
     import zlib
 
     path = Path(path)
     name = path.name.lower()
-    got = 0
-    try:
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                got += len(chunk)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise DataError(f"truncated or corrupt gzip stream ({exc}); the file is incomplete", path) from None
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
         try:
-            hdr = nib.load(str(path)).header
-            need = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
-        except Exception as exc:
-            raise DataError(f"unreadable NIfTI header ({type(exc).__name__}: {exc})", path) from None
-        if got < need:
-            raise DataError(f"truncated: the data block holds {got} of the {need} bytes its header declares", path)
+            arr = np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as exc:  # EOFError, zlib.error, "Expected N bytes, got M"
+            raise DataError(f"truncated or corrupt NIfTI, the file is incomplete ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:160]})", path) from None
+        return count_nonfinite(arr)
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise DataError(f"truncated or corrupt gzip stream ({exc}); the file is incomplete", path) from None
+    return 0
 
 
 def count_nonfinite(array: np.ndarray) -> int:
@@ -83,13 +83,15 @@ NAN_POLICIES = ("refuse", "zero")
 
 
 def apply_nan_policy(array: np.ndarray, policy: str, case_id: str, path: str | Path | None = None,
-                     option: str = "--nan-policy") -> tuple[np.ndarray, str | None]:
-    """(array, warning): 'refuse' raises DataError naming the case and count; 'zero' replaces them by 0."""
+                     option: str = "--nan-policy", known: int = 0) -> tuple[np.ndarray, str | None]:
+    """(array, warning): 'refuse' raises DataError naming the case and count; 'zero' replaces them by 0.
+
+    known: NaN/Inf voxels counted in the file itself (a reader may already have turned them into 0)."""
     if policy not in NAN_POLICIES:
         from textseg_cli.errors import ConfigError
 
         raise ConfigError(f"{option} {policy!r}: expected refuse or zero")
-    n = count_nonfinite(array)
+    n = max(count_nonfinite(array), int(known))
     if not n:
         return array, None
     if policy == "refuse":

@@ -189,6 +189,7 @@ def describe(dataset: str = "synthetic", llm: str | None = AUTO, n: int = 15, mi
                       "raw_reply": reply.text, "parsed_items": len(items), "descriptions": chosen,
                       "word_counts": [count_words(d) for d in chosen], "rejected_replies": rejected}
             return _finish(record, out, force, cached=all_cached, requests=client.requests_made)
+        client.reject(reply, problem)
         rejected.append({"cache_key": reply.key, "timestamp": reply.timestamp, "problem": problem})
         if sample + 1 < draws:
             err_console.print(f"[yellow]reply rejected ({problem}); asking again ({sample + 1}/{draws - 1})[/]",
@@ -353,6 +354,7 @@ def describe_per_case(data_dir: str | Path, llm: str | None = AUTO, *, base_url:
                     if 0 < n_words <= 2 * max_words:
                         break
                     problem = "an empty reply" if not n_words else f"a reply of {n_words} words (limit {2 * max_words})"
+                    client.reject(reply, problem)
                     if sample + 1 == draws:
                         raise LLMError(f"case '{cid}': the model gave {problem} (cached in {reply.cache_path})",
                                        hint="pass --on-short retry, or use --refresh")
