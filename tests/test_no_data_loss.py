@@ -27,7 +27,8 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, synthetic_data):
     """A copy of the tiny synthetic set, a 2-iteration run on it, a folder of images and raw custom inputs."""
-    from raw_fakes import phantom_ct, write_image
+    from raw_fakes import make_brats, make_msd_task, phantom_ct, write_image
+    from test_prep_lvit import _make_split
 
     root = tmp_path_factory.mktemp("world")
     data = root / "proj" / "data"
@@ -46,7 +47,14 @@ def world(tmp_path_factory, synthetic_data):
         img, lab = phantom_ct(shape=(16, 16, 8), seed=i)
         write_image(raw / "images" / f"c{i}.nii.gz", img)
         write_image(raw / "labels" / f"c{i}.nii.gz", lab)
-    return {"root": root, "data": data, "run": run, "images": images, "raw": raw}
+    msd = make_msd_task(root / "msd", n=3, shape=(16, 16, 8))
+    brats = root / "brats"
+    make_brats(brats, n_hgg=2, n_lgg=1, shape=(16, 16, 8))
+    lvit = root / "lvit"
+    _make_split(lvit, "Train", ["a1", "a2"])
+    _make_split(lvit, "Test", ["b1"])
+    return {"root": root, "data": data, "run": run, "images": images, "raw": raw, "msd": msd, "brats": brats,
+            "lvit": lvit}
 
 
 # command name → (argv builder given the output folder, the input a careless --out may hold)
@@ -57,6 +65,9 @@ def _cmds(w):
         "prep custom": (lambda o: ["prep", "custom", "--images", w["raw"] / "images", "--labels",
                                    w["raw"] / "labels", "--out", o, "--split", "2,1"], w["raw"]),
         "prep slices": (lambda o: ["prep", "slices", "--src", w["data"], "--out", o], w["data"]),
+        "prep msd": (lambda o: ["prep", "msd", "--src", w["msd"], "--out", o, "--split", "2,1"], w["msd"]),
+        "prep brats": (lambda o: ["prep", "brats", "--src", w["brats"], "--out", o, "--split", "1,1,1"], w["brats"]),
+        "prep lvit": (lambda o: ["prep", "lvit", "--src", w["lvit"], "--out", o], w["lvit"]),
         "train": (lambda o: ["train", "--method", "mcnet", "--data", w["data"], "--labeled", "2", "--iterations", "1",
                              "--out", o, "--device", "cpu", "--val-every", "0",
                              "--set", "method.backbone.n_filters=2", "--set", "train.batch_labeled=1",
@@ -68,7 +79,8 @@ def _cmds(w):
     }
 
 
-FOLDER_CMDS = ["prep synthetic", "prep custom", "prep slices", "train", "predict", "eval", "demo"]
+FOLDER_CMDS = ["prep synthetic", "prep custom", "prep slices", "prep msd", "prep brats", "prep lvit", "train",
+               "predict", "eval", "demo"]
 
 
 def _unrelated(folder: Path) -> None:
@@ -140,7 +152,9 @@ def test_symlinked_out_is_a_clear_error(world, tmp_path, name):
 
 
 def test_eval_folders_and_file_outputs_touch_only_their_files(world, tmp_path):
-    """eval --pred/--labels, describe --out and prep overlays --out write named files: unrelated files stay."""
+    """eval --pred/--labels, describe/encode --out and prep overlays --out write named files: unrelated files
+    stay. (bench --json goes through the same guard_output_file; only its symlink refusal runs here, a
+    benchmark is too slow for the default suite.)"""
     out = tmp_path / "out"
     _unrelated(out)
     keep = snapshot(out)
@@ -150,6 +164,9 @@ def test_eval_folders_and_file_outputs_touch_only_their_files(world, tmp_path):
     code, text = run_cli("describe", "--dataset", "synthetic", "--llm", "offline", "--out", out / "d.json", "--force")
     assert code == 0, text
     code, text = run_cli("prep", "overlays", world["data"], "--n", "1", "--out", out, "--force")
+    assert code == 0, text
+    code, text = run_cli("encode", "--encoder", "clip", "--pretrained", "none", "--dataset", "synthetic",
+                         "--out", out / "e.safetensors", "--device", "cpu", "--force")
     assert code == 0, text
     after = snapshot(out)
     assert {k: after[k] for k in keep} == keep
@@ -161,5 +178,11 @@ def test_eval_folders_and_file_outputs_touch_only_their_files(world, tmp_path):
     link = tmp_path / "l.json"
     link.symlink_to(out / "notes.txt")
     code, text = run_cli("describe", "--dataset", "synthetic", "--llm", "offline", "--out", link, "--force")
+    assert code == 2 and "symbolic link" in text, text
+    code, text = run_cli("encode", "--encoder", "clip", "--pretrained", "none", "--dataset", "synthetic",
+                         "--out", link, "--device", "cpu", "--force")
+    assert code == 2 and "symbolic link" in text, text
+    code, text = run_cli("bench", "--method", "mcnet", "--patch", "16,16,16", "--json", link, "--device", "cpu",
+                         "--force")
     assert code == 2 and "symbolic link" in text, text
     assert (out / "notes.txt").read_text() == "my notes"
