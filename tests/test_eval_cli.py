@@ -44,7 +44,8 @@ def folders(tmp_path):
 
 def test_eval_folders_writes_outputs_equal_to_medpy(folders):
     root, refs, preds = folders
-    code, out = run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing", "--spacing-mm", "--table", "md")
+    code, out = run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing",
+                        "--spacing-mm", "--table", "md")
     assert code == 0, out
     assert "c3" in out and "stray" in out  # missing and extra cases reported by name
     assert "Dice" in out and "95HD" in out
@@ -157,7 +158,8 @@ def _one_line_error(code, out, *needles):
 
 def test_missing_folders(folders):
     root, _, _ = folders
-    _one_line_error(*run_cli("eval", "--pred", root / "nope", "--labels", root / "labels", "--allow-missing"), "nope", "not found")
+    _one_line_error(*run_cli("eval", "--pred", root / "nope", "--labels", root / "labels", "--allow-missing"),
+                    "nope", "not found")
     _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "nolabels"), "nolabels", "not found")
 
 
@@ -166,15 +168,18 @@ def test_truncated_nifti(folders):
     f = root / "pred" / "c1.nii.gz"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"), "c1.nii.gz", "unreadable")
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
+                    "c1.nii.gz", "unreadable")
 
 
 def test_shape_and_spacing_mismatch(folders):
     root, _, _ = folders
     write_nifti(root / "pred" / "c0.nii.gz", np.zeros((16, 16, 9), np.uint8), SPACING)
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"), "c0.nii.gz", "shape")
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
+                    "c0.nii.gz", "shape")
     write_nifti(root / "pred" / "c0.nii.gz", np.zeros(SHAPE, np.uint8), (1.0, 1.0, 1.0))
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"), "c0.nii.gz", "spacing")
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
+                    "c0.nii.gz", "spacing")
 
 
 def test_unexpected_label_values(folders):
@@ -187,9 +192,11 @@ def test_unexpected_label_values(folders):
     _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
                     "labels/c1.nii.gz", "[3]")
     # the same reference is fine once the number of classes is given
-    assert run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing", "--num-classes", "4")[0] == 0
+    assert run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing",
+                   "--num-classes", "4")[0] == 0
     write_nifti(root / "pred" / "c0.nii.gz", refs["c0"] * 0.5, SPACING)
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing", "--num-classes", "4",
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing",
+                             "--num-classes", "4",
                              "--force"), "c0.nii.gz", "non-integer")
 
 
@@ -202,7 +209,8 @@ def test_bad_options(folders):
     _one_line_error(*run_cli("eval", "--pred", root / "pred"), "--pred and --labels")
     _one_line_error(*run_cli("eval"), "nothing to evaluate")
     (root / "nifti_free").mkdir()
-    _one_line_error(*run_cli("eval", "--pred", root / "nifti_free", "--labels", root / "labels", "--allow-missing"), "no prediction")
+    _one_line_error(*run_cli("eval", "--pred", root / "nifti_free", "--labels", root / "labels", "--allow-missing"),
+                    "no prediction")
 
 
 def test_evaluate_pairs_api_checks_and_attrs():
