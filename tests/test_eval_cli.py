@@ -44,7 +44,8 @@ def folders(tmp_path):
 
 def test_eval_folders_writes_outputs_equal_to_medpy(folders):
     root, refs, preds = folders
-    code, out = run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--spacing-mm", "--table", "md")
+    code, out = run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing",
+                        "--spacing-mm", "--table", "md")
     assert code == 0, out
     assert "c3" in out and "stray" in out  # missing and extra cases reported by name
     assert "Dice" in out and "95HD" in out
@@ -73,7 +74,7 @@ def test_eval_folders_writes_outputs_equal_to_medpy(folders):
 
 def test_eval_voxels_by_default_lcc_and_policy(folders):
     root, refs, preds = folders
-    code, out = run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--lcc",
+    code, out = run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing", "--lcc",
                         "--empty-policy", "penalty", "--out", root / "ev", "--name", "mine")
     assert code == 0, out
     per_case = pd.read_csv(root / "ev" / "per_case.csv").set_index("case")
@@ -87,7 +88,7 @@ def test_eval_voxels_by_default_lcc_and_policy(folders):
 
 def test_existing_output_needs_force(folders):
     root, _, _ = folders
-    args = ["eval", "--pred", root / "pred", "--labels", root / "labels", "--out", root / "ev"]
+    args = ["eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing", "--out", root / "ev"]
     assert run_cli(*args, "--table", "latex")[0] == 0
     code, out = run_cli(*args)
     assert code == 2 and "already exists" in out and "--force" in out
@@ -98,7 +99,7 @@ def test_existing_output_needs_force(folders):
 
 def test_compare_cli(folders):
     root, _, _ = folders
-    base = ["--pred", root / "pred", "--labels", root / "labels"]
+    base = ["--pred", root / "pred", "--labels", root / "labels", "--allow-missing"]
     assert run_cli("eval", *base, "--out", root / "a", "--name", "plain")[0] == 0
     assert run_cli("eval", *base, "--out", root / "b", "--name", "with_lcc", "--lcc")[0] == 0
     code, out = run_cli("eval", "--compare", root / "a", root / "b" / "per_case.csv", "--table", "latex",
@@ -157,7 +158,8 @@ def _one_line_error(code, out, *needles):
 
 def test_missing_folders(folders):
     root, _, _ = folders
-    _one_line_error(*run_cli("eval", "--pred", root / "nope", "--labels", root / "labels"), "nope", "not found")
+    _one_line_error(*run_cli("eval", "--pred", root / "nope", "--labels", root / "labels", "--allow-missing"),
+                    "nope", "not found")
     _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "nolabels"), "nolabels", "not found")
 
 
@@ -166,43 +168,49 @@ def test_truncated_nifti(folders):
     f = root / "pred" / "c1.nii.gz"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels"), "c1.nii.gz", "unreadable")
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
+                    "c1.nii.gz", "unreadable")
 
 
 def test_shape_and_spacing_mismatch(folders):
     root, _, _ = folders
     write_nifti(root / "pred" / "c0.nii.gz", np.zeros((16, 16, 9), np.uint8), SPACING)
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels"), "c0.nii.gz", "shape")
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
+                    "c0.nii.gz", "shape")
     write_nifti(root / "pred" / "c0.nii.gz", np.zeros(SHAPE, np.uint8), (1.0, 1.0, 1.0))
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels"), "c0.nii.gz", "spacing")
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
+                    "c0.nii.gz", "spacing")
 
 
 def test_unexpected_label_values(folders):
     root, refs, _ = folders
     write_nifti(root / "pred" / "c0.nii.gz", refs["c0"] * 255, SPACING)
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels"),
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
                     "c0.nii.gz", "[255]", "outside 0..1")
     write_nifti(root / "labels" / "c1.nii.gz", refs["c1"] * 3, SPACING)
     write_nifti(root / "pred" / "c0.nii.gz", refs["c0"], SPACING)
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels"),
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"),
                     "labels/c1.nii.gz", "[3]")
     # the same reference is fine once the number of classes is given
-    assert run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--num-classes", "4")[0] == 0
+    assert run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing",
+                   "--num-classes", "4")[0] == 0
     write_nifti(root / "pred" / "c0.nii.gz", refs["c0"] * 0.5, SPACING)
-    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--num-classes", "4",
+    _one_line_error(*run_cli("eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing",
+                             "--num-classes", "4",
                              "--force"), "c0.nii.gz", "non-integer")
 
 
 def test_bad_options(folders):
     root, _, _ = folders
-    base = ["eval", "--pred", root / "pred", "--labels", root / "labels"]
+    base = ["eval", "--pred", root / "pred", "--labels", root / "labels", "--allow-missing"]
     _one_line_error(*run_cli(*base, "--empty-policy", "drop"), "--empty-policy", "nan, penalty, zero")
     _one_line_error(*run_cli(*base, "--table", "xlsx"), "--table", "csv, md, latex")
     _one_line_error(*run_cli(*base, "--split", "val"), "--split", "prepared")
     _one_line_error(*run_cli("eval", "--pred", root / "pred"), "--pred and --labels")
     _one_line_error(*run_cli("eval"), "nothing to evaluate")
     (root / "nifti_free").mkdir()
-    _one_line_error(*run_cli("eval", "--pred", root / "nifti_free", "--labels", root / "labels"), "no prediction")
+    _one_line_error(*run_cli("eval", "--pred", root / "nifti_free", "--labels", root / "labels", "--allow-missing"),
+                    "no prediction")
 
 
 def test_evaluate_pairs_api_checks_and_attrs():
@@ -220,7 +228,7 @@ def test_evaluate_pairs_api_checks_and_attrs():
 
 def test_evaluate_folders_api_without_writing(folders):
     root, _, _ = folders
-    df = evaluate_folders(root / "pred", root / "labels", write=False, show=False)
+    df = evaluate_folders(root / "pred", root / "labels", write=False, show=False, allow_missing=True)
     assert sorted(df["case"]) == ["c0", "c1", "c2"] and df.attrs["paths"] is None
     assert df.attrs["meta"]["missing_predictions"] == ["c3"]
     assert not (root / "eval_pred").exists()

@@ -89,19 +89,19 @@ def _prepared(root: Path) -> Path:
     cases, rng = [], np.random.default_rng(3)
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
-    for i in range(4):
+    for i in range(5):
         cid = f"case{i}"
         img = rng.standard_normal((12, 10, 6)).astype(np.float32)
         lab = (img > 0).astype(np.uint8)
-        if i == 3:
-            lab[:6] = 0  # one imperfect case
+        if i >= 3:
+            lab[:6] = 0  # imperfect cases
         write_nifti(root / "images" / f"{cid}.nii.gz", img, SPACING, ORIGIN)
         write_nifti(root / "labels" / f"{cid}.nii.gz", lab, SPACING, ORIGIN)
         cases.append({"id": cid, "image": f"images/{cid}.nii.gz", "label": f"labels/{cid}.nii.gz",
                       "shape": [12, 10, 6], "spacing": list(SPACING)})
     spec = {"format": "textseg-prepared/1", "name": "tiny", "dim": 3, "modality": "MRI", "channel_names": ["mri"],
             "class_names": ["background", "atrium"], "cases": cases,
-            "splits": {"train": ["case0", "case1"], "val": ["case2", "case3"], "test": ["case3"]},
+            "splits": {"train": ["case0", "case1"], "val": ["case2", "case3"], "test": ["case4"]},
             "preprocessing": [], "source": {}, "tool_version": "test", "patch_size": [8, 8, 4]}
     (root / "dataset.json").write_text(json.dumps(spec))
     return root
@@ -160,7 +160,7 @@ def test_predict_folder_keeps_geometry(trained_run, tmp_path):
 
 def test_predict_folder_reads_prepared_folder(trained_run, tmp_path):
     written = predict_folder(trained_run.run_dir, trained_run.dataset.root, tmp_path / "p", decoder="0")
-    assert [p.name for p in written] == [f"case{i}.nii.gz" for i in range(4)]
+    assert [p.name for p in written] == [f"case{i}.nii.gz" for i in range(5)]
     vol = nib.load(str(written[2]))
     np.testing.assert_allclose(vol.header.get_zooms(), SPACING)
     np.testing.assert_allclose(vol.affine[:3, 3], ORIGIN)
@@ -199,7 +199,7 @@ def test_eval_command_on_run_flags_the_test_split(trained_run, tmp_path):
     meta = json.loads((tmp_path / "ev" / "meta.json").read_text())
     assert meta["checkpoint_rule"] == "last" and meta["decoder"] == 1 and meta["split"] == "test"
     assert meta["iteration"] == 7
-    assert (tmp_path / "ev" / "predictions" / "case3.nii.gz").exists() and (tmp_path / "ev" / "table.md").exists()
+    assert (tmp_path / "ev" / "predictions" / "case4.nii.gz").exists() and (tmp_path / "ev" / "table.md").exists()
 
 
 def test_batchnorm_folding_is_exact_and_cached():

@@ -264,7 +264,7 @@ def test_raw_empty_label_and_missing_partner_file(tmp_path):
     assert code == 2 and str(src / IDS[0]) in text and "neither" in text
 
 
-def test_existing_output_is_refused_unless_force(tmp_path):
+def test_existing_output_is_refused_and_force_replaces_only_textseg_output(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     write_h5_case(src, IDS[0])
     out.mkdir()
@@ -272,8 +272,11 @@ def test_existing_output_is_refused_unless_force(tmp_path):
     code, text = prep("--src", src, "--out", out, "--val", "0")
     assert code == 2 and "already exists" in text and str(out) in text
     assert (out / "thesis.docx").exists()
-    code, text = prep("--src", src, "--out", out, "--val", "0", "--force")
-    assert code == 0 and not (out / "thesis.docx").exists()
+    code, text = prep("--src", src, "--out", out, "--val", "0", "--force")  # --force replaces only textseg's files
+    assert code == 2 and "thesis.docx" in text and (out / "thesis.docx").read_text() == "not ours"
+    (out / "thesis.docx").unlink()
+    assert prep("--src", src, "--out", out, "--val", "0")[0] == 0
+    assert prep("--src", src, "--out", out, "--val", "0", "--force")[0] == 0
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "above"])

@@ -333,15 +333,41 @@ def _folder_pairs(cases: Sequence[str], preds: dict[str, Path], refs: dict[str, 
     for cid in cases:
         ref, pred = read_nifti(refs[cid]), read_nifti(preds[cid])
         if pred.array.shape != ref.array.shape:
-            raise DataError(f"shape {pred.array.shape} differs from the reference's {ref.array.shape} ({refs[cid]})",
-                            preds[cid])
+            raise DataError(f"case '{cid}': shape {pred.array.shape} differs from the reference's {ref.array.shape} "
+                            f"({refs[cid]})", preds[cid])
         ndim = ref.array.ndim
         sp_ref, sp_pred = tuple(ref.spacing[:ndim]), tuple(pred.spacing[:ndim])
         if len(sp_ref) != len(sp_pred) or not np.allclose(sp_pred, sp_ref, rtol=1e-4, atol=1e-6):
-            raise DataError(f"spacing {sp_pred} differs from the reference's {sp_ref} ({refs[cid]})", preds[cid])
-        p = check_label_values(pred.array, num_classes, "prediction", preds[cid])
-        r = check_label_values(ref.array, num_classes, "reference", refs[cid])
+            raise DataError(f"case '{cid}': spacing {sp_pred} differs from the reference's {sp_ref} ({refs[cid]})",
+                            preds[cid])
+        check_same_placement(cid, preds[cid], refs[cid], min(sp_ref) if sp_ref else 1.0)
+        p = check_label_values(pred.array, num_classes, f"case '{cid}': prediction", preds[cid])
+        r = check_label_values(ref.array, num_classes, f"case '{cid}': reference", refs[cid])
         yield cid, p, r, sp_ref
+
+
+def check_same_placement(cid: str, pred_path: Path, ref_path: Path, spacing: float) -> None:
+    """Origin and direction must match too: a flipped (LAS vs RAS) or shifted mask would be scored as aligned.
+
+    Tolerances: origin within 1e-3 of the smallest voxel side, direction cosines within 1e-4.
+    """
+    import nibabel as nib
+
+    a_pred, a_ref = np.asarray(nib.load(str(pred_path)).affine), np.asarray(nib.load(str(ref_path)).affine)
+    o_pred, o_ref = a_pred[:3, 3], a_ref[:3, 3]
+    if not np.allclose(o_pred, o_ref, rtol=0, atol=1e-3 * max(spacing, 1e-6)):
+        raise DataError(f"case '{cid}': origin {tuple(np.round(o_pred, 3).tolist())} differs from the reference's "
+                        f"{tuple(np.round(o_ref, 3).tolist())} ({ref_path}); the masks are not on the same grid",
+                        pred_path)
+
+    def cosines(a):
+        m = a[:3, :3]
+        return m / np.maximum(np.linalg.norm(m, axis=0, keepdims=True), 1e-12)
+
+    if not np.allclose(cosines(a_pred), cosines(a_ref), rtol=0, atol=1e-4):
+        raise DataError(f"case '{cid}': direction {np.round(cosines(a_pred), 3).ravel().tolist()} differs from the "
+                        f"reference's {np.round(cosines(a_ref), 3).ravel().tolist()} ({ref_path}); the mask is "
+                        "flipped or rotated relative to the reference", pred_path)
 
 
 def _name_list(ids: Sequence[str], limit: int = 20) -> str:
@@ -359,11 +385,12 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
                      force: bool = False, checkpoint_rule: str | None = None, labeled: int | None = None,
                      unlabeled: int | None = None, n_train: int | None = None, write: bool = True,
                      show: bool = True, eval_size: int | None = None, per_volume: bool = False, overlays: int = 0,
-                     uses_text: bool | None = None) -> pd.DataFrame:
+                     uses_text: bool | None = None, allow_missing: bool = False) -> pd.DataFrame:
     """Evaluate `<pred_dir>/<case>.nii.gz` against `<labels_dir>/<case>.nii.gz` (or a prepared folder).
 
     Cases are matched by file name; predictions without reference and references without
-    prediction are reported by name (and listed in meta.json). Shape and spacing must match.
+    prediction are reported by name (and listed in meta.json); a reference without prediction is an error
+    unless `allow_missing`. Shape, spacing, origin and direction must match.
     `num_classes` (background included) defaults to the prepared set's, else 2. Writes the outputs
     (see `write_evaluation`) to `out_dir` (default `<pred_dir>/../eval_<name>`) unless `write` is
     False. Returns the per-case DataFrame; `df.attrs["meta"]` and `df.attrs["paths"]` tell the rest.
@@ -390,6 +417,9 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
         raise ConfigError("--per-volume needs --labels to be a slices folder made by `textseg prep slices`")
     if write:
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(pred_dir, name)
+        from textseg_cli.safety import check_out_path
+
+        check_out_path(out_dir, inputs=[pred_dir, labels_dir])
         paths = guard_outputs(out_dir, table, force)  # fail before the work, not after
 
     cases = [cid for cid in refs if cid in preds]
@@ -397,6 +427,9 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
     extra = [cid for cid in preds if cid not in refs]
     if not cases:
         raise DataError(f"no prediction matches a reference case by file name (references in {labels_dir})", pred_dir)
+    if missing and not allow_missing:
+        raise DataError(f"{len(missing)} reference case(s) have no prediction: {_name_list(missing, 10)}; pass "
+                        "--allow-missing to score the others (the table then states how many were missing)", pred_dir)
     if missing:
         err_console.print(f"[bold yellow]warning:[/] {len(missing)} reference case(s) have no prediction and are NOT "
                           f"evaluated: {_name_list(missing)}", highlight=False, soft_wrap=True)

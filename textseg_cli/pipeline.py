@@ -21,7 +21,7 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int
     """
     from textseg_cli import api
 
-    out = prepare_output_dir(out, force=force)
+    out = prepare_output_dir(out, force=force, command="demo")
     paths: dict[str, Any] = {}
 
     console.rule("[bold]1/6 prep synthetic")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,12 +31,23 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                from textseg_cli.errors import DataError
+
+                raise DataError(f"no space left on the device while writing ({exc.strerror}); the previous "
+                                "version of the file, if any, is unchanged", path) from None
+            raise
         # mkstemp creates 0600 files; give outputs the usual umask-based mode.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+        from textseg_cli.safety import note_written
+
+        note_written(path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -73,24 +84,24 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def prepare_output_dir(path: str | Path, force: bool = False, allow_existing: bool = False) -> Path:
-    """Create an output folder; refuse a non-empty existing one unless force (then it is emptied).
+def prepare_output_dir(path: str | Path, force: bool = False, allow_existing: bool = False, *,
+                       command: str = "output", inputs=(), sources=()) -> Path:
+    """Create an output folder; refuse a non-empty existing one unless force.
 
-    Never called on a source folder: callers check that out != src first.
+    force replaces only what textseg wrote there (textseg_cli.safety.claim_output_dir): a folder holding
+    anything else, an input of the command (`inputs`: out may not be or contain them; `sources`: nor sit
+    inside them) or a symlinked --out is refused.
     """
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        if allow_existing:
-            return path
-        if not force:
-            raise OutputExistsError(path)
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from textseg_cli.safety import claim_output_dir
+
+    return claim_output_dir(path, command, force=force, allow_existing=allow_existing, inputs=inputs,
+                            sources=sources)
 
 
 def guard_output_file(path: str | Path, force: bool = False) -> Path:
-    path = Path(path)
+    from textseg_cli.safety import check_out_path
+
+    path = check_out_path(path)  # a symlinked output is refused, not written through
     if path.exists() and not force:
         raise OutputExistsError(path)
     return path

@@ -9,6 +9,7 @@ import click
 import typer
 
 from textseg_cli import __version__
+from textseg_cli.cli.usage import CLICK_ERRORS, HELP_OPTIONS, USAGE_ERRORS, hoist_debug, usage_line
 from textseg_cli.console import console, err_console
 from textseg_cli.errors import TextsegError
 
@@ -19,9 +20,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings=HELP_OPTIONS,
 )
 prep_app = typer.Typer(help="Prepare a data set into textseg's prepared format (NIfTI + dataset.json).",
-                       no_args_is_help=True)
+                       no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(prep_app, name="prep")
 
 
@@ -71,7 +73,7 @@ for _mod in _COMMAND_MODULES:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI in-process and return the exit code (errors print one line, no traceback)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = hoist_debug(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv or os.environ.get("TEXTSEG_DEBUG") == "1"
     try:
         rv = app(args=argv, prog_name="textseg", standalone_mode=False)
@@ -86,7 +88,10 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err_console.print("[yellow]aborted[/]")
         return 130
-    except click.ClickException as exc:
+    except USAGE_ERRORS as exc:
+        err_console.print(f"[bold red]usage error:[/] {usage_line(exc)}", highlight=False, soft_wrap=True, markup=True)
+        return 2
+    except CLICK_ERRORS as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:

@@ -109,6 +109,9 @@ def eval_command(
                                  "Dice and mIoU per data set) or auto (2d when all results are 2D)."),
     uses_text: Optional[bool] = typer.Option(
         None, "--text/--no-text", help="With --pred: whether the method reads text (the ✓/✗ column of 2D tables)."),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="With --pred: score the references that have a prediction (default: a "
+                                       "reference without prediction is an error); the table states how many."),
 ) -> None:
     """Evaluate predictions (Dice, Jaccard, 95HD, ASD; equal to medpy) and build results tables.
 
@@ -132,6 +135,8 @@ def eval_command(
         _compare_mode(targets, table, out, force, std, class_name, layout)
         return
     _forbid("without --compare", std=std, class_name=class_name)
+    if allow_missing and pred is None:
+        raise ConfigError("--allow-missing only applies to --pred/--labels")
     if layout != "auto":
         raise ConfigError("--layout can only be used with --compare")
     if pred is not None or labels is not None:
@@ -143,7 +148,7 @@ def eval_command(
         _folder_mode(pred, labels, out=out, table=table, lcc=bool(lcc), spacing_mm=spacing_mm, empty_policy=empty_policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
                      labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume,
-                     overlays=overlays, uses_text=uses_text)
+                     overlays=overlays, uses_text=uses_text, allow_missing=allow_missing)
         return
     if len(targets) > 1:
         raise ConfigError(f"{len(targets)} paths given; add --compare to combine evaluation results into a table")

@@ -38,6 +38,8 @@ def predict(
                                                  "axis) on the input's grid."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    nan_policy: str = typer.Option("refuse", "--nan-policy", help="NaN/Inf voxels in an image: refuse (that "
+                                   "file fails, the others are segmented) or zero (replace them by 0, with a warning)."),
 ) -> None:
     """Segment new images with a trained run: the training data's preprocessing is replayed and the masks are
     mapped back onto each input's own grid (spacing, origin, direction)."""
@@ -46,4 +48,4 @@ def predict(
     predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
                    device=device, normalize=normalize, sw_batch_size=sw_batch_size,
                    out_device="cpu" if buffer_on_cpu else None, precision=precision,
-                   preprocessed=preprocessed, save_probabilities=save_probabilities)
+                   preprocessed=preprocessed, save_probabilities=save_probabilities, nan_policy=nan_policy)

@@ -42,6 +42,8 @@ def prep_custom_cmd(
     workers: int = typer.Option(1, "--workers", help="Parallel worker processes.", min=1),
     force: bool = typer.Option(False, "--force", help="Redo every case (default: resume, skipping finished cases)."),
     drop_failed: bool = typer.Option(False, "--drop-failed", help="Write the data set without cases that failed."),
+    nan_policy: str = typer.Option("refuse", "--nan-policy", help="NaN/Inf voxels in an image: refuse (the case "
+                                   "fails, naming the count) or zero (replace them by 0, with a warning)."),
 ) -> None:
     """Prepare your own NIfTI / NRRD / MHA image and label folders.
 
@@ -52,5 +54,6 @@ def prep_custom_cmd(
                      classes=classes.split(",") if classes else None, name=name, spacing=spacing, window=window,
                      window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin, normalize=normalize,
                      split=split, split_file=split_file, seed=seed, require_labels=require_labels,
-                     label_geometry=label_geometry, workers=workers, force=force, drop_failed=drop_failed, folds=folds)
+                     label_geometry=label_geometry, workers=workers, force=force, drop_failed=drop_failed, folds=folds,
+                     nan_policy=nan_policy)
     _report(ds.name, ds, out)

@@ -29,10 +29,12 @@ def prep_lvit_cmd(
 ) -> None:
     """Prepare an LViT-layout data set: 2D images with masks and one description per image."""
     from textseg_cli.console import console
+    from textseg_cli.safety import discard_on_failure
     from textseg_cli.data.prep.lvit import prep_lvit
 
-    ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name,
-                   modality=modality, protocol=protocol)
+    with discard_on_failure(out):  # a failed run leaves nothing that would demand --force
+        ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name,
+                       modality=modality, protocol=protocol)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     n_ex = len(ds.spec["extra"].get("excluded", []))
     console.print(f"prepared [bold]{ds.name}[/] (2D, {ds.in_channels} channel(s)): {counts}"

@@ -33,10 +33,12 @@ def prep_slices_cmd(
     `textseg eval ... --per-volume` can re-stack predictions and score whole volumes.
     """
     from textseg_cli.console import console
+    from textseg_cli.safety import discard_on_failure
     from textseg_cli.data.prep.slices import prep_slices
 
-    ds = prep_slices(src, out, axis=axis, classes=classes, skip_empty_ratio=skip_empty_ratio, template=template,
-                     seed=seed, force=force)
+    with discard_on_failure(out):  # a failed run leaves nothing that would demand --force
+        ds = prep_slices(src, out, axis=axis, classes=classes, skip_empty_ratio=skip_empty_ratio, template=template,
+                         seed=seed, force=force)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     n_vol = len(ds.spec["extra"]["slices"]["volumes"])
     console.print(f"[green]prepared[/] {ds.name}: {len(ds.case_ids)} {axis} slices of {n_vol} volumes ({counts}); "

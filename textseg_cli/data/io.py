@@ -43,6 +43,64 @@ def write_nifti(path: str | Path, array: np.ndarray, spacing, origin=(0.0, 0.0, 
         nib.save(img, str(tmp))
 
 
+def check_complete(path: str | Path) -> int:
+    """Read a file to its end: refuse a NIfTI whose data block, or any gzip stream, is shorter than declared.
+
+    SimpleITK fills the missing part of a truncated file with a constant and reads NIfTI NaNs as 0, so NIfTI
+    files are read here with nibabel. Returns the number of NaN/Inf voxels found (NIfTI; else 0).
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            arr = np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as exc:  # EOFError, zlib.error, "Expected N bytes, got M"
+            raise DataError(f"truncated or corrupt NIfTI, the file is incomplete ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:160]})", path) from None
+        return count_nonfinite(arr)
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise DataError(f"truncated or corrupt gzip stream ({exc}); the file is incomplete", path) from None
+    return 0
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """NaN/Inf voxels (0 for integer arrays)."""
+    a = np.asarray(array)
+    return 0 if not np.issubdtype(a.dtype, np.floating) else int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+NAN_POLICIES = ("refuse", "zero")
+
+
+def apply_nan_policy(array: np.ndarray, policy: str, case_id: str, path: str | Path | None = None,
+                     option: str = "--nan-policy", known: int = 0) -> tuple[np.ndarray, str | None]:
+    """(array, warning): 'refuse' raises DataError naming the case and count; 'zero' replaces them by 0.
+
+    known: NaN/Inf voxels counted in the file itself (a reader may already have turned them into 0)."""
+    if policy not in NAN_POLICIES:
+        from textseg_cli.errors import ConfigError
+
+        raise ConfigError(f"{option} {policy!r}: expected refuse or zero")
+    n = max(count_nonfinite(array), int(known))
+    if not n:
+        return array, None
+    if policy == "refuse":
+        raise DataError(f"case '{case_id}': {n} NaN/Inf voxel(s) in the image; fix the file or pass "
+                        f"{option} zero to replace them by 0", path)
+    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), \
+        f"case '{case_id}': {n} NaN/Inf voxel(s) replaced by 0 ({option} zero)"
+
+
 def read_nifti(path: str | Path, dtype=None) -> Volume:
     """Read a NIfTI file fully into memory; a truncated or corrupt file raises DataError naming it."""
     import nibabel as nib
@@ -88,6 +146,7 @@ def read_sitk(path: str | Path) -> Volume:
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path)
+    check_complete(path)
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:

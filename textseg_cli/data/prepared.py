@@ -168,11 +168,33 @@ def validate_spec(spec: Any, where: Path) -> dict[str, Any]:
         ids.add(c["id"])
     for split, members in spec["splits"].items():
         if not isinstance(members, list):
+            if split in SPLIT_NAMES:
+                raise DataError(f"field 'splits.{split}' must be a list of case ids, got {type(members).__name__} "
+                                f"{members!r:.60}", where)
             continue
         unknown = [m for m in members if m not in ids]
         if unknown:
             raise DataError(f"split '{split}' names unknown case(s) {unknown[:5]}", where)
+        twice = sorted({m for m in members if members.count(m) > 1})
+        if twice:
+            raise DataError(f"split '{split}' lists case(s) {twice[:5]} more than once", where)
+    check_split_overlap(spec["splits"], where)
     return spec
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def check_split_overlap(splits: dict[str, Any], where: Path) -> None:
+    """A case in two of train/val/test leaks evaluation data into training (or scores a case twice)."""
+    named = {k: set(v) for k, v in splits.items() if k in SPLIT_NAMES and isinstance(v, list)}
+    for i, a in enumerate(SPLIT_NAMES):
+        for b in SPLIT_NAMES[i + 1:]:
+            both = sorted(named.get(a, set()) & named.get(b, set()))
+            if both:
+                raise DataError(f"case(s) {both[:5]} are in both splits '{a}' and '{b}'"
+                                f"{f' ({len(both)} in all)' if len(both) > 5 else ''}; each case belongs to one "
+                                "split", where)
 
 
 def load_prepared(root: str | Path, check_files: bool = True) -> PreparedDataset:

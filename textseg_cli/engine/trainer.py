@@ -34,10 +34,13 @@ from textseg_cli.engine.runlog import RunLog, progress_line
 from textseg_cli.engine.bundle import snapshot_run_inputs
 from textseg_cli.engine.stopping import StopRules, resolve_epochs, write_summary
 from textseg_cli.engine.runs import build_run_method
-from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
+from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
 from textseg_cli.reports.curves import write_run_curves
-from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
+from textseg_cli.engine.checks import check_run_config, device_from
+from textseg_cli.engine.ddp_exit import shutdown_process_group
+from textseg_cli.safety import guarded_run_dir, refuse_existing_run
+from textseg_cli.utils import atomic_write_json, environment_info, seed_everything
 
 
 class NonFiniteLossError(TextsegError):
@@ -82,7 +85,7 @@ def _dist_from_env() -> Dist:
 def resolve_device(device: str | None, dist: Dist) -> torch.device:
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = device_from(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine")
@@ -329,6 +332,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.iteration = int(ckpt["iteration"])
+        if self.max_iterations < self.iteration:
+            raise ConfigError(f"--iterations {self.max_iterations} is below the run's current iteration "
+                              f"{self.iteration}; give at least {self.iteration} (the run is unchanged)")
         self.best_metric, self.best_iteration = ckpt.get("best_metric"), ckpt.get("best_iteration")
         ranks = ckpt["rng"]["ranks"]
         if len(ranks) == self.dist.world_size:
@@ -600,6 +606,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         flags = {"data.labeled": None if labeled is None else str(labeled), "train.iterations": iterations,
                  "seed": seed, "val.every": val_every, "deterministic": True if deterministic else None}
         cfg = build_config(method, ds.name, ds.dim, ds.patch_size, user_config=config, flags=flags, sets=sets)
+        check_run_config(cfg, build_config(method, ds.name, ds.dim, ds.patch_size))
         cfg["data"]["root"] = str(Path(data).resolve())
         if out is None:
             lab = str(cfg["data"]["labeled"] or "all").replace("%", "pct")
@@ -607,8 +614,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             out = Path("runs") / ds.name / f"{method.replace('+', '_plus')}_{lab}L_s{cfg['seed']}{fold}"
         run_dir = Path(out)
         # every rank checks, so a refused folder fails everywhere instead of hanging the others
-        if run_dir.exists() and any(run_dir.iterdir()) and not force:
-            raise OutputExistsError(run_dir)
+        refuse_existing_run(run_dir, force)
         last = None
     apply_fold(ds, cfg["data"].get("fold"))  # `train --fold k`: fold k's train/val replace the splits
 
@@ -621,9 +627,11 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         if not tdist.is_initialized():
             tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                      timeout=_dt.timedelta(hours=2))
+    guard, ok = contextlib.ExitStack(), True
     try:
-        if dist.main and not resume:
-            prepare_output_dir(run_dir, force=force)
+        if dist.main:  # lock (+ claim a new folder); a failed new run leaves nothing behind
+            guard.enter_context(guarded_run_dir(run_dir, "train", new=not resume, force=force,
+                                                sources=[] if resume else [cfg["data"]["root"]]))
         if dist.enabled:
             import torch.distributed as tdist
 
@@ -649,12 +657,14 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
                           f"run folder {run_dir}" + (f"; {result.stop_reason}" if result.stop_reason else ""),
                           highlight=False)
         return result
+    except BaseException as exc:
+        ok = False
+        guard.__exit__(type(exc), exc, exc.__traceback__)
+        raise
     finally:
+        guard.close()
         if dist.enabled:
-            import torch.distributed as tdist
-
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
+            shutdown_process_group(ok)
 
 
 def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool) -> None:

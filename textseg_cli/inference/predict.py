@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.inference.fusion import fused_for_inference
 from textseg_cli.inference.sliding_window import sliding_window_inference, whole_volume_inference
 
@@ -22,7 +22,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`None`/"auto" → CUDA when available, else CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    from textseg_cli.engine.checks import device_from
+
+    dev = device_from(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' requested but CUDA is not available")
     return dev
@@ -194,7 +196,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                    device: str | None = None, normalize: str = "none",
                    sw_batch_size: int | None = None, out_device: str | None = None,
                    precision: str | None = None, preprocessed: bool = False,
-                   save_probabilities: bool = False) -> list[Path]:
+                   save_probabilities: bool = False, nan_policy: str = "refuse") -> list[Path]:
     """Segment new images (one file, a folder of NIfTI/NRRD/MHA files, or a prepared folder) with a trained run.
 
     Raw images go through the run's data-set preprocessing chain (`inference/replay.py`: resampling,
@@ -204,6 +206,9 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     `out/<name>.nii.gz` (NRRD/MHA inputs keep their format) with the input's geometry;
     `save_probabilities` adds `<name>_probs` (float32, classes as the last axis). `out/predict.json`
     records the run, checkpoint, decoder, preprocessing and inference settings. Returns the mask paths.
+    A file that cannot be segmented (unreadable, wrong shape, NaN/Inf voxels under `nan_policy="refuse"`;
+    "zero" replaces them by 0) does not stop the others: the good masks and predict.json are written,
+    then a DataError lists the failed files.
     """
     from textseg_cli.console import console, progress
     from textseg_cli.engine.runs import load_run
@@ -240,24 +245,37 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     if dim != 3 and not identity:
         raise replay.ReplayError("replaying preprocessing is implemented for 3D data sets; pass --preprocessed "
                                  "with images prepared like the training data", run.dataset.root / "dataset.json")
-    prepare_output_dir(out, force=force)
+    from textseg_cli.data.io import NAN_POLICIES, apply_nan_policy
+
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"--nan-policy {nan_policy!r}: expected refuse or zero")
+    prepare_output_dir(out, force=force, command="predict", inputs=[run_dir], sources=[images])
 
     written: list[Path] = []
+    failed: dict[str, str] = {}
     with progress() as bar:
         task = bar.add_task("predict", total=len(inputs), info="")
         for name, files in inputs:
             bar.update(task, info=name)
-            if identity and len(files) == 1 and files[0].name.lower().endswith(replay.NIFTI):
-                # nibabel keeps any affine exactly (SimpleITK refuses non-orthonormal ones)
-                arr, raw = read_input_image(files[0], dim, name=name).array, None
-            else:
-                raw = replay.load_raw(name, files, chain)
-                arr = raw.array
-            if normalize == "zscore":
-                from textseg_cli.data.preprocessing import zscore
+            try:
+                if identity and len(files) == 1 and files[0].name.lower().endswith(replay.NIFTI):
+                    # nibabel keeps any affine exactly (SimpleITK refuses non-orthonormal ones)
+                    arr, raw = read_input_image(files[0], dim, name=name).array, None
+                    arr, note = apply_nan_policy(arr, nan_policy, name, files[0])
+                    if note:
+                        console.print(f"[yellow]warning:[/] {note}", highlight=False)
+                else:  # NaN/Inf are handled before the chain, as prep does
+                    raw = replay.load_raw(name, files, chain, nan_policy=nan_policy)
+                    arr = raw.array
+                if normalize == "zscore":
+                    from textseg_cli.data.preprocessing import zscore
 
-                arr = np.stack([zscore(c) for c in arr])
-            probs = predict_case(run.method, arr, inf_cfg, dev)
+                    arr = np.stack([zscore(c) for c in arr])
+                probs = predict_case(run.method, arr, inf_cfg, dev)
+            except TextsegError as exc:  # one bad file must not cost the others
+                failed[name] = str(exc)
+                bar.advance(task)
+                continue
             mask = probs_to_mask(probs)
             target = out / replay.output_name(files[0], name)
             replay.write_like(target, mask if raw is None else raw.restore_mask(mask), files[0])
@@ -272,8 +290,14 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
         "checkpoint_rule": checkpoint_rule(getattr(run, "checkpoint_rule", checkpoint), run.checkpoint_path),
         "images": str(images.resolve()), "preprocessing": steps, "normalize": normalize,
         "probabilities": "<name>_probs: float32 softmax, classes on the last axis" if save_probabilities else None,
-        "inference": inf_cfg, "device": str(dev), "cases": [p.name for p in written]})
+        "inference": inf_cfg, "device": str(dev), "cases": [p.name for p in written],
+        **({"failed": failed} if failed else {})})
     console.print(f"wrote {len(written)} mask(s) to {out}")
+    if failed:
+        for msg in failed.values():
+            console.print(f"[red]failed:[/] {msg}", highlight=False, soft_wrap=True)
+        raise DataError(f"{len(failed)} of {len(inputs)} file(s) could not be segmented ({', '.join(list(failed)[:10])}); "
+                        f"the {len(written)} others are written and listed in predict.json", images)
     return written
 
 

@@ -126,9 +126,9 @@ def resample_to_grid(arr: np.ndarray, spacing: Sequence[float], shape: Sequence[
     return sitk_array(f.Execute(src))
 
 
-def load_raw(name: str, files: Sequence[Path], proc: Processing) -> RawInput:
+def load_raw(name: str, files: Sequence[Path], proc: Processing, nan_policy: str = "refuse") -> RawInput:
     """Read a new image (several files or a 4D file give channels) and apply the data set's chain."""
-    loaded = load_files(name, [str(f) for f in files], None)
+    loaded = load_files(name, [str(f) for f in files], None, nan_policy=nan_policy)
     done = apply_processing(name, loaded, proc)
     shape = tuple(int(n) for n in loaded.image.shape[1:])
     if proc.target_spacing is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterator
 
@@ -54,11 +55,11 @@ def mask_from_probs(probs, dim: int, threshold: float = 0.5) -> np.ndarray:
     return probs_to_mask(probs)
 
 
-def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "best", decoder: int | str | None = None,
-                 inference: str | None = None, out: str | Path | None = None, lcc: bool | None = None,
-                 spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
-                 device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
-                 overlays: int = 0, threshold: float = 0.5):
+def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "best", decoder: int | str | None = None,
+                  inference: str | None = None, out: str | Path | None = None, lcc: bool | None = None,
+                  spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
+                  device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
+                  overlays: int = 0, threshold: float = 0.5):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
@@ -111,7 +112,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
     rule = getattr(run, "checkpoint_rule", checkpoint)  # "best" falls back to "last" when validation was off
     out = Path(out) if out is not None else default_eval_dir(run_dir, split, rule if rule != "file" else checkpoint,
                                                               inf_cfg["mode"], inf_cfg.get("decoder"))
-    prepare_output_dir(out, force=force)
+    prepare_output_dir(out, force=force, command="eval", inputs=[run_dir, ds.root])
     pred_dir = out / "predictions"
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
@@ -169,3 +170,17 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
     write_evaluation(df, out, meta, table=table)
     return df
 
+
+
+@functools.wraps(_evaluate_run)
+def evaluate_run(run_dir: str | Path, *args, **kwargs):
+    # eval writing into the run folder (its default --out) holds the run's lock, as train does
+    from textseg_cli.safety import run_lock
+
+    out = kwargs.get("out")
+    run = Path(run_dir)
+    inside = out is None or run.resolve() in Path(out).resolve().parents
+    if not (inside and (run / "config.yaml").is_file()):
+        return _evaluate_run(run_dir, *args, **kwargs)
+    with run_lock(run, "eval"):
+        return _evaluate_run(run_dir, *args, **kwargs)

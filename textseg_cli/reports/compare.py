@@ -116,7 +116,8 @@ def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float | None, int]:
 
 
 def _settings(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule")}
+    return {**{k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule")},
+            "n_missing": len(meta.get("missing_predictions") or [])}
 
 
 def _n_cases(stats: dict) -> int | None:

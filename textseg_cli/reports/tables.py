@@ -205,6 +205,9 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
     stat = "mean ± SD over cases" if std else "mean over cases"
     notes.append(f"Values: {stat}" + (f" (n = {n_cases.pop()})." if len(n_cases) == 1 else "; case counts differ: "
                  + ", ".join(f"{r.method}: {r.n_cases}" for r in rows) + "."))
+    unscored = [f"{r.method}: {r.settings['n_missing']}" for r in rows if r.settings.get("n_missing")]
+    if unscored:
+        notes.append("References without a prediction (not scored, not in n): " + ", ".join(unscored) + ".")
     empties = [f"{r.method}: {r.stats['dice']['n_empty']}" for r in rows
                if r.stats.get("dice") and r.stats["dice"].get("n_empty")]
     if empties:

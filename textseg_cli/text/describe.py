@@ -189,6 +189,7 @@ def describe(dataset: str = "synthetic", llm: str | None = AUTO, n: int = 15, mi
                       "raw_reply": reply.text, "parsed_items": len(items), "descriptions": chosen,
                       "word_counts": [count_words(d) for d in chosen], "rejected_replies": rejected}
             return _finish(record, out, force, cached=all_cached, requests=client.requests_made)
+        client.reject(reply, problem)
         rejected.append({"cache_key": reply.key, "timestamp": reply.timestamp, "problem": problem})
         if sample + 1 < draws:
             err_console.print(f"[yellow]reply rejected ({problem}); asking again ({sample + 1}/{draws - 1})[/]",
@@ -220,7 +221,9 @@ def _finish(record: dict[str, Any], out: str | Path | None, force: bool, cached:
 
 def write_json_once(path: str | Path, obj: dict[str, Any], force: bool) -> bool:
     """Write `obj`; an existing identical file is left alone, a different one needs `force`."""
-    path = Path(path)
+    from textseg_cli.safety import check_out_path
+
+    path = check_out_path(path)
     if path.exists() and not force:
         try:
             same = json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(obj, default=str))
@@ -351,6 +354,7 @@ def describe_per_case(data_dir: str | Path, llm: str | None = AUTO, *, base_url:
                     if 0 < n_words <= 2 * max_words:
                         break
                     problem = "an empty reply" if not n_words else f"a reply of {n_words} words (limit {2 * max_words})"
+                    client.reject(reply, problem)
                     if sample + 1 == draws:
                         raise LLMError(f"case '{cid}': the model gave {problem} (cached in {reply.cache_path})",
                                        hint="pass --on-short retry, or use --refresh")

@@ -117,7 +117,9 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
             except Exception:  # noqa: BLE001 - a broken cache file is simply recomputed
                 pass
     else:
-        path = tensor_path(out)
+        from textseg_cli.safety import check_out_path
+
+        path = tensor_path(check_out_path(out))
         for p in (path, sidecar_path(path)):
             if p.exists() and not force:
                 raise OutputExistsError(p)

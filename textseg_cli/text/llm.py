@@ -116,9 +116,12 @@ class LLMClient:
 
     # --- cache -------------------------------------------------------------------------------
     def cache_key(self, messages: list[dict[str, str]], sample: int = 0) -> str:
-        """Hash of model, messages and sampling parameters; `sample` > 0 asks for another draw."""
+        """Hash of server, model, messages and sampling parameters; `sample` > 0 asks for another draw.
+
+        The base URL is part of the key: the same model name on two servers is two models.
+        """
         payload: dict[str, Any] = {"model": self.settings.model, "messages": messages,
-                                   "parameters": self.settings.parameters()}
+                                   "parameters": self.settings.parameters(), "base_url": self.base_url}
         if sample:
             payload["sample"] = sample
         blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -134,7 +137,7 @@ class LLMClient:
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
             if entry.get("key") == key and isinstance(entry.get("reply"), str):
-                return entry
+                return entry  # a reply rejected earlier comes back marked (entry["rejected"]), never as good
         except (OSError, json.JSONDecodeError):
             pass
         err_console.print(f"[yellow]warning:[/] ignoring unreadable cache entry {path}", highlight=False)
@@ -167,7 +170,8 @@ class LLMClient:
             entry = self._read_cache(key)
             if entry is not None:
                 return ChatReply(entry["reply"], key, True, entry.get("timestamp", ""), self._cache_path(key),
-                                 entry.get("finish_reason"), entry.get("usage"), entry.get("response_model"))
+                                 entry.get("finish_reason"), entry.get("usage"), entry.get("response_model"),
+                                 {"rejected": entry["rejected"]} if entry.get("rejected") else {})
         response = self._request_with_retries(messages)
         text, finish, usage, rmodel = self._unpack(response)
         stamp = _now()
@@ -176,6 +180,16 @@ class LLMClient:
                  "finish_reason": finish, "usage": usage, "response_model": rmodel, "timestamp": stamp}
         atomic_write_json(self._cache_path(key), entry)
         return ChatReply(text, key, False, stamp, self._cache_path(key), finish, usage, rmodel)
+
+    def reject(self, reply: ChatReply, problem: str) -> None:
+        """Mark a cached reply that failed validation, so no later run takes it for a good one."""
+        try:
+            entry = json.loads(reply.cache_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return
+        if entry.get("rejected") != problem:
+            entry["rejected"] = problem
+            atomic_write_json(reply.cache_path, entry)
 
     def _request_with_retries(self, messages: list[dict[str, str]]):
         import openai
@@ -202,6 +216,9 @@ class LLMClient:
                 last = exc
             except (openai.APIConnectionError, openai.InternalServerError) as exc:  # incl. timeouts
                 last = exc
+            except UnicodeDecodeError as exc:
+                raise LLMError(f"the reply from {self.base_url} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                               "check that --base-url points to an OpenAI-compatible API") from None
             except openai.APIStatusError as exc:
                 if exc.status_code < 500:
                     raise LLMError(f"request refused by {self.base_url} ({exc.status_code}: {_msg(exc)})") from None

@@ -71,7 +71,8 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
                 crop: str = "none", crop_margin: Any = 0, body_threshold: float = -500.0, normalize: str = "zscore",
                 split: Any = "auto", split_file: str | Path | None = None, seed: int = 1337,
                 require_labels: bool = False, patch_size: Sequence[int] | None = None, label_geometry: str = "check",
-                workers: int = 1, force: bool = False, drop_failed: bool = False, folds: int | list | None = None):
+                workers: int = 1, force: bool = False, drop_failed: bool = False, folds: int | list | None = None,
+                nan_policy: str = "refuse"):
     """Prepare image/label folders matched by case id. `classes` names the foreground classes (label values
     1..K); the default is one class. Labeled cases are split (seeded --split, or --split-file); image-only
     cases join the end of the training list as unlabeled cases. `split="auto"` keeps 20 % for test and
@@ -101,13 +102,17 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
                                    crop_margin=crop_margin, body_threshold=body_threshold, normalize=normalize)
     if proc.crop == "label" and unlabeled:
         raise ConfigError(f"--crop label needs a label for every case; {unlabeled[:5]} have none")
+    from textseg_cli.data.io import NAN_POLICIES
+
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"--nan-policy {nan_policy!r}: expected refuse or zero")
     settings = {"preparer": "custom", "classes": class_names, "processing": proc.settings(),
-                "label_geometry": label_geometry}
+                "label_geometry": label_geometry, **({"nan_policy": nan_policy} if nan_policy != "refuse" else {})}
     shash = runner.settings_hash(settings)
     lab_spec = runner.LabelSpec(allowed=tuple(range(len(class_names))), strict=True)
     tasks = [runner.CaseTask(cid, load_files, {"case_id": cid, "images": [str(p) for p in files],
                                                "label": str(label_files[cid]) if cid in label_files else None,
-                                               "label_geometry": label_geometry},
+                                               "label_geometry": label_geometry, "nan_policy": nan_policy},
                              proc, lab_spec, out, shash, {"source": [p.name for p in files]})
              for cid, files in sorted(image_files.items())]
     labeled = sorted(label_files)

@@ -150,7 +150,9 @@ def _finished_record(out: Path, cid: str, expected_hash: str) -> dict[str, Any] 
 
 def open_output(out: str | Path, *, force: bool, src, **writer_kw: Any) -> PreparedWriter:
     """A PreparedWriter that resumes an earlier run of a preparer (or starts fresh with force)."""
-    out = Path(out)
+    from textseg_cli.safety import check_out_path
+
+    out = check_out_path(out)
     if not force and out.exists() and any(out.iterdir()) and not (out / STATE_DIR).is_dir():
         raise OutputExistsError(out)  # a foreign non-empty folder is never written into
     writer = PreparedWriter(out, force=force, src=src, resume=not force, **writer_kw)
@@ -238,6 +240,20 @@ def print_summary(name: str, out: Path, report: RunReport, global_warnings: Sequ
         console.print(f"[red]failed:[/] {msg}", highlight=False, soft_wrap=True)
 
 
+def check_channels(writer: PreparedWriter, report: RunReport) -> None:
+    """A case whose channel count differs from the data set's fails, naming it (training would crash on it)."""
+    want = len(writer.meta["channel_names"])
+    dim = int(writer.meta["dim"])
+    for cid in sorted(report.records):
+        shape = report.records[cid]["entry"].get("shape") or []
+        got = shape[dim] if len(shape) > dim else 1
+        if got != want:
+            del report.records[cid]
+            report.failed[cid] = (f"case '{cid}': the image has {got} channel(s), the data set {want} "
+                                  f"({', '.join(writer.meta['channel_names'])}); one 4D/multi-channel file among "
+                                  "single-channel ones?")
+
+
 class PrepFailed(DataError):
     """Some cases failed; the finished ones are valid and kept, dataset.json is not written."""
 
@@ -250,6 +266,7 @@ def finish(writer: PreparedWriter, report: RunReport, *, splits: dict[str, list[
     extra = dict(finish_kw.pop("extra", None) or {})
     all_warnings = list(warnings) + report.warnings
     name = writer.meta["name"]
+    check_channels(writer, report)
     if report.failed and not drop_failed:
         write_qc_table(out, report)
         (out / "dataset.json").unlink(missing_ok=True)  # never leave a dataset.json that lists a missing case

@@ -352,11 +352,27 @@ def read_sitk_image(path: str | Path, case_id: str | None = None):
     path = Path(path)
     if not path.exists():
         raise DataError(f"case '{case_id}': file not found" if case_id else "file not found", path)
+    from textseg_cli.data.io import check_complete
+
     try:
-        return sitk.ReadImage(str(path))
+        nonfinite = check_complete(path)
+    except DataError as exc:
+        raise DataError(f"{'case ' + repr(case_id) + ': ' if case_id else ''}{exc.args[0]}", path) from None
+    try:
+        img = sitk.ReadImage(str(path))
+        if nonfinite:  # ITK reads NIfTI NaNs as 0: keep the count for the NaN policy
+            img.SetMetaData(NONFINITE_KEY, str(nonfinite))
+        return img
     except Exception as exc:
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{'case ' + repr(case_id) + ': ' if case_id else ''}unreadable image ({last})", path) from exc
+
+
+NONFINITE_KEY = "textseg_nonfinite"
+
+
+def nonfinite_in(img) -> int:
+    return int(img.GetMetaData(NONFINITE_KEY)) if img.HasMetaDataKey(NONFINITE_KEY) else 0
 
 
 def split_channels(img) -> list:
@@ -385,7 +401,8 @@ def sitk_array(img) -> np.ndarray:
 
 
 def load_sitk_case(case_id: str, channels: Sequence, label, *, label_path: Any = None,
-                   label_geometry: str = "check", image_path: Any = None) -> Loaded:
+                   label_geometry: str = "check", image_path: Any = None, nan_policy: str = "refuse",
+                   nonfinite: int = 0) -> Loaded:
     """Check that all channels and the label share one voxel grid; return a Loaded case.
 
     label_geometry: 'check' (mismatch is an error), 'resample' (map the label onto the image grid through
@@ -423,23 +440,31 @@ def load_sitk_case(case_id: str, channels: Sequence, label, *, label_path: Any =
                     warnings.append(f"{exc} -> label resampled onto the image grid (--label-geometry resample)")
         lab = sitk_array(label)
     image = np.stack([sitk_array(ch).astype(np.float32) for ch in channels])
+    from textseg_cli.data.io import apply_nan_policy
+
+    image, note = apply_nan_policy(image, nan_policy, case_id, image_path, known=nonfinite)
+    warnings += [note] if note else []
     return Loaded(image, lab, tuple(float(s) for s in ref["spacing"]), tuple(float(o) for o in ref["origin"]),
                   tuple(float(d) for d in ref["direction"]), warnings)
 
 
 def load_files(case_id: str, images: Sequence[str | Path], label: str | Path | None, *,
-               channels: Sequence[int] | None = None, label_geometry: str = "check") -> Loaded:
+               channels: Sequence[int] | None = None, label_geometry: str = "check",
+               nan_policy: str = "refuse") -> Loaded:
     """Read image file(s) (several files or a 4D file give channels; `channels` selects some) and a label."""
-    chans = []
+    chans, nonfinite = [], 0
     for p in images:
-        chans += split_channels(read_sitk_image(p, case_id))
+        img = read_sitk_image(p, case_id)
+        nonfinite += nonfinite_in(img)
+        chans += split_channels(img)
     if channels is not None:
         bad = [c for c in channels if not 0 <= c < len(chans)]
         if bad:
             raise DataError(f"case '{case_id}': channel(s) {bad} requested, the image has {len(chans)}", images[0])
         chans = [chans[c] for c in channels]
     lab = read_sitk_image(label, case_id) if label is not None else None
-    return load_sitk_case(case_id, chans, lab, label_path=label, label_geometry=label_geometry, image_path=images[0])
+    return load_sitk_case(case_id, chans, lab, label_path=label, label_geometry=label_geometry, image_path=images[0],
+                          nan_policy=nan_policy, nonfinite=nonfinite)
 
 
 def default_patch_size(shapes: Sequence[Sequence[int]], cap: int = 96) -> list[int]:

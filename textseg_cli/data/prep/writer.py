@@ -12,6 +12,7 @@ from textseg_cli import __version__
 from textseg_cli.data.io import write_nifti
 from textseg_cli.data.prepared import FORMAT, load_prepared
 from textseg_cli.errors import ConfigError
+from textseg_cli.safety import seal
 from textseg_cli.utils import atomic_write_json, prepare_output_dir
 
 
@@ -39,7 +40,7 @@ class PreparedWriter:
             o = self.out.resolve()
             if o == s or s in o.parents or o in s.parents:
                 raise ConfigError(f"--out {self.out} overlaps the source {s}; choose a separate folder")
-        prepare_output_dir(self.out, force=force and not resume, allow_existing=resume)
+        prepare_output_dir(self.out, force=force and not resume, allow_existing=resume, command="prep", sources=srcs)
         (self.out / "images").mkdir(exist_ok=True)
         (self.out / "labels").mkdir(exist_ok=True)
         self.meta = dict(name=name, dim=dim, modality=modality, channel_names=list(channel_names),
@@ -109,6 +110,7 @@ class PreparedWriter:
             with atomic_path(self.out / "qc.csv") as tmp:
                 pd.DataFrame(self.qc_rows).to_csv(tmp, index=False)
         atomic_write_json(self.out / "dataset.json", spec)
+        seal(self.out)
         return load_prepared(self.out)
 
 
