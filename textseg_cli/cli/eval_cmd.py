@@ -107,6 +107,9 @@ def eval_command(
                                  "Dice and mIoU per data set) or auto (2d when all results are 2D)."),
     uses_text: Optional[bool] = typer.Option(
         None, "--text/--no-text", help="With --pred: whether the method reads text (the ✓/✗ column of 2D tables)."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="RUN_DIR: auto, fp32 or bf16 (default: the run's rule; auto = bf16 on CUDA and "
+                                  "on CPUs with bf16 units, unless the run trained in fp32)."),
 ) -> None:
     """Evaluate predictions (Dice, Jaccard, 95HD, ASD; equal to medpy) and build results tables.
 
@@ -124,7 +127,7 @@ def eval_command(
         _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
                 checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
                 labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume, overlays=overlays,
-                uses_text=uses_text)
+                uses_text=uses_text, precision=precision)
         if empty_policy != "nan":
             raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
         _compare_mode(targets, table, out, force, std, class_name, layout)
@@ -137,7 +140,7 @@ def eval_command(
             raise ConfigError("give either RUN_DIR or --pred/--labels, not both")
         if pred is None or labels is None:
             raise ConfigError("--pred and --labels must be given together")
-        _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device)
+        _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device, precision=precision)
         _folder_mode(pred, labels, out=out, table=table, lcc=lcc, spacing_mm=spacing_mm, empty_policy=empty_policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
                      labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume,
@@ -152,7 +155,7 @@ def eval_command(
             uses_text=uses_text)
     _run_mode(targets[0], split=split, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
               spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
-              eval_size=eval_size, per_volume=per_volume, overlays=overlays)
+              eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision)
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:

@@ -34,6 +34,7 @@ from textseg_cli.engine.runlog import RunLog
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
+from textseg_cli.precision import channels_last, inference_request, resolve_precision, to_channels_last, training_request
 from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
 
 
@@ -99,22 +100,6 @@ class _StepModule(nn.Module):
         return self.method.training_step(batch, ctx)
 
 
-def _to_channels_last(module: nn.Module) -> None:
-    for p in module.parameters():
-        if p.dim() == 5:
-            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
-        elif p.dim() == 4:
-            p.data = p.data.contiguous(memory_format=torch.channels_last)
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() == 5:
-        return t.contiguous(memory_format=torch.channels_last_3d)
-    if t.dim() == 4:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
-
-
 # --- validation ---------------------------------------------------------------------------------------
 
 def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> list[float]:
@@ -137,8 +122,7 @@ def validate(method: Method, cases: list[tuple[str, np.ndarray, np.ndarray]], cf
     inf, val = dict(cfg["inference"]), cfg["val"]
     inf["mode"] = val.get("mode") or inf["mode"]
     inf["stride"] = val.get("stride") or inf["stride"]
-    if not (device.type == "cuda" and cfg["train"]["amp"]):
-        inf.setdefault("precision", "fp32")
+    inf["precision"] = inference_request(cfg)  # auto follows training: train.amp=false validates in fp32
     set_text = getattr(method, "set_case_text", None)
 
     per_case = []
@@ -196,10 +180,11 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(tr["cudnn_benchmark"]) and not cfg["deterministic"]
         self.method = build_run_method(cfg, ds).to(device)  # after seeding: initial weights depend on the seed
-        self.channels_last = device.type == "cuda" and bool(tr["channels_last"])
+        self.precision = resolve_precision(training_request(cfg), device, "train.precision")
+        self.channels_last = self.precision.channels_last and bool(tr["channels_last"])
         if self.channels_last:
-            _to_channels_last(self.method)
-        self.amp = device.type == "cuda" and bool(tr["amp"])
+            to_channels_last(self.method)
+        self.amp = self.precision.bf16
 
         self.sampler = self._make_sampler()
         self.val_cases = [(cid, *self._load_val(cid)) for cid in self.val_ids] if dist.main else []
@@ -454,8 +439,8 @@ class Trainer:
                           extra={"world_size": self.dist.world_size, "rank": self.dist.rank})
         batch = self.sampler.next_batch().to(self.device, non_blocking=True)
         if self.channels_last:
-            batch.image_l, batch.image_u = _channels_last(batch.image_l), _channels_last(batch.image_u)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            batch.image_l, batch.image_u = channels_last(batch.image_l), channels_last(batch.image_u)
+        with self.precision.autocast():
             out = self.step_module(batch, ctx)
         loss = out["loss"]
         bad = not bool(torch.isfinite(loss.detach()).all())
@@ -598,7 +583,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         if dist.main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
-            _write_env(run_dir, cfg, dev, dist, resume)
+            _write_env(run_dir, cfg, dev, dist, resume, precision=_precision_record(trainer, cfg, dev))
             atomic_write_json(run_dir / "cases.json", {
                 "labeled": trainer.labeled_ids, "unlabeled": trainer.unlabeled_ids,
                 "unused_unlabeled": trainer.unused_ids, "val_split": cfg["val"]["split"], "val": trainer.val_ids})
@@ -619,7 +604,12 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
                 tdist.destroy_process_group()
 
 
-def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool) -> None:
+def _precision_record(tr: Trainer, cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    return {"train": tr.precision.record(), "validation": resolve_precision(inference_request(cfg), dev).record()}
+
+
+def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool,
+               precision: dict[str, Any] | None = None) -> None:
     import json
 
     path = run_dir / "env.json"
@@ -629,6 +619,8 @@ def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist
                  "deterministic": cfg["deterministic"], "resumed": resume, "argv": sys.argv,
                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "torch_threads": torch.get_num_threads()})
+    if precision is not None:
+        info["precision"] = precision
     if dev.type == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     env["sessions"].append(info)
