@@ -142,3 +142,13 @@ def test_bf16_conv_weight_gradient_on_tiny_inputs(shape):
     conv(x).square().sum().backward()
     ref = conv.weight.grad
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.02
+
+
+def test_float16_tensors_can_be_joined_under_cpu_bf16():
+    """tgcnet stores cached CLIP features as float16; CPU autocast refuses torch.stack on them."""
+    a, b = torch.randn(3, dtype=torch.float16), torch.randn(3, dtype=torch.float16)
+    with P.resolve_precision("bf16", "cpu").autocast():
+        joined = torch.stack([a, b])
+        cat = torch.cat([a, torch.randn(2)])
+    assert joined.dtype == torch.float32 and cat.dtype == torch.float32
+    assert torch.equal(joined, torch.stack([a.float(), b.float()]))

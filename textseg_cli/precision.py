@@ -145,10 +145,15 @@ def _fp32_funcs() -> frozenset:
 
 _FP32_FUNCS = _fp32_funcs()
 _CONVS = frozenset({torch.conv2d, torch.conv3d, F.conv2d, F.conv3d})
+_JOINS = frozenset({torch.stack, torch.cat, torch.concat, torch.concatenate})
 
 
 def _up(x: Any) -> Any:
     return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
+
+
+def _is_half(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == torch.float16
 
 
 class Float32Losses(TorchFunctionMode):
@@ -157,13 +162,17 @@ class Float32Losses(TorchFunctionMode):
 
     Also runs convolutions whose input has a spatial axis of size <= 2 in float32: oneDNN's bf16 weight
     gradient is wrong there (torch 2.14 CPU, measured: off by 70 % to 1e36 for a 3x3x3 conv on 2x2x2 or
-    2x8x8 inputs) — the V-Net bottleneck of a 16- or 32-voxel patch. Such convs cost next to nothing."""
+    2x8x8 inputs) — the V-Net bottleneck of a 16- or 32-voxel patch. Such convs cost next to nothing.
+    And joins float16 tensors (e.g. cached CLIP features) as float32: CPU autocast cannot promote float16
+    in stack/cat ("Unexpected floating ScalarType in at::autocast::prioritize")."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.is_autocast_enabled("cpu"):
             if func in _FP32_FUNCS:
                 args = tuple(_up(a) for a in args)
+            elif func in _JOINS and args and any(_is_half(t) for t in args[0]):
+                args = ([t.float() if _is_half(t) else t for t in args[0]],) + tuple(args[1:])
             elif func in _CONVS and args and isinstance(args[0], torch.Tensor) and min(args[0].shape[2:]) <= 2:
                 with torch.autocast("cpu", enabled=False):
                     return func(*(a.float() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
