@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from textseg_cli.console import console, err_console, progress
+from textseg_cli.data.prefetch import with_prefetch
 from textseg_cli.data.prepared import PreparedDataset, load_prepared
 from textseg_cli.data.sampling import Augment, TwoStreamSampler, load_training_cases
 from textseg_cli.data.splits import labeled_subset
@@ -186,7 +187,7 @@ class Trainer:
             to_channels_last(self.method)
         self.amp = self.precision.bf16
 
-        self.sampler = self._make_sampler()
+        self.sampler = with_prefetch(self._make_sampler(), tr.get("prefetch", "auto"), device)
         self.val_cases = [(cid, *self._load_val(cid)) for cid in self.val_ids] if dist.main else []
         self.optimizer = build_optimizer(self.method.param_groups(), cfg["optim"])
         self.scheduler = build_scheduler(self.optimizer, self.max_iterations, cfg["optim"])
@@ -365,6 +366,8 @@ class Trainer:
         row["lr"] = lr
         el = time.perf_counter() - t_start
         row["it_per_s"] = round((self.iteration - it_start) / el, 4) if el > 0 else 0.0
+        if "data_wait_s" in row:  # share of a step spent waiting for its batch
+            row["data_wait_share"] = round(row["data_wait_s"] * row["it_per_s"], 4)
         self.window, self.window_n = {}, 0
         return row
 
@@ -419,6 +422,8 @@ class Trainer:
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            if callable(getattr(self.sampler, "close", None)):
+                self.sampler.close()
             if self.log is not None:
                 self.log.close()
         return TrainResult(self.run_dir, self.iteration, self.best_metric, self.best_iteration, history,
@@ -437,7 +442,9 @@ class Trainer:
     def _step(self) -> dict[str, float]:
         ctx = StepContext(self.iteration, self.max_iterations, self.device,
                           extra={"world_size": self.dist.world_size, "rank": self.dist.rank})
+        t0 = time.perf_counter()
         batch = self.sampler.next_batch().to(self.device, non_blocking=True)
+        data_wait = time.perf_counter() - t0
         if self.channels_last:
             batch.image_l, batch.image_u = channels_last(batch.image_l), channels_last(batch.image_u)
         with self.precision.autocast():
@@ -458,7 +465,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.method.on_after_optimizer_step(ctx)
-        return {k: v for k, v in ((k, _scalar(v)) for k, v in out.items()) if v is not None}
+        terms = {k: v for k, v in ((k, _scalar(v)) for k, v in out.items()) if v is not None}
+        terms["data_wait_s"] = data_wait
+        return terms
 
     def _save_and_stop(self) -> None:
         self.save("last")
