@@ -152,3 +152,34 @@ def test_float16_tensors_can_be_joined_under_cpu_bf16():
         cat = torch.cat([a, torch.randn(2)])
     assert joined.dtype == torch.float32 and cat.dtype == torch.float32
     assert torch.equal(joined, torch.stack([a.float(), b.float()]))
+
+
+@pytest.mark.benchmark
+def test_mcnet_bf16_training_tracks_fp32(tmp_path, synthetic_data):
+    """bf16 does not hurt: MC-Net on the synthetic tracks, same seed, fp32 vs bf16 (CPU). Prints the figures
+    docs/performance.md quotes."""
+    from textseg_cli.engine import train
+
+    iters = 150
+    sets = ["train.log_every=1", "val.every=50", "method.backbone.n_filters=4"]
+    curves, dice = {}, {}
+    for prec in ("fp32", "bf16"):
+        run = tmp_path / prec
+        res = train("mcnet", synthetic_data, labeled="2", iterations=iters, out=run, seed=1, device="cpu",
+                    quiet=True, sets=sets + [f"train.precision={prec}"])
+        import csv
+
+        with open(run / "log.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        curves[prec] = np.array([float(r["loss"]) for r in rows if r.get("loss")])
+        share = np.array([float(r["data_wait_share"]) for r in rows if r.get("data_wait_share")])
+        print(f"{prec}: data_wait_share mean {share.mean():.4f}; {res.seconds:.1f} s")
+        dice[prec] = [float(r["val_dice"]) for r in rows if r.get("val_dice")]
+        assert res.iteration == iters
+    for prec in curves:
+        c = curves[prec]
+        print(f"{prec}: loss first10 {c[:10].mean():.4f} last20 {c[-20:].mean():.4f}; val Dice {dice[prec]}")
+    diff = np.abs(curves["bf16"] - curves["fp32"])
+    print(f"|bf16 - fp32| loss: mean {diff.mean():.4f}, max {diff.max():.4f}")
+    assert abs(curves["bf16"][-20:].mean() - curves["fp32"][-20:].mean()) < 0.05
+    assert abs(dice["bf16"][-1] - dice["fp32"][-1]) < 0.1

@@ -182,6 +182,8 @@ def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_si
                "precision": prec}
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        else:
+            _reset_peak_rss()
         run = lambda: predict_case(method, image, cfg, dev)  # noqa: E731
         if dev.type == "cuda":
             run()  # warm-up (cudnn autotuning); on CPU a warm-up would only double a long wait
