@@ -271,9 +271,8 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
         dev = torch.device(dev_name)
         prec = resolve_precision(precision, dev)
         for cache in (["on", "off"] if feature_cache == "both" else [feature_cache]):
-            label = dev_name
-            row: dict[str, Any] = {"device": dev_name, "feature_cache": None,
-                                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+            hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+            row: dict[str, Any] = {"device": dev_name, "feature_cache": None, "device_name": hardware,
                                    "threads": torch.get_num_threads(), "precision": prec.name,
                                    "precision_detail": prec.record(),
                                    "memory": "torch peak allocated" if dev.type == "cuda" else "process peak RSS"}

@@ -26,7 +26,8 @@ def predict(
     buffer_on_cpu: bool = typer.Option(False, "--buffer-on-cpu",
                                        help="Accumulate probabilities on the CPU to save GPU memory on large volumes."),
     precision: str = typer.Option(None, "--precision", help="auto (the run's rule: bf16 on CUDA and on CPUs "
-                                                            "with bf16 units unless it trained in fp32), fp32, or bf16."),
+                                                            "with bf16 units unless it trained in fp32), fp32 "
+                                                            "or bf16."),
     normalize: str = typer.Option("none", "--normalize", help="none (images already preprocessed like the "
                                                               "training data) or zscore (per image)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),

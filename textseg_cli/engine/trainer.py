@@ -35,7 +35,8 @@ from textseg_cli.engine.runlog import RunLog
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
 from textseg_cli.methods.base import Method, StepContext, list_methods
-from textseg_cli.precision import channels_last, inference_request, resolve_precision, to_channels_last, training_request
+from textseg_cli.precision import (channels_last, inference_request, resolve_precision, to_channels_last,
+                                  training_request)
 from textseg_cli.utils import atomic_write_json, environment_info, prepare_output_dir, seed_everything
 
 
@@ -459,7 +460,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is not finite at iteration {self.iteration + 1} ({_fmt(terms)}); stopped without saving. "
                 + (f"The last good checkpoint is {last}" if last.exists() else "No checkpoint was written yet")
-                + "; try a lower optim.lr or --set train.amp=false")
+                + "; try a lower optim.lr or --precision fp32")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
