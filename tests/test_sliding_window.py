@@ -166,3 +166,54 @@ def test_whole_volume_falls_back_to_windows():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         whole_volume_inference(other_error, image)
+
+
+def _positional_net(dim: int, patch, in_ch: int = 1, classes: int = 3, seed: int = 0):
+    """A conv net plus a fixed bias that depends on the absolute voxel position inside the window: unlike a
+    plain conv (translation-equivariant, zero padding either side looks the same) it sees where the odd
+    padding voxel went."""
+    conv_predict = _net(dim, in_ch, classes, seed=seed)
+    grids = torch.meshgrid(*(torch.linspace(0, 1, p) for p in patch), indexing="ij")
+    ramp = sum((i + 1) * g for i, g in enumerate(grids))
+    bias = torch.stack([k * 2.0 * ramp for k in range(classes)])[None]
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        probs = conv_predict(x)
+        return torch.softmax(torch.log(probs) + bias, dim=1)
+
+    return predict
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 9, 3), (1, 20, 5, 6)])
+def test_sliding_window_odd_padding_with_a_position_sensitive_net(shape):
+    patch, stride = (8, 8, 4), (3, 3, 2)
+    image = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    predict = _positional_net(3, patch)
+    ref = _reference_3d(predict, image, patch, stride)
+    out = sliding_window_inference(predict, torch.from_numpy(image), patch, stride, sw_batch_size=3)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-5)
+    # the same loop with the odd voxel padded on the low side gives a clearly different answer
+    lows = [(p - s) - (p - s) // 2 if s < p else 0 for s, p in zip(shape[1:], patch)]
+    pads = [(lo, max(0, p - s) - lo) for lo, s, p in zip(lows, shape[1:], patch)]
+    padded = np.pad(image, [(0, 0)] + pads)
+    wrong = _reference_3d(predict, padded, patch, stride)[(slice(None),) + tuple(slice(lo, lo + s) for lo, s in
+                                                                                zip(lows, shape[1:]))]
+    assert np.abs(wrong - ref).max() > 1e-2
+
+
+def test_sliding_window_small_vnet_equals_reference():
+    """A V-Net's stride-2 downsampling makes its output depend on the window's position parity."""
+    from textseg_cli.models.registry import build_model
+
+    torch.manual_seed(0)
+    net = build_model("vnet", 1, 2, n_filters=2, normalization="batchnorm", dim=3).eval()
+
+    def predict(x):
+        with torch.no_grad():
+            return torch.softmax(net(x), dim=1)
+
+    image = np.random.default_rng(3).standard_normal((1, 21, 13, 17)).astype(np.float32)
+    patch, stride = (16, 16, 16), (5, 7, 3)
+    ref = _reference_3d(predict, image, patch, stride)
+    out = sliding_window_inference(predict, torch.from_numpy(image), patch, stride, sw_batch_size=4)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-5)

@@ -111,14 +111,22 @@ def _random_batch(in_channels: int, num_classes: int, patch: tuple[int, ...], n_
                  text_l=[_case_text(i) for i in range(n_l)], text_u=[_case_text(n_l + i) for i in range(n_u)]).to(dev)
 
 
-def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: int) -> dict[str, Any]:
+def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: int, prec=None,
+                    reference: bool = False) -> dict[str, Any]:
+    """Median seconds per step of `method`: textseg's step under `prec` (channels-last and bf16 autocast as
+    resolved), or with `reference` the papers' step (fp32, contiguous; `bench_reference.reference_train_step`).
+    Keys get a "ref_" prefix for the reference."""
+    from textseg_cli.bench_reference import reference_train_step
     from textseg_cli.methods.base import StepContext
+    from textseg_cli.precision import channels_last, resolve_precision, to_channels_last
 
+    prec = prec if prec is not None else resolve_precision("fp32", dev)
     method.to(dev)
-    memory_format = torch.channels_last_3d if batch.image_l.ndim == 5 else torch.channels_last
     if dev.type == "cuda":
-        method.to(memory_format=memory_format)
         torch.backends.cudnn.benchmark = True
+    if not reference and prec.channels_last:
+        to_channels_last(method)
+        batch.image_l, batch.image_u = channels_last(batch.image_l), channels_last(batch.image_u)
     method.train()
     opt = torch.optim.SGD(method.param_groups(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     total = (1 + repeats) * iterations
@@ -126,13 +134,15 @@ def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: 
 
     def step() -> None:
         ctx = StepContext(iteration=step_no[0], max_iterations=total, device=dev)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-        with autocast:
-            out = method.training_step(batch, ctx)
-        out["loss"].float().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        method.on_after_optimizer_step(ctx)
+        if reference:
+            reference_train_step(method, batch, opt, ctx)
+        else:
+            with prec.autocast():
+                out = method.training_step(batch, ctx)
+            out["loss"].float().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            method.on_after_optimizer_step(ctx)
         step_no[0] += 1
 
     def run() -> None:
@@ -145,15 +155,17 @@ def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: 
     times = [_timed(run, dev) for _ in range(repeats)]
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
-    return {"train_it_per_s": iterations / med, "train_s_per_it": med / iterations,
-            "train_images_per_s": iterations * batch.image_l.shape[0] / med, "train_times_s": times,
-            "train_peak_mem_mb": peak}
+    pre = "ref_" if reference else ""
+    return {f"{pre}train_it_per_s": iterations / med, f"{pre}train_s_per_it": med / iterations,
+            f"{pre}train_images_per_s": iterations * batch.image_l.shape[0] / med, f"{pre}train_times_s": times,
+            f"{pre}train_peak_mem_mb": peak}
 
 
 def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_size: int, dev: torch.device,
-                     repeats: int, modes: Sequence[str], precision: str) -> dict[str, Any]:
+                     repeats: int, modes: Sequence[str], precision: str, reference: bool = False) -> dict[str, Any]:
     from textseg_cli.inference.predict import predict_case
     from textseg_cli.inference.sliding_window import window_starts
+    from textseg_cli.precision import resolve_precision
 
     image = torch.rand((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1))
     method.eval()
@@ -161,22 +173,44 @@ def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_si
         method.set_case_text(_case_text(0))
     out: dict[str, Any] = {"windows": int(torch.tensor([len(window_starts(max(v, p), p, s))
                                                         for v, p, s in zip(volume, patch, stride)]).prod())}
-    for mode in modes:
+    resolved = resolve_precision(precision, dev).name
+    variants = [(mode, resolved) for mode in modes]
+    if reference and "sliding" in modes and resolved != "fp32":
+        variants.insert(1, ("sliding", "fp32"))  # the fp32 ratio is measured in the same run
+    for mode, prec in variants:
         cfg = {"mode": mode, "patch_size": list(patch), "stride": list(stride), "sw_batch_size": sw_batch_size,
-               "precision": precision}
+               "precision": prec}
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        else:
+            _reset_peak_rss()
         run = lambda: predict_case(method, image, cfg, dev)  # noqa: E731
         if dev.type == "cuda":
             run()  # warm-up (cudnn autotuning); on CPU a warm-up would only double a long wait
         times = [_timed(run, dev) for _ in range(repeats)]
-        out[f"{mode}_s"] = statistics.median(times)
-        out[f"{mode}_times_s"] = times
-        out[f"{mode}_peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-                                      else _peak_rss_mb())
+        key = mode if prec == resolved else f"{mode}_{prec}"
+        out[f"{key}_s"] = statistics.median(times)
+        out[f"{key}_times_s"] = times
+        out[f"{key}_peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+                                     else _peak_rss_mb())
     if "sliding_s" in out and "whole_s" in out:
         out["whole_speedup"] = out["sliding_s"] / out["whole_s"]
     return out
+
+
+def _bench_reference_sliding(method, volume: tuple[int, ...], patch, stride, dev: torch.device,
+                             repeats: int) -> dict[str, Any]:
+    """The papers' window loop (`bench_reference.reference_sliding_window`) on the same random volume."""
+    from textseg_cli.bench_reference import reference_sliding_window
+
+    image = torch.rand((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1)).numpy()
+    if callable(getattr(method, "set_case_text", None)):
+        method.set_case_text(_case_text(0))
+    method.to(dev)
+    times = [_timed(lambda: reference_sliding_window(method, image, patch, stride), dev) for _ in range(repeats)]
+    return {"ref_sliding_s": statistics.median(times), "ref_sliding_times_s": times,
+            "ref_sliding_peak_mem_mb": (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+                                        else _peak_rss_mb())}
 
 
 def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), batch: tuple[int, int] = (2, 2),
@@ -185,18 +219,23 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
                   sw_batch_size: int = 4, in_channels: int = 1, num_classes: int = 2, train: bool = True,
                   inference_modes: Sequence[str] = ("sliding", "whole"), precision: str = "auto",
                   sets: Sequence[str] = (), feature_cache: str = "both", json_out: str | Path | None = None,
-                  force: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  force: bool = False, log: Callable[[str], None] | None = None,
+                  reference: bool = False) -> dict[str, Any]:
     """Benchmark `method` on random data; returns (and optionally writes as JSON) the figures.
 
     `device` None benchmarks the CPU and, when available, CUDA. Training: `iterations` steps of a batch
     of `batch` = (labeled, unlabeled) patches per timed run. Inference: one `volume` with sliding windows
     (`stride` defaults to the literature's for LA/Pancreas patches, else half the patch) and whole-volume.
     Memory: CUDA peak allocated by torch; on CPU the process's peak resident set size. `precision`
-    applies to inference (see `predict_case`); training uses bf16 autocast on CUDA, float32 on CPU.
+    (auto | fp32 | bf16, `textseg_cli.precision`) applies to training and inference. `reference` also
+    times the papers' training step and sliding-window loop (`textseg_cli.bench_reference`) on a fresh
+    copy of the method built from the same seed, and reports textseg's speed-ups over them
+    (`*_speedup_vs_reference`); sliding windows are then also timed at fp32 when `precision` resolves to bf16.
     `sets` are `--set` config overrides (e.g. method.clip_model=tiny). `feature_cache` ("both", "on",
     "off") applies to methods that cache frozen-encoder features; each variant is a freshly built method.
     """
     from textseg_cli.methods.base import build_method, list_methods
+    from textseg_cli.precision import resolve_precision
     from textseg_cli.utils import atomic_write_json, guard_output_file
 
     if method not in list_methods():
@@ -230,36 +269,51 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
     results = []
     for dev_name in devices:
         dev = torch.device(dev_name)
+        prec = resolve_precision(precision, dev)
         for cache in (["on", "off"] if feature_cache == "both" else [feature_cache]):
-            _reset_peak_rss()
-            torch.manual_seed(0)
-            m = build_method(method, cfg, in_channels, num_classes, dim=len(patch), quiet_warnings=True)
-            caches = _feature_caches(m)
-            for c in caches:
-                c.use_cache = cache == "on"
-            label = dev_name + (f", cache {cache}" if caches else "")
-            row: dict[str, Any] = {"device": dev_name, "label": label, "feature_cache": cache if caches else None,
-                                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
-                                   "threads": torch.get_num_threads(),
+            hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+            row: dict[str, Any] = {"device": dev_name, "feature_cache": None, "device_name": hardware,
+                                   "threads": torch.get_num_threads(), "precision": prec.name,
+                                   "precision_detail": prec.record(),
                                    "memory": "torch peak allocated" if dev.type == "cuda" else "process peak RSS"}
-            if train:
-                log(f"[{label}] training: {repeats} x {iterations} iteration(s) of {n_l}+{n_u} x {list(patch)}")
-                row.update(_bench_training(m, _random_batch(in_channels, num_classes, patch, n_l, n_u, dev), dev,
-                                           iterations, repeats))
-            if volume is not None and inference_modes:
-                log(f"[{label}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
-                row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats, inference_modes,
-                                            precision))
+            for ref in ([True, False] if reference else [False]):
+                _reset_peak_rss()
+                torch.manual_seed(0)
+                m = build_method(method, cfg, in_channels, num_classes, dim=len(patch), quiet_warnings=True)
+                caches = _feature_caches(m)
+                for c in caches:
+                    c.use_cache = cache == "on"
+                label = dev_name + (f", cache {cache}" if caches else "")
+                row["label"], row["feature_cache"] = label, cache if caches else None
+                who = "papers' reference" if ref else f"textseg {prec.name}"
+                if train:
+                    log(f"[{label}] training ({who}): {repeats} x {iterations} iteration(s) of {n_l}+{n_u} x "
+                        f"{list(patch)}")
+                    row.update(_bench_training(m, _random_batch(in_channels, num_classes, patch, n_l, n_u, dev),
+                                               dev, iterations, repeats, prec, reference=ref))
+                if volume is not None and ref and "sliding" in inference_modes:
+                    log(f"[{label}] inference on {list(volume)} ({who}): sliding x {repeats}")
+                    _reset_peak_rss()
+                    row.update(_bench_reference_sliding(m, volume, patch, stride, dev, repeats))
+                elif volume is not None and inference_modes and not ref:
+                    log(f"[{label}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
+                    row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats,
+                                                inference_modes, precision, reference=reference))
+                del m, caches
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            if reference and train:
+                row["train_speedup_vs_reference"] = row["ref_train_s_per_it"] / row["train_s_per_it"]
+            for key in ("sliding", "sliding_fp32"):
+                if "ref_sliding_s" in row and f"{key}_s" in row:
+                    row[f"{key}_speedup_vs_reference"] = row["ref_sliding_s"] / row[f"{key}_s"]
             results.append(row)
-            del m, caches
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
             if row["feature_cache"] is None:
                 break  # nothing to switch: one run per device
 
     report = {"method": method, "patch": list(patch), "batch": {"labeled": n_l, "unlabeled": n_u},
               "volume": list(volume) if volume else None, "stride": list(stride), "sw_batch_size": sw_batch_size,
-              "inference_precision": precision, "iterations": iterations, "repeats": repeats,
+              "precision": precision, "reference": reference, "iterations": iterations, "repeats": repeats,
               "in_channels": in_channels, "num_classes": num_classes, "torch": torch.__version__, "results": results}
     if json_out is not None:
         atomic_write_json(json_out, report)
@@ -279,14 +333,30 @@ def print_benchmark(report: dict[str, Any]) -> None:
     table.add_column("measure")
     for row in report["results"]:
         table.add_column(row.get("label", row["device"]), justify="right")
-    measures = [("device_name", "hardware"), ("threads", "threads"), ("train_it_per_s", "train it/s"),
-                ("train_s_per_it", "train s/it"),
-                ("train_images_per_s", "train images/s"), ("train_peak_mem_mb", "train peak MiB"), ("windows", "windows"),
-                ("sliding_s", "sliding s/volume"), ("whole_s", "whole s/volume"), ("whole_speedup", "whole speed-up"),
-                ("memory", "memory measured")]
+    measures = [("device_name", "hardware"), ("threads", "threads"), ("precision", "precision"),
+                ("train_it_per_s", "train it/s"), ("train_s_per_it", "train s/it"),
+                ("ref_train_s_per_it", "papers' step s/it (fp32)"), ("train_speedup_vs_reference", "train speed-up"),
+                ("train_images_per_s", "train images/s"), ("train_peak_mem_mb", "train peak MiB"),
+                ("ref_train_peak_mem_mb", "papers' step peak MiB"), ("windows", "windows"),
+                ("sliding_s", "sliding s/volume"), ("sliding_fp32_s", "sliding fp32 s/volume"),
+                ("ref_sliding_s", "papers' loop s/volume"), ("sliding_speedup_vs_reference", "sliding speed-up"),
+                ("sliding_fp32_speedup_vs_reference", "sliding fp32 speed-up"),
+                ("whole_s", "whole s/volume"), ("whole_speedup", "whole speed-up"), ("memory", "memory measured")]
     for key, label in measures:
         values = [row.get(key) for row in report["results"]]
         if all(v is None for v in values):
             continue
         table.add_row(label, *("-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in values))
     console.print(table)
+    print_ratios(report, console)
+
+
+def print_ratios(report: dict[str, Any], console) -> None:
+    """One line per speed-up over the papers' reference measured in the run (`--reference`)."""
+    for row in report["results"]:
+        for key, what in (("train", "training step"), ("sliding", "sliding window"),
+                          ("sliding_fp32", "sliding window at fp32")):
+            ratio = row.get(f"{key}_speedup_vs_reference")
+            if ratio is not None:
+                console.print(f"[{row['label']}] {what}: {ratio:.2f}x the papers' "
+                              f"{'step' if key == 'train' else 'loop'}", highlight=False)

@@ -24,21 +24,26 @@ def bench(
     sw_batch_size: int = typer.Option(4, "--sw-batch-size", help="Windows per forward pass."),
     train: bool = typer.Option(True, "--train/--no-train", help="Time training iterations."),
     whole: bool = typer.Option(True, "--whole/--no-whole", help="Also time whole-volume inference."),
-    precision: str = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 on CUDA, fp32 on "
-                                                              "CPU), fp32 or bf16."),
+    precision: str = typer.Option("auto", "--precision", help="Training and inference precision: auto (bf16 on "
+                                                              "CUDA and on CPUs with bf16 units, else fp32), fp32 "
+                                                              "or bf16."),
+    reference: bool = typer.Option(False, "--reference", help="Also time the papers' training step and "
+                                                              "sliding-window loop (fp32, one window per pass) in "
+                                                              "the same run and print textseg's speed-ups."),
     channels: int = typer.Option(1, "--channels", help="Input channels of the random images (3 for RGB)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key, e.g. "
                                                                  "method.clip_model=tiny (repeatable)."),
     feature_cache: str = typer.Option("both", "--feature-cache", help="Methods caching frozen-encoder features "
                                                                      "(tgcnet): time with the cache on, off or both."),
-    json_out: Path = typer.Option(None, "--json", help="Write the figures to this JSON file."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line on stdout (no table)."),
+    json_out: Path = typer.Option(None, "--out", help="Also write the figures to this JSON file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
 ) -> None:
     """Measure training it/s, images/s and peak memory, and sliding-window vs whole-volume seconds per volume.
 
     2D methods take 2D sizes, e.g. tgcnet: --patch 224,224 --volume none --batch 8+0 --channels 3.
     """
-    from textseg_cli.bench import print_benchmark, run_benchmark
+    from textseg_cli.bench import print_benchmark, print_ratios, run_benchmark
     from textseg_cli.console import err_console
     from textseg_cli.errors import ConfigError
     from textseg_cli.inference.predict import parse_int_list
@@ -53,7 +58,14 @@ def bench(
         stride=parse_int_list(stride, "--stride"), sw_batch_size=sw_batch_size, train=train,
         inference_modes=("sliding", "whole") if whole else ("sliding",), precision=precision,
         in_channels=channels, sets=sets or [], feature_cache=feature_cache, json_out=json_out,
-        force=force, log=lambda msg: err_console.print(msg, highlight=False, markup=False))
-    print_benchmark(report)
+        force=force, log=lambda msg: err_console.print(msg, highlight=False, markup=False), reference=reference)
+    if as_json:
+        import json
+        import sys
+
+        sys.stdout.write(json.dumps(report) + "\n")
+        print_ratios(report, err_console)
+    else:
+        print_benchmark(report)
     if json_out is not None:
         err_console.print(f"wrote {json_out}")

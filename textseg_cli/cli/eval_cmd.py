@@ -112,6 +112,9 @@ def eval_command(
     allow_missing: bool = typer.Option(
         False, "--allow-missing", help="With --pred: score the references that have a prediction (default: a "
                                        "reference without prediction is an error); the table states how many."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="RUN_DIR: auto, fp32 or bf16 (default: the run's rule; auto = bf16 on CUDA and "
+                                  "on CPUs with bf16 units, unless the run trained in fp32)."),
 ) -> None:
     """Evaluate predictions (Dice, Jaccard, 95HD, ASD; equal to medpy) and build results tables.
 
@@ -129,7 +132,7 @@ def eval_command(
         _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
                 checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
                 labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume, overlays=overlays,
-                uses_text=uses_text)
+                uses_text=uses_text, precision=precision)
         if empty_policy != "nan":
             raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
         _compare_mode(targets, table, out, force, std, class_name, layout)
@@ -144,7 +147,7 @@ def eval_command(
             raise ConfigError("give either RUN_DIR or --pred/--labels, not both")
         if pred is None or labels is None:
             raise ConfigError("--pred and --labels must be given together")
-        _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device)
+        _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device, precision=precision)
         _folder_mode(pred, labels, out=out, table=table, lcc=bool(lcc), spacing_mm=spacing_mm, empty_policy=empty_policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
                      labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume,
@@ -159,7 +162,7 @@ def eval_command(
             uses_text=uses_text)
     _run_mode(targets[0], split=split, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
               spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
-              eval_size=eval_size, per_volume=per_volume, overlays=overlays)
+              eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision)
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:

@@ -27,8 +27,9 @@ def predict(
     sw_batch_size: int = typer.Option(None, "--sw-batch-size", help="Windows per forward pass (sliding mode)."),
     buffer_on_cpu: bool = typer.Option(False, "--buffer-on-cpu",
                                        help="Accumulate probabilities on the CPU to save GPU memory on large volumes."),
-    precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 "
-                                                            "(2-3x faster on CPUs with AVX512-BF16)."),
+    precision: str = typer.Option(None, "--precision", help="auto (the run's rule: bf16 on CUDA and on CPUs "
+                                                            "with bf16 units unless it trained in fp32), fp32 "
+                                                            "or bf16."),
     preprocessed: bool = typer.Option(False, "--preprocessed",
                                       help="Images are already preprocessed like the training data: skip replaying "
                                            "the data set's chain (resample, crop, window, clip, z-score)."),

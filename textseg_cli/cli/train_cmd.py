@@ -38,6 +38,8 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt "
                                 "(model, optimiser, schedule, RNG and sampler state)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (slower)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on CUDA and on CPUs with bf16 "
+                                            "units, else fp32), fp32 or bf16; validation follows it."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all cores); "
                                           "give concurrent runs on one CPU a share each."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out folder."),
@@ -96,6 +98,8 @@ def train_command(
                           vwpm=False if no_vwpm else None, vtcm=False if no_vtcm else None,
                           unsup_loss=unsup_loss, t1=t1, t2=t2, sse=sse, clip_finetune=clip_finetune, date=date,
                           vlcm=vlcm, clip_weights=clip_weights) + list(sets or []) + ([f"data.fold={fold}"] if fold is not None else [])
+    if precision is not None:
+        sets.append(f"train.precision={precision}")
     if print_config:
         from textseg_cli.data.prepared import load_prepared
         from textseg_cli.engine.config import build_config, dump_config

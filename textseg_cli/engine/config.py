@@ -189,6 +189,9 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
     for sect in (inf, val):
         if sect.get("mode") is not None and sect["mode"] not in INFERENCE_MODES:
             raise ConfigError(f"mode {sect['mode']!r}: expected sliding or whole")
+    from textseg_cli.precision import inference_request
+
+    inference_request(cfg)  # names train.precision / inference.precision when either is not auto|fp32|bf16
     if str(val.get("split")) == "test":
         raise ConfigError("val.split=test: selecting checkpoints on the test split is refused; "
                           "use a validation split carved from the training cases")

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from textseg_cli.console import console, err_console, progress
+from textseg_cli.data.prefetch import with_prefetch
 from textseg_cli.data.prepared import PreparedDataset, load_prepared
 from textseg_cli.data.sampling import Augment, TwoStreamSampler, load_training_cases
 from textseg_cli.data.splits import apply_fold, labeled_subset
@@ -39,6 +40,8 @@ from textseg_cli.methods.base import Method, StepContext, list_methods
 from textseg_cli.reports.curves import write_run_curves
 from textseg_cli.engine.checks import check_run_config, device_from
 from textseg_cli.engine.ddp_exit import shutdown_process_group
+from textseg_cli.precision import (channels_last, inference_request, resolve_precision, to_channels_last,
+                                  training_request)
 from textseg_cli.safety import guarded_run_dir, refuse_existing_run
 from textseg_cli.utils import atomic_write_json, environment_info, seed_everything
 
@@ -106,22 +109,6 @@ class _StepModule(nn.Module):
         return self.method.training_step(batch, ctx)
 
 
-def _to_channels_last(module: nn.Module) -> None:
-    for p in module.parameters():
-        if p.dim() == 5:
-            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
-        elif p.dim() == 4:
-            p.data = p.data.contiguous(memory_format=torch.channels_last)
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() == 5:
-        return t.contiguous(memory_format=torch.channels_last_3d)
-    if t.dim() == 4:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
-
-
 # --- validation ---------------------------------------------------------------------------------------
 
 def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> list[float]:
@@ -144,8 +131,7 @@ def validate(method: Method, cases: list[tuple[str, np.ndarray, np.ndarray]], cf
     inf, val = dict(cfg["inference"]), cfg["val"]
     inf["mode"] = val.get("mode") or inf["mode"]
     inf["stride"] = val.get("stride") or inf["stride"]
-    if not (device.type == "cuda" and cfg["train"]["amp"]):
-        inf.setdefault("precision", "fp32")
+    inf["precision"] = inference_request(cfg)  # auto follows training: train.amp=false validates in fp32
     set_text = getattr(method, "set_case_text", None)
 
     per_case = []
@@ -205,12 +191,13 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(tr["cudnn_benchmark"]) and not cfg["deterministic"]
         self.method = build_run_method(cfg, ds).to(device)  # after seeding: initial weights depend on the seed
-        self.channels_last = device.type == "cuda" and bool(tr["channels_last"])
+        self.precision = resolve_precision(training_request(cfg), device, "train.precision")
+        self.channels_last = self.precision.channels_last and bool(tr["channels_last"])
         if self.channels_last:
-            _to_channels_last(self.method)
-        self.amp = device.type == "cuda" and bool(tr["amp"])
+            to_channels_last(self.method)
+        self.amp = self.precision.bf16
 
-        self.sampler = self._make_sampler()
+        self.sampler = with_prefetch(self._make_sampler(), tr.get("prefetch", "auto"), device)
         self.val_cases = [(cid, *self._load_val(cid)) for cid in self.val_ids] if dist.main else []
         self.optimizer = build_optimizer(self.method.param_groups(), cfg["optim"])
         self.scheduler = build_scheduler(self.optimizer, self.max_iterations, cfg["optim"],
@@ -393,6 +380,8 @@ class Trainer:
         row["lr"] = lr
         el = time.perf_counter() - t_start
         row["it_per_s"] = round((self.iteration - it_start) / el, 4) if el > 0 else 0.0
+        if "data_wait_s" in row:  # share of a step spent waiting for its batch
+            row["data_wait_share"] = round(row["data_wait_s"] * row["it_per_s"], 4)
         self.window, self.window_n = {}, 0
         return row
 
@@ -454,6 +443,8 @@ class Trainer:
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            if callable(getattr(self.sampler, "close", None)):
+                self.sampler.close()
             if self.log is not None:
                 self.log.close()
         return TrainResult(self.run_dir, self.iteration, self.best_metric, self.best_iteration, history,
@@ -488,10 +479,12 @@ class Trainer:
     def _step(self) -> dict[str, float]:
         ctx = StepContext(self.iteration, self.max_iterations, self.device,
                           extra={"world_size": self.dist.world_size, "rank": self.dist.rank})
+        t0 = time.perf_counter()
         batch = self.sampler.next_batch().to(self.device, non_blocking=True)
+        data_wait = time.perf_counter() - t0
         if self.channels_last:
-            batch.image_l, batch.image_u = _channels_last(batch.image_l), _channels_last(batch.image_u)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            batch.image_l, batch.image_u = channels_last(batch.image_l), channels_last(batch.image_u)
+        with self.precision.autocast():
             out = self.step_module(batch, ctx)
         loss = out["loss"]
         bad = not bool(torch.isfinite(loss.detach()).all())
@@ -503,13 +496,15 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is not finite at iteration {self.iteration + 1} ({_fmt(terms)}); stopped without saving. "
                 + (f"The last good checkpoint is {last}" if last.exists() else "No checkpoint was written yet")
-                + "; try a lower optim.lr or --set train.amp=false")
+                + "; try a lower optim.lr or --precision fp32")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.method.on_after_optimizer_step(ctx)
-        return {k: v for k, v in ((k, _scalar(v)) for k, v in out.items()) if v is not None}
+        terms = {k: v for k, v in ((k, _scalar(v)) for k, v in out.items()) if v is not None}
+        terms["data_wait_s"] = data_wait
+        return terms
 
     def _save_and_stop(self) -> None:
         self.save("last")
@@ -641,7 +636,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             snapshot_run_inputs(run_dir, cfg, ds)  # RUN/prepared.json + RUN/text/: the run predicts after a move
-            _write_env(run_dir, cfg, dev, dist, resume)
+            _write_env(run_dir, cfg, dev, dist, resume, precision=_precision_record(trainer, cfg, dev))
             atomic_write_json(run_dir / "cases.json", {
                 "labeled": trainer.labeled_ids, "unlabeled": trainer.unlabeled_ids,
                 "unused_unlabeled": trainer.unused_ids, "val_split": cfg["val"]["split"], "val": trainer.val_ids})
@@ -667,7 +662,12 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             shutdown_process_group(ok)
 
 
-def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool) -> None:
+def _precision_record(tr: Trainer, cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    return {"train": tr.precision.record(), "validation": resolve_precision(inference_request(cfg), dev).record()}
+
+
+def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool,
+               precision: dict[str, Any] | None = None) -> None:
     import json
 
     path = run_dir / "env.json"
@@ -677,6 +677,8 @@ def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist
                  "deterministic": cfg["deterministic"], "resumed": resume, "argv": sys.argv,
                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "torch_threads": torch.get_num_threads()})
+    if precision is not None:
+        info["precision"] = precision
     if dev.type == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     env["sessions"].append(info)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,9 +12,9 @@ import torch
 from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.inference.fusion import fused_for_inference
 from textseg_cli.inference.sliding_window import sliding_window_inference, whole_volume_inference
+from textseg_cli.precision import PRECISIONS, inference_request, resolve_precision  # noqa: F401 (re-export)
 
 INFERENCE_MODES = ("sliding", "whole")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -50,8 +49,9 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
     `patch_size`, `stride`, `sw_batch_size` (windows per forward pass, default 4), `decoder` (passed to
     `method.predict_proba`), `out_device` (where probabilities accumulate; "cpu" saves GPU memory on
     large volumes; default: the compute device), `max_voxels` and `multiple` (whole-volume mode),
-    `precision` ("auto" = bf16 autocast on CUDA and float32 on CPU, "fp32", or "bf16" — on CPUs with
-    AVX512-BF16/AMX about 2-3x faster, masks differ on ~0.01 % of voxels), `channels_last` (default
+    `precision` ("auto" = bf16 autocast on CUDA and on CPUs with bf16 units, else float32; "fp32"; or
+    "bf16" — see `textseg_cli.precision`; on CPUs with AVX512-BF16/AMX about 2-3x faster, masks differ on
+    ~0.01 % of voxels), `channels_last` (default
     True: channels-last(-3d) memory format, faster with cuDNN and oneDNN) and `fuse_bn` (default True:
     predict with a cached copy whose BatchNorms are folded into the preceding convs, ~8 % faster on CPU;
     with False the method itself is used, and converted to channels-last in place).
@@ -73,10 +73,7 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
         raise DataError(f"image has {x.shape[0]} channel(s); the model expects {method.in_channels}")
     decoder = cfg.get("decoder")
     out_device = cfg.get("out_device") or None
-    precision = cfg.get("precision") or "auto"
-    if precision not in PRECISIONS:
-        raise ConfigError(f"inference.precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    precision = resolve_precision(cfg.get("precision"), dev, "inference.precision")
     channels_last = cfg.get("channels_last", True) is not False
     memory_format = torch.channels_last_3d if ndim == 3 else torch.channels_last
 
@@ -91,8 +88,7 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
     def predict_fn(batch: torch.Tensor) -> torch.Tensor:
         if channels_last:
             batch = batch.contiguous(memory_format=memory_format)
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast:
+        with precision.autocast():
             return model.predict_proba(batch, decoder).float().contiguous()
 
     try:
@@ -170,8 +166,10 @@ def write_mask(path: Path, mask: np.ndarray, like: InputImage) -> None:
 
 def inference_settings(config: dict[str, Any], inference: str | None = None, decoder: int | str | None = None,
                        **overrides: Any) -> dict[str, Any]:
-    """The run's `inference` section with command-line choices applied (None keeps the run's value)."""
+    """The run's `inference` section with command-line choices applied (None keeps the run's value);
+    `precision` is the run's inference request (`textseg_cli.precision.inference_request`)."""
     cfg = dict(config.get("inference") or {})
+    cfg["precision"] = inference_request(config, overrides.pop("precision", None))
     if cfg.get("patch_size") is None and (config.get("data") or {}).get("patch_size") is not None:
         cfg["patch_size"] = config["data"]["patch_size"]
     if inference is not None:
@@ -290,8 +288,8 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
         "checkpoint_rule": checkpoint_rule(getattr(run, "checkpoint_rule", checkpoint), run.checkpoint_path),
         "images": str(images.resolve()), "preprocessing": steps, "normalize": normalize,
         "probabilities": "<name>_probs: float32 softmax, classes on the last axis" if save_probabilities else None,
-        "inference": inf_cfg, "device": str(dev), "cases": [p.name for p in written],
-        **({"failed": failed} if failed else {})})
+        "inference": inf_cfg, "device": str(dev), "precision": resolve_precision(inf_cfg["precision"], dev).name,
+        "cases": [p.name for p in written], **({"failed": failed} if failed else {})})
     console.print(f"wrote {len(written)} mask(s) to {out}")
     if failed:
         for msg in failed.values():

@@ -59,7 +59,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                   inference: str | None = None, out: str | Path | None = None, lcc: bool | None = None,
                   spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
                   device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
-                  overlays: int = 0, threshold: float = 0.5):
+                  overlays: int = 0, threshold: float = 0.5, precision: str | None = None):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
@@ -73,7 +73,8 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     2D runs: binary masks are the foreground probability > `threshold`; each case's text is handed to
     methods that read it (`set_case_text`); `eval_size=224` scores at 224×224 (LViT); `per_volume`
     re-stacks the slices of a `textseg prep slices` folder and scores volumes; `overlays=N` writes N
-    overlay PNGs to `out/overlays/`.
+    overlay PNGs to `out/overlays/`. `precision` (auto | fp32 | bf16) defaults to the run's rule
+    (`textseg_cli.precision.inference_request`); meta.json records what ran.
     `lcc` None follows the method's evaluation protocol (`inference.protocol.resolve_lcc`: on for DTC, BCP and
     Text-SemiSeg runs, as their official test scripts); True/False force it.
     """
@@ -84,6 +85,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     from textseg_cli.inference.protocol import resolve_lcc
     from textseg_cli.inference.predict import (checkpoint_rule, inference_settings, predict_case, read_input_image,
                                                resolve_device, write_mask)
+    from textseg_cli.precision import resolve_precision
     from textseg_cli.utils import prepare_output_dir
 
     run_dir = Path(run_dir)
@@ -94,7 +96,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     dev = resolve_device(device)
     eval_size = check_eval_size(eval_size, per_volume)
     run = load_run(run_dir, checkpoint, device=str(dev))
-    inf_cfg = inference_settings(run.config, inference, decoder)
+    inf_cfg = inference_settings(run.config, inference, decoder, precision=precision)
     ds = run.dataset
     if per_volume:
         from textseg_cli.data.prep.slices import restack_pairs, slice_info
@@ -161,6 +163,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                         if ds.dim == 2 and ds.num_classes == 2 else "argmax before post-processing"),
         "threshold": threshold if ds.dim == 2 and ds.num_classes == 2 else None,
         "device": str(dev),
+        "precision": resolve_precision(inf_cfg["precision"], dev).name,
         **scoring_meta(3 if per_volume else ds.dim, ds.name, per_volume, method_uses_text(run.method)),
         "overlays": [p.name for p in written],
     }

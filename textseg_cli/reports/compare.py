@@ -116,7 +116,7 @@ def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float | None, int]:
 
 
 def _settings(meta: dict) -> dict:
-    return {**{k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule")},
+    return {**{k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule", "precision")},
             "n_missing": len(meta.get("missing_predictions") or [])}
 
 

@@ -98,7 +98,7 @@ def render_csv(rows: list[ResultRow]) -> str:
         rec["n_empty"] = r.stats.get("dice", {}).get("n_empty")
         rec["wilcoxon_p_dice_vs_first"] = r.p_value
         rec["n_common_cases"] = r.n_common
-        for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule"):
+        for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule", "precision"):
             rec[k] = r.settings.get(k)
         records.append(rec)
     frame = pd.DataFrame(records).astype({"labeled": "Int64", "unlabeled": "Int64", "n_cases": "Int64",
@@ -201,6 +201,8 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
         + "; distances in " + describe("distance_unit", lambda v: str(v or "unknown"))
         + "; checkpoint: " + describe("checkpoint_rule", lambda v: str(v or "unknown")) + ".",
     ]
+    if any(r.settings.get("precision") for r in rows):  # evaluations of runs record their inference precision
+        notes.append("Inference precision: " + describe("precision", lambda v: str(v or "unknown")) + ".")
     n_cases = {r.n_cases for r in rows}
     stat = "mean ± SD over cases" if std else "mean over cases"
     notes.append(f"Values: {stat}" + (f" (n = {n_cases.pop()})." if len(n_cases) == 1 else "; case counts differ: "
