@@ -317,7 +317,8 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", state)
 
     def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        # CPU first: RNG states must stay CPU ByteTensors; load_state_dict copies weights to the device
+        ckpt = load_checkpoint(path, map_location="cpu")
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
