@@ -248,3 +248,37 @@ def test_mcnet_loss_terms_and_decoder_selection():
         assert torch.allclose(m.predict_proba(x), probs[0][:1], atol=1e-6)  # default: decoder 0
     with pytest.raises(ConfigError, match="decoders 0..2"):
         m.predict_logits(x, 3)
+
+
+def test_deterministic_runs_warn_on_ops_without_a_deterministic_kernel(tiny_data, tmp_path, monkeypatch):
+    """On CUDA, cross-entropy, trilinear upsampling backward, grid_sample backward... have no deterministic
+    kernel: `use_deterministic_algorithms(True)` without warn_only stopped every method at step 1. CPU
+    stand-in: `put_` has no deterministic kernel on any device, so it raises or warns just the same."""
+    import json
+    import warnings
+
+    from textseg_cli.engine.determinism import CUDA_NONDETERMINISTIC_OPS
+    from textseg_cli.methods.mcnet import MCNet
+
+    real = MCNet.training_step
+
+    def step_with_a_nondeterministic_op(self, batch, ctx):
+        torch.zeros(4).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+        return real(self, batch, ctx)
+
+    monkeypatch.setattr(MCNet, "training_step", step_with_a_nondeterministic_op)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = train("mcnet", tiny_data, labeled="2", iterations=2, out=tmp_path / "run", device="cpu", quiet=True,
+                        deterministic=True, sets=TINY + ["val.every=0"])
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    assert res.iteration == 2
+    assert any("does not have a deterministic implementation" in str(w.message) for w in caught)
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["deterministic"] is True and env["deterministic_warn_only"] is True
+    assert env["cuda_nondeterministic_ops"] == CUDA_NONDETERMINISTIC_OPS
+    assert "grid_sampler_2d_backward_cuda" in env["cuda_nondeterministic_ops"]

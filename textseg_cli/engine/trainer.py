@@ -29,6 +29,7 @@ from textseg_cli.data.sampling import Augment, TwoStreamSampler, load_training_c
 from textseg_cli.data.splits import labeled_subset
 from textseg_cli.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from textseg_cli.engine.config import build_config, load_config, save_config
+from textseg_cli.engine.determinism import determinism_record
 from textseg_cli.engine.optim import build_optimizer, build_scheduler
 from textseg_cli.engine.runlog import RunLog
 from textseg_cli.engine.runs import build_run_method
@@ -630,6 +631,7 @@ def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist
                  "deterministic": cfg["deterministic"], "resumed": resume, "argv": sys.argv,
                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "torch_threads": torch.get_num_threads()})
+    info.update(determinism_record(bool(cfg["deterministic"])))
     if dev.type == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     env["sessions"].append(info)
