@@ -86,6 +86,9 @@ class CLIPFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
         for p in self.clip.parameters():
             p.requires_grad = finetune == "full"
+        for name in ("logit_scale", "logit_bias"):  # contrastive-loss scalars: no feature uses them
+            if isinstance(getattr(self.clip, name, None), nn.Parameter):
+                getattr(self.clip, name).requires_grad = False
         if finetune == "qv":
             for m in self.clip.modules():
                 if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
