@@ -154,3 +154,57 @@ def ddp_worker(rank: int, world_size: int, init_file: str, folder: str, ids: lis
     finally:
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
+
+
+def decision_worker(rank: int, world_size: int, init_file: str, folder: str, out_dir: str) -> None:
+    """One gloo process: MCF's good student and Text-SemiSeg's better/worse DCA decoders chosen from losses
+    that favour a different network on each rank; writes the choices this rank made."""
+    import torch.distributed as dist
+
+    import textseg_cli.methods.mcf as mcf_mod
+    import textseg_cli.methods.text_semiseg as ts_mod
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    inputs = {"clip": str(Path(folder) / "clip.safetensors"), "bert": str(Path(folder) / "bert.safetensors"),
+              "root": folder}
+    # local losses: rank 0 prefers network/decoder 0, rank 1 network/decoder 1; their mean prefers 1
+    local = {0: [0.1, 0.2], 1: [0.5, 0.3]}[rank]
+    try:
+        calls = {"n": 0}
+
+        def fake_dice(probs, *a, **k):  # MCF calls it for the V-Net, then for the ResNet
+            value = local[calls["n"] % 2]
+            calls["n"] += 1
+            return probs.sum() * 0 + value
+
+        mcf_mod.dice_loss = fake_dice
+        spec = next(s for s in SPECS if s.id == "mcf")
+        out = build(spec, inputs).training_step(batch(spec, seed=rank), ctx(0, rank, world_size))
+        choices = {"mcf_good_is_resnet": float(out["good_student_is_resnet"])}
+
+        spec = next(s for s in SPECS if s.id == "text-semiseg")
+        m = build(spec, inputs)
+        m.use_csa = False
+        b = batch(spec, seed=rank)
+        shape = (b.image_l.shape[0], 2, *b.image_l.shape[2:])
+        m.forward_decoders = lambda x, text, *a: ([torch.full(shape, 0.0), torch.full(shape, 1.0)], None)
+        seen: dict[str, int] = {}
+        real_mix = ts_mod.dca_mix
+
+        def recording_mix(xl, yl, xu, pl):
+            seen["better"] = int(pl.flatten()[0])
+            return real_mix(xl, yl, xu, pl)
+
+        ts_mod.dca_mix = recording_mix
+        pls = [torch.zeros_like(b.label_l), torch.ones_like(b.label_l)]  # decoder i's pseudo-labels are all i
+
+        def seg(logits, labels):
+            seen["worse"] = int(logits.flatten()[0])
+            return logits.sum() * 0
+
+        m._dca(b, [torch.tensor(v) for v in local], pls, m._text(), seg)
+        choices.update(dca_better=seen["better"], dca_worse=seen["worse"])
+        (Path(out_dir) / f"decisions{rank}.json").write_text(json.dumps(choices))
+    finally:
+        dist.destroy_process_group()

@@ -83,3 +83,39 @@ def test_deformable_attention_samples_in_fp32_under_bf16_autocast(monkeypatch):
     for (_, _, g), e in zip(calls, exact):  # positions are not rounded to bf16 on the way
         assert torch.allclose(g, e, atol=1e-6)
     assert out.dtype == torch.bfloat16  # the layer still hands bf16 on under autocast
+
+
+# --- decisions taken from losses agree across DDP ranks (issue 18.7) --------------------------------
+
+@pytest.mark.benchmark  # ~40 s: two processes import the package and build both methods
+def test_mcf_and_dca_decisions_agree_across_gloo_ranks(tmp_path):
+    """Each rank's own losses favour a different network; the choice must be one for the whole job
+    (the mean of the losses: network 1), as a single process seeing all patches would make it."""
+    import torch.multiprocessing as mp
+    from method_matrix import decision_worker
+
+    folder = write_inputs(tmp_path / "inputs")["root"]
+    mp.spawn(decision_worker, args=(2, str(tmp_path / "init"), folder, str(tmp_path)), nprocs=2, join=True)
+    d0, d1 = (json.loads((tmp_path / f"decisions{r}.json").read_text()) for r in (0, 1))
+    assert d0 == d1 == {"mcf_good_is_resnet": 1.0, "dca_better": 1, "dca_worse": 0}
+
+
+def test_decisions_follow_the_process_group_mean(inputs, monkeypatch):
+    """Fast stand-in for the gloo test: the other ranks are simulated by the reduction's result."""
+    import textseg_cli.methods.mcf as mcf_mod
+    from textseg_cli.methods.distributed import global_mean
+
+    v = torch.tensor([0.3, 0.2])
+    assert torch.equal(global_mean(v), v)  # one process: nothing changes
+    spec = next(s for s in SPECS if s.id == "mcf")
+    m = build(spec, inputs)
+    local = float(m.training_step(batch(spec), ctx(0))["good_student_is_resnet"])
+    seen = []
+
+    def other_ranks_disagree(values):  # the job-wide mean favours the network this rank did not pick
+        seen.append(values.shape)
+        return values.flip(0)
+
+    monkeypatch.setattr(mcf_mod, "global_mean", other_ranks_disagree)
+    assert float(m.training_step(batch(spec), ctx(0))["good_student_is_resnet"]) == 1.0 - local
+    assert seen == [torch.Size([2])]

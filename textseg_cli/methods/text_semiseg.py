@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import consistency_weight, dice_loss
 from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
+from textseg_cli.methods.distributed import global_mean
 from textseg_cli.methods.ssl_common import backbone_kwargs, threshold_pseudo_label
 from textseg_cli.methods.text_addon import build_fusion, build_text_source, tmr_setting
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss, dca_mix
@@ -136,8 +137,8 @@ class TextSemiSeg(Method):
 
     def _dca(self, batch: Batch, sup: list[torch.Tensor], pls: list[torch.Tensor], text, seg):
         """Dual copy-paste with the better decoder's pseudo-labels; the mixed loss trains the worse decoder."""
-        better = int(torch.stack([s.detach() for s in sup]).argmin())
-        worse = int(torch.stack([s.detach() for s in sup]).argmax())
+        sups = global_mean(torch.stack([s.detach() for s in sup]))  # one choice for all DDP ranks
+        better, worse = int(sups.argmin()), int(sups.argmax())
         n = min(batch.image_l.shape[0], batch.image_u.shape[0])  # labeled i is paired with unlabeled i
         xu_mix, yu_mix, xl_mix, yl_mix = dca_mix(batch.image_l[:n], batch.label_l[:n], batch.image_u[:n],
                                                  pls[better][:n])
