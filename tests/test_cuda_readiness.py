@@ -119,3 +119,72 @@ def test_decisions_follow_the_process_group_mean(inputs, monkeypatch):
     monkeypatch.setattr(mcf_mod, "global_mean", other_ranks_disagree)
     assert float(m.training_step(batch(spec), ctx(0))["good_student_is_resnet"]) == 1.0 - local
     assert seen == [torch.Size([2])]
+
+
+# --- label-derived maps and LCC off the hot path (issue 18.4) -------------------------------------------
+
+def test_dtc_signed_distance_comes_with_the_sampled_patch(inputs, monkeypatch):
+    """The sampler makes DTC's SDF when it draws the patch (after crop, rot90 and flips); the step no longer
+    copies labels to the host for scipy, and its loss is bit-identical to the in-step computation."""
+    import numpy as np
+
+    import textseg_cli.methods.dtc as dtc_mod
+    from textseg_cli.data.sampling import Augment, TwoStreamSampler
+
+    spec = next(s for s in SPECS if s.id == "dtc")
+    method = build(spec, inputs)
+    rng = np.random.default_rng(0)
+    labels = [np.zeros((40, 36, 20), np.uint8) for _ in range(3)]
+    for lab in labels:
+        lab[rng.integers(0, 10):30, 5:rng.integers(20, 36), 4:16] = 1
+    images = [rng.normal(size=(1, *lab.shape)).astype(np.float32) for lab in labels]
+    sampler = TwoStreamSampler(images, labels, images[:2], (32, 32, 16), 2, 2, seed=[0, 0],
+                               augment=Augment(flip=True, rot90=True), label_targets=method.label_targets)
+    b = sampler.next_batch()
+    assert torch.equal(b.extra["sdf_l"], dtc_mod.sdf_targets(b.label_l, 2))
+
+    torch.manual_seed(1)
+    in_step = method.training_step(type(b)(b.image_l, b.label_l, b.image_u), ctx(0))
+    monkeypatch.setattr(dtc_mod, "normalized_sdf", lambda *a: pytest.fail("SDF computed inside the step"))
+    torch.manual_seed(1)
+    sampled = method.training_step(b, ctx(0))
+    for k in ("loss", "loss_sdf", "loss_consistency"):
+        assert torch.equal(sampled[k], in_step[k]), k
+
+
+def _blobs(shape, seed, classes=2):
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    x = gaussian_filter(rng.normal(size=shape), sigma=(0,) + (1.5,) * (len(shape) - 1))
+    x = (x - x.mean()) / x.std()
+    lab = (x > 0.1).astype(np.int64) + (x > 1.0 if classes > 2 else 0)
+    return torch.from_numpy(lab)
+
+
+def test_device_lcc_equals_scipy_voxel_for_voxel():
+    from textseg_cli.metrics.postprocess import lcc_batch, lcc_batch_device
+
+    cases = [_blobs((3, 24, 20, 12), 0), _blobs((2, 24, 20, 12), 1, classes=3), _blobs((4, 40, 36), 2),
+             torch.zeros(2, 8, 8, 4, dtype=torch.long)]
+    tie = torch.zeros(1, 9, 9, 3, dtype=torch.long)  # two equal components: the first in C order stays
+    tie[0, 1:3, 1:3, 1], tie[0, 6:8, 6:8, 1] = 1, 1
+    for lab in cases + [tie, tie.bool()]:
+        ref = lcc_batch(lab)
+        dev = lcc_batch_device(lab)
+        assert dev.dtype == ref.dtype and torch.equal(dev, ref)
+    assert int(lcc_batch(tie).sum()) == 4 and bool(lcc_batch(tie)[0, 1, 1, 1])
+    assert int((cases[0] != lcc_batch(cases[0])).sum()) > 0  # the blobs do have stray components
+
+
+def test_lcc_of_a_device_tensor_stays_on_the_device(monkeypatch):
+    """Stand-in for a CUDA tensor: `meta` cannot be copied to the host, so the old `.cpu().numpy()` path fails."""
+    import textseg_cli.metrics.postprocess as pp
+    from textseg_cli.methods.ssl_common import threshold_pseudo_label
+
+    seen = []
+    monkeypatch.setattr(pp, "lcc_batch_device", lambda t: seen.append(t.device.type) or t.clone())
+    probs = torch.rand(2, 2, 8, 8, 4, device="meta")
+    out = threshold_pseudo_label(probs, 0.5, lcc=True)
+    assert seen == ["meta"] and out.device.type == "meta"

@@ -269,7 +269,8 @@ class Trainer:
                                 seed=[int(self.cfg["seed"]), self.dist.rank], augment=aug,
                                 ids_l=self.labeled_ids, ids_u=self.unlabeled_ids,
                                 texts_l=texts[0] if any(t is not None for t in texts[0]) else None,
-                                texts_u=texts[1] if any(t is not None for t in texts[1]) else None)
+                                texts_u=texts[1] if any(t is not None for t in texts[1]) else None,
+                                label_targets=self.method.label_targets)
 
     def _tensorboard_dir(self) -> Path | None:
         flag = self.cfg["train"].get("tensorboard", "auto")

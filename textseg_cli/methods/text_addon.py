@@ -312,6 +312,9 @@ class TextAddon(Method):
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         self.base.on_after_optimizer_step(ctx)
 
+    def label_targets(self, label: Any) -> dict[str, Any] | None:
+        return self.base.label_targets(label)
+
     def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         return self.base.predict_logits(x, decoder)
 
