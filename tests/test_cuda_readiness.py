@@ -188,3 +188,21 @@ def test_lcc_of_a_device_tensor_stays_on_the_device(monkeypatch):
     probs = torch.rand(2, 2, 8, 8, 4, device="meta")
     out = threshold_pseudo_label(probs, 0.5, lcc=True)
     assert seen == ["meta"] and out.device.type == "meta"
+
+
+# --- CSA prototypes in float32 (issue 18.7) ---------------------------------------------------------
+
+def test_csa_prototypes_are_float32_under_bf16_autocast():
+    """The projection head hands bf16 features on under autocast; the prototypes (a sum over the whole
+    feature grid) must not be computed in bf16. Reference: the same features, upcast, without autocast."""
+    from textseg_cli.methods.text_losses import csa_loss
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 16, 12, 12, 8, generator=g).bfloat16()  # what the head gives under autocast
+    probs = [torch.softmax(torch.randn(2, 2, 24, 24, 16, generator=g), 1) for _ in range(2)]
+    text = torch.randn(2, 16, generator=g)
+    ref = csa_loss(feats.float(), probs, text)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = csa_loss(feats, probs, text)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, ref, rtol=1e-6, atol=0)

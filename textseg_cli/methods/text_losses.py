@@ -44,6 +44,13 @@ def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tens
     """
     if channel_reduction not in ("sum", "mean"):
         raise ValueError(f"csa channel_reduction must be 'sum' or 'mean', got {channel_reduction!r}")
+    # prototypes in float32: under autocast the einsum would sum a whole volume's products in bf16
+    with torch.autocast(features.device.type, enabled=False):
+        return _csa_fp32(features.float(), probs, text.float(), pool, channel_reduction)
+
+
+def _csa_fp32(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tensor, pool: str,
+              channel_reduction: str) -> torch.Tensor:
     b, _ = features.shape[:2]
     spatial = features.shape[2:]
     n = float(torch.tensor(spatial).prod())
