@@ -206,3 +206,47 @@ def test_csa_prototypes_are_float32_under_bf16_autocast():
         got = csa_loss(feats, probs, text)
     assert got.dtype == torch.float32
     assert torch.allclose(got, ref, rtol=1e-6, atol=0)
+
+
+# --- TGC-Net's CLIP feature cache (issue 18.7) -------------------------------------------------------
+
+def test_clip_cache_keys_images_without_copying_them_to_the_host(monkeypatch):
+    from textseg_cli.models.tgcnet.clip_backbone import FeatureCache
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    keys = FeatureCache.image_keys("m", x)
+    assert len(set(keys)) == 3 and keys == FeatureCache.image_keys("m", x.clone())
+    assert keys[0] == FeatureCache.key("m", x[0])
+    y = x.clone()
+    y[1, 2, 31, 0] = torch.nextafter(y[1, 2, 31, 0], torch.tensor(2.0))  # one ulp in one pixel
+    assert FeatureCache.image_keys("m", y) == [keys[0], FeatureCache.image_keys("m", y)[1], keys[2]]
+    assert FeatureCache.image_keys("m", y)[1] != keys[1]
+    assert FeatureCache.image_keys("m", x.half())[0] != keys[0] and FeatureCache.image_keys("n", x)[0] != keys[0]
+
+    def no_host_copy(self, *a, **k):  # the old key copied every image of every step to the host
+        if self.numel() > 64:
+            raise AssertionError(f"a {tuple(self.shape)} tensor was copied to the host to compute its key")
+        return real_cpu(self, *a, **k)
+
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", no_host_copy)
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda self, *a, **k: pytest.fail("numpy() of an image"))
+    assert FeatureCache.image_keys("m", x) == keys
+
+
+def test_clip_cache_is_bounded_in_bytes_and_kept_in_pinned_host_memory(monkeypatch):
+    from textseg_cli.models.tgcnet.clip_backbone import FeatureCache
+
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # stand-in: a CUDA machine
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.shape) or self)
+    entry = torch.zeros(64, 16, 16, dtype=torch.float16)  # 32 KiB
+    cache = FeatureCache(max_items=100, max_bytes=3 * entry.numel() * 2 + 10)
+    for i in range(5):
+        cache.put(f"k{i}", entry + i)
+    assert len(cache) == 3 and cache.nbytes == 3 * entry.numel() * 2
+    assert cache.get("k0") is None and torch.equal(cache.get("k4"), entry + 4)  # least recently used went
+    cache.put("t", (torch.zeros(8, 64), torch.ones(8, dtype=torch.bool)))  # text entries: (features, valid)
+    assert cache.nbytes <= cache.max_bytes and "k1" not in cache._store
+    assert len(pinned) == 7 and all(v.device.type == "cpu" for v in (cache.get("k4"), *cache.get("t")))
