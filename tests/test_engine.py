@@ -100,10 +100,16 @@ def test_sampler_pads_crops_and_restores_state():
 
 # --- training runs ----------------------------------------------------------------------------------
 
-def test_resume_continues_the_loss_curve_exactly(tiny_data, tmp_path, monkeypatch):
-    args = dict(labeled="2", iterations=8, seed=3, device="cpu", quiet=True, sets=TINY + ["val.every=0"])
+@pytest.mark.parametrize("schedule", [[], ["optim.schedule=poly"], ["optim.schedule=step", "optim.step_size=3"]],
+                         ids=["constant", "poly", "step"])
+def test_resume_continues_the_loss_curve_exactly(tiny_data, tmp_path, monkeypatch, schedule):
+    # poly/step: a resume that skipped the scheduler's state would restart the lr curve (issue 20)
+    args = dict(labeled="2", iterations=8, seed=3, device="cpu", quiet=True, sets=TINY + ["val.every=0"] + schedule)
     train("mcnet", tiny_data, out=tmp_path / "full", **args)
     full = {int(r["iteration"]): float(r["loss"]) for r in _rows(tmp_path / "full")}
+    full_lr = {int(r["iteration"]): float(r["lr"]) for r in _rows(tmp_path / "full")}
+    if schedule:
+        assert full_lr[8] < full_lr[5] < full_lr[1]
     assert sorted(full) == list(range(1, 9))
 
     calls = {"n": 0}
@@ -126,6 +132,35 @@ def test_resume_continues_the_loss_curve_exactly(tiny_data, tmp_path, monkeypatc
     assert [int(r["iteration"]) for r in rows] == list(range(1, 9))
     for r in rows:
         assert float(r["loss"]) == pytest.approx(full[int(r["iteration"])], rel=1e-5, abs=1e-6)
+        assert float(r["lr"]) == pytest.approx(full_lr[int(r["iteration"])], rel=1e-9)
+
+
+def test_resume_loads_the_checkpoint_to_cpu_whatever_the_run_device(tiny_data, tmp_path, monkeypatch):
+    """On CUDA, `map_location=device` put the RNG states on the GPU, and `torch.set_rng_state` needs a CPU
+    ByteTensor. Stand-in: the trainer's device reads as `meta` while resuming; only a CPU load survives."""
+    from textseg_cli.engine import checkpoint as ckmod
+    from textseg_cli.engine.trainer import Trainer
+
+    args = dict(labeled="2", seed=3, device="cpu", quiet=True, sets=TINY + ["val.every=0"])
+    train("mcnet", tiny_data, out=tmp_path / "run", iterations=2, **args)
+    seen, real_load, real_resume = [], ckmod.torch.load, Trainer._resume
+
+    def recording_load(*a, **k):
+        seen.append(str(k.get("map_location")))
+        return real_load(*a, **k)
+
+    def resume_on_stand_in(self, path):
+        dev, self.device = self.device, torch.device("meta")
+        try:
+            real_resume(self, path)
+        finally:
+            self.device = dev
+
+    monkeypatch.setattr(ckmod.torch, "load", recording_load)
+    monkeypatch.setattr(Trainer, "_resume", resume_on_stand_in)
+    res = train(resume=True, out=tmp_path / "run", iterations=3, quiet=True)
+    assert res.iteration == 3 and seen == ["cpu"]
+    assert torch.get_rng_state().device.type == "cpu"
 
 
 def test_unlabeled_labels_are_never_read(tiny_data, tmp_path):
@@ -213,3 +248,37 @@ def test_mcnet_loss_terms_and_decoder_selection():
         assert torch.allclose(m.predict_proba(x), probs[0][:1], atol=1e-6)  # default: decoder 0
     with pytest.raises(ConfigError, match="decoders 0..2"):
         m.predict_logits(x, 3)
+
+
+def test_deterministic_runs_warn_on_ops_without_a_deterministic_kernel(tiny_data, tmp_path, monkeypatch):
+    """On CUDA, cross-entropy, trilinear upsampling backward, grid_sample backward... have no deterministic
+    kernel: `use_deterministic_algorithms(True)` without warn_only stopped every method at step 1. CPU
+    stand-in: `put_` has no deterministic kernel on any device, so it raises or warns just the same."""
+    import json
+    import warnings
+
+    from textseg_cli.engine.determinism import CUDA_NONDETERMINISTIC_OPS
+    from textseg_cli.methods.mcnet import MCNet
+
+    real = MCNet.training_step
+
+    def step_with_a_nondeterministic_op(self, batch, ctx):
+        torch.zeros(4).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+        return real(self, batch, ctx)
+
+    monkeypatch.setattr(MCNet, "training_step", step_with_a_nondeterministic_op)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = train("mcnet", tiny_data, labeled="2", iterations=2, out=tmp_path / "run", device="cpu", quiet=True,
+                        deterministic=True, sets=TINY + ["val.every=0"])
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    assert res.iteration == 2
+    assert any("does not have a deterministic implementation" in str(w.message) for w in caught)
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["deterministic"] is True and env["deterministic_warn_only"] is True
+    assert env["cuda_nondeterministic_ops"] == CUDA_NONDETERMINISTIC_OPS
+    assert "grid_sampler_2d_backward_cuda" in env["cuda_nondeterministic_ops"]

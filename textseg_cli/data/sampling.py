@@ -12,7 +12,7 @@ Unlabeled cases are loaded with `load_case(id, with_label=False)`: their label f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -76,7 +76,8 @@ class TwoStreamSampler:
     def __init__(self, images_l: list[np.ndarray], labels_l: list[np.ndarray], images_u: list[np.ndarray],
                  patch_size: Sequence[int], batch_labeled: int, batch_unlabeled: int, seed: int | Sequence[int],
                  augment: Augment | None = None, ids_l: Sequence[str] = (), ids_u: Sequence[str] = (),
-                 texts_l: Sequence[str | None] | None = None, texts_u: Sequence[str | None] | None = None):
+                 texts_l: Sequence[str | None] | None = None, texts_u: Sequence[str | None] | None = None,
+                 label_targets: Callable[[np.ndarray], dict[str, np.ndarray] | None] | None = None):
         if not images_l:
             raise DataError("no labeled training cases")
         self.patch = [int(p) for p in patch_size]
@@ -95,6 +96,7 @@ class TwoStreamSampler:
         self.batch_l, self.batch_u = int(batch_labeled), int(batch_unlabeled) if images_u else 0
         self.ids_l, self.ids_u = list(ids_l), list(ids_u)
         self.texts_l, self.texts_u = texts_l, texts_u
+        self.label_targets = label_targets  # the method's maps derived from each labeled patch (Batch.extra)
         self.rng = np.random.default_rng(seed)
         self.cycle_l = CaseCycle(len(self.images_l))
         self.cycle_u = CaseCycle(max(1, len(self.images_u)))
@@ -141,6 +143,10 @@ class TwoStreamSampler:
             imgs_u.append(img)
             ids_u.append(self.ids_u[i] if self.ids_u else str(i))
             txt_u.append(self.texts_u[i] if self.texts_u else None)
+        extra: dict[str, list[np.ndarray]] = {}
+        for lab in labs_l if self.label_targets is not None else ():
+            for k, v in (self.label_targets(lab) or {}).items():
+                extra.setdefault(k, []).append(v)
         c = self.images_l[0].shape[0]
         image_u = (torch.from_numpy(np.ascontiguousarray(np.stack(imgs_u))) if imgs_u
                    else torch.zeros((0, c, *self.patch), dtype=torch.float32))
@@ -149,6 +155,7 @@ class TwoStreamSampler:
             label_l=torch.from_numpy(np.ascontiguousarray(np.stack(labs_l))).long(),
             image_u=image_u, ids_l=ids_l, ids_u=ids_u,
             text_l=txt_l if self.texts_l else None, text_u=txt_u if self.texts_u else None,
+            extra={k: torch.from_numpy(np.ascontiguousarray(np.stack(v))) for k, v in extra.items()},
         )
 
     # --- checkpointing -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from textseg_cli.data.sampling import Augment, TwoStreamSampler, load_training_c
 from textseg_cli.data.splits import apply_fold, labeled_subset
 from textseg_cli.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from textseg_cli.engine.config import build_config, load_config, save_config
+from textseg_cli.engine.determinism import determinism_record
 from textseg_cli.engine.optim import build_optimizer, build_scheduler
 from textseg_cli.engine.runlog import RunLog, progress_line
 from textseg_cli.engine.bundle import snapshot_run_inputs
@@ -265,7 +266,8 @@ class Trainer:
                                 seed=[int(self.cfg["seed"]), self.dist.rank], augment=aug,
                                 ids_l=self.labeled_ids, ids_u=self.unlabeled_ids,
                                 texts_l=texts[0] if any(t is not None for t in texts[0]) else None,
-                                texts_u=texts[1] if any(t is not None for t in texts[1]) else None)
+                                texts_u=texts[1] if any(t is not None for t in texts[1]) else None,
+                                label_targets=self.method.label_targets)
 
     def _tensorboard_dir(self) -> Path | None:
         flag = self.cfg["train"].get("tensorboard", "auto")
@@ -314,7 +316,8 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", state)
 
     def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        # CPU first: RNG states must stay CPU ByteTensors; load_state_dict copies weights to the device
+        ckpt = load_checkpoint(path, map_location="cpu")
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -679,6 +682,7 @@ def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist
                  "torch_threads": torch.get_num_threads()})
     if precision is not None:
         info["precision"] = precision
+    info.update(determinism_record(bool(cfg["deterministic"])))
     if dev.type == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     env["sessions"].append(info)

@@ -91,6 +91,12 @@ class Method(nn.Module):
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         """Hook for EMA teachers and the like."""
 
+    def label_targets(self, label: Any) -> dict[str, Any] | None:
+        """Maps derived from one labeled patch's label (numpy, (*spatial)), made by the sampler when the
+        patch is drawn instead of inside the step (e.g. DTC's signed distance, a CPU transform that would
+        otherwise copy labels off the GPU each step). Each key arrives stacked in `batch.extra[key]`."""
+        return None
+
     def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         """Network output at inference, (B, K, *spatial), as logits."""
         raise NotImplementedError

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,6 +48,11 @@ def sdf_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.stack(maps, dim=1).to(labels.device)
 
 
+def patch_sdf(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K−1, *spatial) normalised SDF of one patch's label: `sdf_targets` of a batch of one, on the host."""
+    return np.stack([normalized_sdf((np.asarray(label) == c)[None])[0] for c in range(1, num_classes)])
+
+
 def dtc_losses(seg_logits: torch.Tensor, sdf: torch.Tensor, labels: torch.Tensor, n_labeled: int,
                num_classes: int, k: float = 1500.0, gt_sdf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """DTC's terms: Dice and BCE of σ(z) and MSE of the SDF head on the first `n_labeled` samples, and the
@@ -76,13 +82,17 @@ class DTC(Method):
         hp = self.hparams
         bl = batch.image_l.shape[0]
         seg, sdf = self.net(torch.cat([batch.image_l, batch.image_u]))
-        parts = dtc_losses(seg, sdf, batch.label_l, bl, self.num_classes, float(hp.get("sdf_sharpness", 1500)))
+        parts = dtc_losses(seg, sdf, batch.label_l, bl, self.num_classes, float(hp.get("sdf_sharpness", 1500)),
+                           gt_sdf=batch.extra.get("sdf_l"))  # made by the sampler (label_targets)
         sup = parts["dice"] + float(hp.get("ce_weight", 0.0)) * parts["ce"] + float(hp.get("beta", 0.3)) * parts["sdf"]
         w = ramped_weight(hp, ctx.iteration, 1.0, 40)
         loss = sup + w * parts["consistency"]
         return {"loss": loss, "loss_dice": parts["dice"].detach(), "loss_ce": parts["ce"].detach(),
                 "loss_sdf": parts["sdf"].detach(), "loss_consistency": parts["consistency"].detach(),
                 "consistency_weight": torch.tensor(w)}
+
+    def label_targets(self, label: np.ndarray) -> dict[str, np.ndarray]:
+        return {"sdf_l": patch_sdf(label, self.num_classes)}
 
     def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         """Segmentation head by default; decoder="sdf" (or 1) segments from the distance head, σ(−k·s).

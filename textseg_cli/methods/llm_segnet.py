@@ -51,6 +51,10 @@ class InjectedNet(nn.Module):
 
             self.net = UNet3DDeepSup(in_channels, num_classes, **dict(hp.get("backbone_unet3d") or {}))
             channels = int(self.net.down[-1].block[0].out_channels)
+            # only the full-resolution output is used: the other deep-supervision heads are neither
+            # computed nor trained (DDP stops on parameters that never get a gradient)
+            for head in self.net.heads[:-1]:
+                head.requires_grad_(False)
             # the U-Net has no separate encoder: inject through a hook on its deepest block
             self.net.down[-1].register_forward_hook(lambda m, i, o: self.injection(o, self._text[0]))
         else:
@@ -69,7 +73,7 @@ class InjectedNet(nn.Module):
         if self.backbone == "vnet":
             feats = self.net.encoder(x)
             return self.net.decoder([*feats[:-1], self.injection(feats[-1], self._text[0])])
-        return self.net(x)[0]  # the full-resolution output of the deep-supervision U-Net
+        return self.net(x, outputs=1)[0]  # the full-resolution output of the deep-supervision U-Net
 
 
 def uniform_noise(x: torch.Tensor, amplitude: float) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import dice_loss, one_hot
 from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.distributed import global_mean
 from textseg_cli.methods.ssl_common import backbone_kwargs, masked_mean, ramped_weight, sharpen_softmax
 from textseg_cli.models.resnet3d import ResVNet
 from textseg_cli.models.vnet import VNet
@@ -76,7 +77,8 @@ class MCF(Method):
             mse = disagreement_mse(probs[k][:bl], y, disagree)
             sup[k] = ce + dice[k] + float(hp.get("disagreement_weight", 0.5)) * mse
             out.update({f"{k}_loss_ce": ce.detach(), f"{k}_loss_dice": dice[k].detach(), f"{k}_loss_mse": mse.detach()})
-        good, other = ("v", "r") if dice["v"] < dice["r"] else ("r", "v")
+        dice_v, dice_r = global_mean(torch.stack([dice["v"], dice["r"]]))  # one choice for all DDP ranks
+        good, other = ("v", "r") if dice_v < dice_r else ("r", "v")
         loss = sup["v"] + sup["r"]
         if bu:
             cons_cfg = hp.get("consistency") or {}

@@ -69,9 +69,9 @@ class MLRP(Method):
                                     dim=dim, **backbone_kwargs(self.hparams))
 
     def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        feats = self.net.encoder(x)
-        outs = [dec(feats, return_feature=True) for dec in self.net.decoders]
-        return [o[0].float() for o in outs], [o[1] for o in outs]
+        # through net.forward, so forward hooks (the +Text add-on's CSA) see the outputs
+        logits, feats = self.net(x, return_features=True)
+        return [z.float() for z in logits], feats
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         hp = self.hparams

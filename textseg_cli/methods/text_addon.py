@@ -185,8 +185,8 @@ def tmr_setting(hp: dict[str, Any]) -> str | None:
 def logits_to_probs(out: Any, num_classes: int) -> list[torch.Tensor]:
     """A network output as a list of class-probability maps: a list (one per decoder), a (seg, aux) tuple
     (DTC: sigmoid channels, made K-class as [0, z]) or one logits tensor."""
-    if isinstance(out, tuple):
-        outs = [out[0]]
+    if isinstance(out, tuple):  # (seg, aux) or (per-decoder logits, per-decoder features)
+        outs = list(out[0]) if isinstance(out[0], list) else [out[0]]
     elif isinstance(out, list):
         outs = list(out)
     else:
@@ -328,6 +328,9 @@ class TextAddon(Method):
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         self.base.on_after_optimizer_step(ctx)
+
+    def label_targets(self, label: Any) -> dict[str, Any] | None:
+        return self.base.label_targets(label)
 
     def predict_logits(self, x: torch.Tensor, decoder: int | str | None = None) -> torch.Tensor:
         return self.base.predict_logits(x, decoder)

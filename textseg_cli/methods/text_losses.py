@@ -51,6 +51,13 @@ def csa_loss(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tens
         raise ValueError(f"csa class_reduction must be 'sum' or 'mean', got {class_reduction!r}")
     if resize not in ("avgpool", "trilinear"):
         raise ValueError(f"csa resize must be 'avgpool' or 'trilinear', got {resize!r}")
+    # prototypes in float32: under autocast the einsum would sum a whole volume's products in bf16
+    with torch.autocast(features.device.type, enabled=False):
+        return _csa_fp32(features.float(), probs, text.float(), pool, channel_reduction, class_reduction, resize)
+
+
+def _csa_fp32(features: torch.Tensor, probs: list[torch.Tensor], text: torch.Tensor, pool: str,
+              channel_reduction: str, class_reduction: str, resize: str) -> torch.Tensor:
     b, _ = features.shape[:2]
     spatial = features.shape[2:]
     n = float(torch.tensor(spatial).prod())

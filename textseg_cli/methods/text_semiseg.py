@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from textseg_cli.errors import ConfigError
 from textseg_cli.losses import consistency_weight, dice_loss
 from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
+from textseg_cli.methods.distributed import global_mean
 from textseg_cli.methods.ssl_common import backbone_kwargs, threshold_pseudo_label
 from textseg_cli.methods.text_addon import build_fusion, build_text_source, tmr_setting
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss, dca_mix
@@ -179,7 +180,7 @@ class TextSemiSeg(Method):
 
     def _dca(self, batch: Batch, sup: list[torch.Tensor], pls: list[torch.Tensor], text, seg):
         """Dual copy-paste with the better decoder's pseudo-labels; the mixed loss trains the worse decoder."""
-        losses = torch.stack([s.detach() for s in sup])
+        losses = global_mean(torch.stack([s.detach() for s in sup]))  # one choice for all DDP ranks
         if len(sup) == 2:  # decoder 1 gives the labels only when strictly better (trainer.py:162, :187)
             better = 0 if bool(losses[0] < losses[1]) else 1
             worse = 1 - better

@@ -69,7 +69,9 @@ class UNet3DDeepSup(nn.Module):
             if isinstance(m, nn.Conv3d):  # the published init: Kaiming normal, fan-in
                 nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, outputs: int | None = None) -> list[torch.Tensor]:
+        """`outputs`: compute only the finest `outputs` heads (a caller that uses one output leaves the
+        others out of the graph; under DDP they must then be frozen)."""
         skips = []
         h = x
         for i, block in enumerate(self.down):
@@ -81,7 +83,8 @@ class UNet3DDeepSup(nn.Module):
             h = drop(up(skips[3 - j], h))
             stages.append(h)
         logits = []
-        for head, feat in zip(self.heads, stages):  # coarse (up4) … fine (up1)
+        skip = len(self.heads) - (len(self.heads) if outputs is None else int(outputs))
+        for head, feat in list(zip(self.heads, stages))[skip:]:  # coarse (up4) … fine (up1)
             y = head(feat)
             if y.shape[2:] != out_size:
                 y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)

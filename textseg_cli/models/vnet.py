@@ -196,8 +196,13 @@ class MultiDecoderVNet(nn.Module):
     def decode(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [dec(features) for dec in self.decoders]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.decode(self.encoder(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Logits per decoder; with `return_features`, (logits, last decoder features) as two lists."""
+        feats = self.encoder(x)
+        if not return_features:
+            return self.decode(feats)
+        outs = [dec(feats, return_feature=True) for dec in self.decoders]
+        return [o[0] for o in outs], [o[1] for o in outs]
 
 
 @register_model("vnet", "V-Net of the SSL literature (16-256 ch., additive skips, one decoder)")

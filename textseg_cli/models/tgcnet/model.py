@@ -45,7 +45,8 @@ class TGCNet(nn.Module):
                  clip_weights: str | None = None, clip_finetune: str = "none", sse: str = "on",
                  date: str = "injection", vlcm: str = "gated", d_model: int = 256, text_len: int = 32,
                  sse_layers: int = 3, cnn_channels: Sequence[int] = (32, 64, 128, 256, 352), date_heads: int = 8,
-                 decoder_hidden: int = 128, window: int = 12, cache_size: int = 4096):
+                 decoder_hidden: int = 128, window: int = 12, cache_size: int = 4096,
+                 cache_bytes: int = 2 * 2 ** 30):
         super().__init__()
         if in_channels not in (1, 3):
             raise ConfigError(f"tgcnet takes 1- or 3-channel images (got {in_channels})")
@@ -61,7 +62,7 @@ class TGCNet(nn.Module):
         h = int(decoder_hidden)  # CAT-Seg ViT-L: hidden 128, decoder (64, 32), guidance (32, 16), in that ratio
         self.decoder = CostAggregationDecoder(d_model, text_len, h, window=window, up_channels=(h // 2, h // 4),
                                               guide_channels=(max(1, h // 4), max(1, h // 8)))
-        self.cache = FeatureCache(cache_size if self.clip.frozen else 0)
+        self.cache = FeatureCache(cache_size if self.clip.frozen else 0, max_bytes=cache_bytes)  # host memory
         self.use_cache = True
 
     # --- frozen CLIP features, cached --------------------------------------------
@@ -69,7 +70,7 @@ class TGCNet(nn.Module):
         if not (self.clip.frozen and self.use_cache):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.clip.frozen):
                 return self.clip.encode_image(image)
-        keys = [FeatureCache.key(self.clip.model_key, im) for im in image]
+        keys = FeatureCache.image_keys(self.clip.model_key, image)
         feats: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
         todo = [i for i, f in enumerate(feats) if f is None]
         if todo:
@@ -78,7 +79,7 @@ class TGCNet(nn.Module):
             for j, i in enumerate(todo):
                 feats[i] = new[j].to(self.cache.dtype)
                 self.cache.put(keys[i], feats[i])
-        return torch.stack([f.to(image.device) for f in feats]).to(image.dtype)  # type: ignore[union-attr]
+        return torch.stack([f.to(image.device, non_blocking=True) for f in feats]).to(image.dtype)  # type: ignore
 
     def _text_features(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token features (N, L, D) and validity (N, L) for N strings (duplicates encoded once)."""
@@ -100,8 +101,8 @@ class TGCNet(nn.Module):
                 cached[t] = (feats[j].detach().to(self.cache.dtype), valid[j]) if caching else (feats[j], valid[j])
                 if caching:
                     self.cache.put(FeatureCache.key(self.clip.model_key + f"|text{self.clip.text_len}", t), cached[t])
-        f = torch.stack([cached[t][0].to(device) for t in texts])
-        v = torch.stack([cached[t][1].to(device) for t in texts])
+        f = torch.stack([cached[t][0].to(device, non_blocking=True) for t in texts])
+        v = torch.stack([cached[t][1].to(device, non_blocking=True) for t in texts])
         return f, v
 
     # --- forward --------------------------------------------------------------------
