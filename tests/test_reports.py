@@ -72,8 +72,11 @@ def test_latex_bolds_best_per_column_and_has_arrows_and_footnotes():
     ua = next(line for line in tex.splitlines() if line.startswith("UA-MT"))
     mc = next(line for line in tex.splitlines() if line.startswith(r"MC\_Net"))
     assert r"\textbf{87.00}" in ua and r"\textbf{77.00}" in ua and "0.004" in ua
-    assert r"\textbf{7.50}" in mc and r"\textbf{1.88}" in mc and "$<$0.001" in mc
+    assert r"\textbf{7.50}" in mc and r"\textbf{1.88}" in mc and r"\textless{}0.001" in mc
+    assert r"\underline{86.00}" in mc and r"\underline{8.00}" in ua  # second best underlined
     assert "textbf" not in next(line for line in tex.splitlines() if line.startswith(r"V\_Net"))
+    assert r"\caption{" in tex and r"\label{tab:results}" in tex and r"\begin{tablenotes}" in tex
+    assert r"\multicolumn" not in tex  # notes wrap below the tabular instead of widening it
     assert "Empty-mask policy: 'nan'" in tex and "LCC post-processing: off" in tex
     assert "distances in voxel" in tex and "checkpoint: best (val Dice)" in tex
     assert "Wilcoxon signed-rank" in tex and "over 20 common cases" in tex
@@ -104,6 +107,10 @@ def test_footnote_flags_mixed_settings():
 
 def test_latex_escape():
     assert latex_escape("a_b & 50% #1") == r"a\_b \& 50\% \#1"
+    # `->` and `<` print as "¿" / "¡" under OT1; unknown Unicode would stop pdflatex
+    assert latex_escape("best -> last, p < 0.05, 1 ± 2 – 3 ✓") == \
+        r"best $\rightarrow$ last, p \textless{} 0.05, 1 $\pm$ 2 -- 3 \checkmark{}"
+    assert latex_escape("a\u4e2db") == "a?b"
 
 
 def test_paired_wilcoxon_uses_common_cases_only():

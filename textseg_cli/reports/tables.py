@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from textseg_cli.reports.latex import latex_escape, latex_table, mark_latex, mark_markdown, rank_marks  # noqa: F401
+
 TABLE_FORMATS = ("csv", "md", "latex")
 TABLE_SUFFIX = {"csv": ".csv", "md": ".md", "latex": ".tex"}
 # metric → (header, scale, higher is better)
@@ -48,13 +50,6 @@ def _count(n: int | None, n_train: int | None) -> str:
 def _value(row: ResultRow, metric: str) -> float:
     s = row.stats.get(metric)
     return float("nan") if s is None else float(s["mean"]) * COLUMNS[metric][1]
-
-
-def _best(rows: list[ResultRow], metric: str) -> float | None:
-    vals = [v for v in (_value(r, metric) for r in rows) if math.isfinite(v)]
-    if len(rows) < 2 or not vals:
-        return None
-    return max(vals) if COLUMNS[metric][2] else min(vals)
 
 
 def _cell(row: ResultRow, metric: str, std: bool) -> str:
@@ -123,17 +118,13 @@ def _header(rows: list[ResultRow], latex: bool) -> list[str]:
     return heads
 
 
-def _body(rows: list[ResultRow], std: bool, bold) -> list[list[str]]:
-    best = {m: _best(rows, m) for m in COLUMNS}
+def _body(rows: list[ResultRow], std: bool, mark) -> list[list[str]]:
+    """Cells of each row; `mark(text, "best"|"second"|None)` decorates metric cells (best per column)."""
+    marks = {m: rank_marks([_value(r, m) for r in rows], COLUMNS[m][2]) for m in COLUMNS}
     body = []
     for i, r in enumerate(rows):
         cells = [r.method, _count(r.labeled, r.n_train), _count(r.unlabeled, r.n_train)]
-        for m in COLUMNS:
-            text = _cell(r, m, std)
-            v = _value(r, m)
-            if best[m] is not None and math.isfinite(v) and round(v, 2) == round(best[m], 2):
-                text = bold(text)
-            cells.append(text)
+        cells += [mark(_cell(r, m, std), marks[m][i]) for m in COLUMNS]
         if has_p_values(rows):
             cells.append(_p_cell(r, i == 0))
         body.append(cells)
@@ -143,37 +134,25 @@ def _body(rows: list[ResultRow], std: bool, bold) -> list[list[str]]:
 def render_markdown(rows: list[ResultRow], notes: list[str], std: bool = False) -> str:
     head = _header(rows, latex=False)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
-    for cells in _body(rows, std, lambda t: f"**{t}**"):
+    for cells in _body(rows, std, mark_markdown):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"{n}  " for n in notes).rstrip() + "\n"
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
-
-
-def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False) -> str:
-    """A booktabs `tabular` inside a `table`; needs \\usepackage{booktabs}."""
+def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False, caption: str | None = None,
+                 label: str = "tab:results") -> str:
+    """A `table` float (caption, label, booktabs, notes wrapped below); needs reports.latex.PREAMBLE."""
     head = _header(rows, latex=True)
-    ncol = len(head)
 
-    def fmt(text: str) -> str:
-        return latex_escape(text).replace("±", r"$\pm$").replace("–", "--").replace("<", "$<$")
+    def fmt(text: str, mark=None) -> str:
+        return mark_latex(latex_escape(text), mark)
 
-    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "c" * (ncol - 1) + "}", r"\toprule",
-             " & ".join(head) + r" \\", r"\midrule"]
-    for cells in _body(rows, std, lambda t: "\x00" + t + "\x01"):
-        out = [fmt(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in cells]
-        lines.append(" & ".join(out) + r" \\")
-    lines.append(r"\bottomrule")
-    for n in notes:
-        lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize {fmt(n)}}} \\")
-    lines += [r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    body = [[fmt(c) if isinstance(c, str) else fmt(*c) for c in cells]
+            for cells in _body(rows, std, lambda t, m: (t, m))]
+    caption = caption or ("Segmentation results, " + ("mean ± SD over cases" if std else "mean over cases")
+                          + "; best per column in bold" + (", second underlined." if len(rows) > 2 else "."))
+    return latex_table([" & ".join(head) + r" \\"], "l" + "c" * (len(head) - 1), body, notes, caption=caption,
+                       label=label)
 
 
 def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
