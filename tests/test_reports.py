@@ -169,3 +169,23 @@ def test_load_result_errors(tmp_path):
     other.write_text("case,dice\nx,0.5\ny,0.7\n")
     res = load_result(other)
     assert res.name == "other" and res.summary.set_index("metric").loc["dice", "mean"] == pytest.approx(0.6)
+
+
+def test_both_empty_cases_are_reported_apart_from_one_mask_empty(tmp_path):
+    """Issue 20: a case with both masks empty (Dice 1, distances 0) is not an "empty" case; the summary,
+    meta.json and table notes count it separately (fails if one_mask_empty counted both-empty cases)."""
+    from textseg_cli.evaluation import build_meta, write_evaluation
+
+    df = _per_case({"dice": [1.0, 0.0, 0.9], "jaccard": [1.0, 0.0, 0.8], "hd95": [0.0, float("nan"), 2.0],
+                    "asd": [0.0, float("nan"), 1.0]}, empty={("c1", "foreground")})
+    df.loc[df["case"] == "c0", ["pred_empty", "ref_empty"]] = True  # c0: nothing to find, nothing predicted
+    df["pred_voxels"], df["ref_voxels"] = 0, 0
+    df.attrs.update(empty_policy="nan", lcc=False, distance_unit="voxel")
+    s = summarize(df).set_index("metric")
+    assert s.loc["dice", "n_empty"] == 1 and s.loc["dice", "n_both_empty"] == 1
+    meta = build_meta(df, {"name": "m"})
+    assert meta["cases_with_empty_mask"] == ["c1"] and meta["cases_with_both_masks_empty"] == ["c0"]
+    paths = write_evaluation(df, tmp_path / "ev", {"name": "m"}, table="md", show=False)
+    md = paths["table"].read_text()
+    assert "Cases with one mask empty (policy applied): m: 1." in md
+    assert "Cases with both masks empty (scored Dice 1, distances 0; not counted as empty): m: 1." in md

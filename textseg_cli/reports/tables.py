@@ -91,6 +91,7 @@ def render_csv(rows: list[ResultRow]) -> str:
             rec[f"{m}_mean"], rec[f"{m}_std"] = s.get("mean"), s.get("std")
             rec[f"{m}_median"] = s.get("median")
         rec["n_empty"] = r.stats.get("dice", {}).get("n_empty")
+        rec["n_both_empty"] = r.stats.get("dice", {}).get("n_both_empty")
         rec["wilcoxon_p_dice_vs_first"] = r.p_value
         rec["n_common_cases"] = r.n_common
         for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule"):
@@ -155,6 +156,13 @@ def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False, cap
                        label=label)
 
 
+def _count_of(value) -> int:
+    try:
+        return 0 if value is None or not math.isfinite(float(value)) else int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
     """The settings every reader needs to compare numbers across papers, stated once or per row."""
     from textseg_cli.metrics.case import EMPTY_POLICIES
@@ -183,6 +191,11 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
                if r.stats.get("dice") and r.stats["dice"].get("n_empty")]
     if empties:
         notes.append("Cases with one mask empty (policy applied): " + ", ".join(empties) + ".")
+    both = [f"{r.method}: {int(r.stats['dice']['n_both_empty'])}" for r in rows
+            if r.stats.get("dice") and _count_of(r.stats["dice"].get("n_both_empty"))]
+    if both:
+        notes.append("Cases with both masks empty (scored Dice 1, distances 0; not counted as empty): "
+                     + ", ".join(both) + ".")
     if has_p_values(rows):
         commons = {r.n_common for r in rows[1:] if r.p_value is not None}
         n_txt = f" over {commons.pop()} common cases" if len(commons) == 1 else " over the cases each shares with it"
