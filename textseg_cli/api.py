@@ -27,3 +27,6 @@ from textseg_cli.text.encode import encode  # noqa: F401  (textseg encode)
 from textseg_cli.text.embeddings import load_embeddings  # noqa: F401
 from textseg_cli.engine import load_run, train  # noqa: F401  (textseg train)
 from textseg_cli.engine.listing import list_models  # noqa: F401  (textseg models)
+from textseg_cli.experiments.experiment import run_experiment  # noqa: F401  (textseg experiment run)
+from textseg_cli.experiments.table import experiment_table  # noqa: F401  (textseg experiment table)
+from textseg_cli.experiments.presets import preset_spec, write_preset  # noqa: F401  (textseg experiment preset)

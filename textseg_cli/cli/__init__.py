@@ -60,6 +60,7 @@ _COMMAND_MODULES: list[str] = [
     "eval_cmd",
     "describe_cmd",
     "encode_cmd",
+    "experiment_cmd",
 ]
 for _mod in _COMMAND_MODULES:
     importlib.import_module(f"textseg_cli.cli.{_mod}")

@@ -107,37 +107,42 @@ def _hours(s: float) -> str:
 
 
 def print_plan(exp: Experiment, rows: list[dict], est: dict | None, gpus: int = 1) -> None:
-    from rich.table import Table
-
     from textseg_cli.console import console
 
-    table = Table(title=f"experiment {exp.name}: {len(exp.methods)} method(s) x {len(exp.labeled)} labeled x "
-                        f"{len(exp.seeds)} seed(s) = {len(rows)} runs -> {exp.out}")
-    cols = ["run", "name", "labeled", "seed", "state", "iterations", "patch", "stride", "batch", "optim", "augment",
-            "inference", "decoder", "LCC"] + (["estimate"] if est else [])
-    for c in cols:
-        table.add_column(c)
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    say(f"experiment {exp.name}: {len(exp.methods)} method(s) x {len(exp.labeled)} labeled "
+        f"({', '.join(exp.labeled)}) x {len(exp.seeds)} seed(s) ({', '.join(map(str, exp.seeds))}) = "
+        f"{len(rows)} runs -> {exp.out}")
+    say(f"evaluation: split {exp.eval['split']}, checkpoint {exp.eval['checkpoint']}, LCC {exp.eval['lcc']}, "
+        f"empty-mask policy {exp.eval['empty_policy']}, distances in {'mm' if exp.eval['spacing_mm'] else 'voxels'}")
+    say("settings per method (its packaged config under this data set's profile, plus the file's overrides):")
+    seen = set()
+    for r in rows:
+        e = r["run"].entry
+        if e.id in seen:
+            continue
+        seen.add(e.id)
+        say(f"  {e.name} [{e.method}]: patch {r['patch']}, stride {r['stride']}, {r['iterations']} iterations, "
+            f"batch {r['batch']}, {r['optim']}, augment {r['augment']}, inference {r['inference']}, decoder "
+            f"{r['decoder']}, LCC {'on' if r['lcc'] else 'off'}" + (f", set {' '.join(e.sets)}" if e.sets else ""))
+    say("runs (state; each run = the train and eval commands below it):")
     for r in rows:
         run = r["run"]
-        table.add_row(run.key, run.entry.name, run.labeled, str(run.seed), r["state"], str(r["iterations"]),
-                      r["patch"], r["stride"], r["batch"], r["optim"], r["augment"], str(r["inference"]),
-                      str(r["decoder"]), "on" if r["lcc"] else "off",
-                      *([_hours(r["estimate_s"])] if est else []))
-    console.print(table)
-    console.print(f"evaluation: split {exp.eval['split']}, checkpoint {exp.eval['checkpoint']}, LCC "
-                  f"{exp.eval['lcc']}, empty-mask policy {exp.eval['empty_policy']}, distances in "
-                  f"{'mm' if exp.eval['spacing_mm'] else 'voxels'}", highlight=False)
-    console.print("commands (each run = these two, run by `textseg experiment run`):", highlight=False)
-    for r in rows:
-        console.print(f"  {r['train']}\n  {r['eval']}", markup=False, highlight=False, soft_wrap=True)
+        extra = f"; estimate {_hours(r['estimate_s'])}" if est else ""
+        say(f"  {run.key}  {run.entry.name}, {run.labeled} labeled, seed {run.seed}: {r['state']}{extra}")
+        say(f"    {r['train']}")
+        say(f"    {r['eval']}")
     if est:
         todo = sum(1 for r in rows if r["state"] != "done")
-        scope = "training + validation + evaluation" if est["includes_eval"] else \
-            "training only (no prepared data found, so validation/evaluation time is left out)"
-        console.print(f"ESTIMATE (from a short bench on {est['device']}: {est['device_name']}; not a measurement): "
-                      f"{_hours(est['total_s'])} of {est['device'].upper()} time for the {todo} unfinished run(s), "
-                      f"{scope}" + (f"; about {_hours(est['total_s'] / gpus)} wall-clock on {gpus} GPUs"
-                                    if gpus > 1 else "") + ".", highlight=False, soft_wrap=True)
+        scope = ("training + validation + evaluation" if est["includes_eval"] else
+                 "training and inference speed only (no prepared data found, so validation/evaluation counts are "
+                 "left out)")
+        say(f"ESTIMATE, not a measurement (from a short bench of each method on {est['device']}: "
+            f"{est['device_name']}; inference timed on a volume 1.25x the patch): {_hours(est['total_s'])} of "
+            f"{est['device'].upper()} time for the {todo} unfinished run(s), {scope}"
+            + (f"; about {_hours(est['total_s'] / gpus)} wall-clock on {gpus} GPUs" if gpus > 1 else "") + ".")
 
 
 def write_frozen_copy(exp: Experiment) -> Path:

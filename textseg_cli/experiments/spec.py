@@ -3,6 +3,8 @@
     name: la-table1                 # caption/label of the table (default: the file's stem)
     data: prepared/la               # the prepared folder (relative paths: to this file)
     dataset: la                     # config profile when `data` is absent (dry runs); default: the data's name
+    dim: 3                          # and its dimensionality and patch (dry runs without data only)
+    patch: null
     out: null                       # the experiment folder (default: <this file's folder>/<its stem>)
     labeled: [8, 16]                # counts or percentages ("10%") of splits.train
     seeds: [1337, 1338, 1339]
@@ -41,7 +43,7 @@ CHECKPOINT_RULES = {"best-on-val": "best", "best": "best", "last": "last"}
 LCC_MODES = ("protocol", "on", "off")
 EVAL_DEFAULTS = {"split": "val", "checkpoint": "best-on-val", "lcc": "protocol", "inference": None,
                  "empty_policy": "nan", "spacing_mm": False}
-_TOP_KEYS = {"name", "data", "dataset", "out", "labeled", "seeds", "iterations", "device", "threads", "reference",
+_TOP_KEYS = {"name", "data", "dataset", "dim", "patch", "out", "labeled", "seeds", "iterations", "device", "threads", "reference",
              "eval", "methods", "description"}
 _METHOD_KEYS = {"method", "name", "id", "set", "config", "iterations", "lcc", "note"}
 SPEC_COPY = "experiment.yaml"
@@ -247,8 +249,8 @@ def resolved_config(exp: Experiment, run: Run, dataset=None) -> dict:
     from textseg_cli.engine.config import build_config
 
     name = dataset.name if dataset is not None else exp.dataset
-    dim = dataset.dim if dataset is not None else 3
-    patch = list(dataset.patch_size) if dataset is not None and dataset.patch_size else None
+    dim = dataset.dim if dataset is not None else int(exp.raw.get("dim") or 3)
+    patch = (list(dataset.patch_size) if dataset.patch_size else None) if dataset is not None else exp.raw.get("patch")
     flags = {"data.labeled": run.labeled, "train.iterations": run.iterations, "seed": run.seed}
     return build_config(run.entry.method, name, dim, patch, user_config=run.entry.config or None, flags=flags,
                         sets=run.entry.sets)
