@@ -55,8 +55,8 @@ def _published(entry: MethodEntry, profile: str | None, labeled: str) -> dict | 
 
 def collect(exp: Experiment, published: bool = False) -> list[GridRow]:
     rows = []
-    for m in exp.methods:
-        for lab in exp.labeled:
+    for lab in exp.labeled:  # grouped by labeled count, as the papers' tables
+        for m in exp.methods:
             row = GridRow(m, lab)
             frames = []
             for run in [r for r in exp.runs() if r.entry is m and r.labeled == lab]:
@@ -98,7 +98,7 @@ def _fmt(v: float, sd: float, latex: bool) -> str:
         return "--" if latex else "–"
     if not math.isfinite(sd):
         return f"{v:.2f}"
-    return rf"{v:.2f}\,{{\scriptsize$\pm${sd:.2f}}}" if latex else f"{v:.2f} ± {sd:.2f}"
+    return rf"{v:.2f}$_{{\pm {sd:.2f}}}$" if latex else f"{v:.2f} ± {sd:.2f}"
 
 
 def _settings_note(rows: list[GridRow], key: str, fmt) -> str:
@@ -175,7 +175,7 @@ def notes(exp: Experiment, rows: list[GridRow]) -> list[str]:
                    "count, over (seed, case) pairs pooled over seeds; not corrected for multiple comparisons.")
     pubs = {(r.entry.name, r.published["source"]) for r in rows if r.published}
     if pubs:
-        out.append("Published Dice from the method configs' `published:` blocks; Δ = measured − published. Sources: "
+        out.append("Published Dice from the method configs' published blocks; Δ = measured − published. Sources: "
                    + "; ".join(f"{n}: {s}" for n, s in sorted(pubs)) + ".")
     missing = [f"{r.entry.name} {r.labeled}: seed(s) {', '.join(map(str, r.missing))}" for r in rows if r.missing]
     if missing:
@@ -184,16 +184,27 @@ def notes(exp: Experiment, rows: list[GridRow]) -> list[str]:
 
 
 def _cells(exp: Experiment, rows: list[GridRow], latex: bool, published: bool):
+    """(header rows, body rows, group breaks). LaTeX is kept narrow enough for 8 methods x 2 labeled counts
+    on a page: units on a second header line, SD as a subscript, seed counts in the caption when uniform."""
     ref = exp.reference_entry()
-    head = ["Method", "Labeled", "Seeds"] + [
-        (t.replace("%", r"\%") if latex else t) + (f" ({_unit(rows)})" if m in ("hd95", "asd") else "")
-        + ((r"$\uparrow$" if latex else "↑") if hi else (r"$\downarrow$" if latex else "↓"))
-        for m, (t, _, hi) in COLUMNS.items()]
-    if published:
-        head += ["Published Dice", r"$\Delta$ Dice" if latex else "Δ Dice"]
     show_p = any(r.p_value is not None for r in rows)
+    seeds_col = not latex or len({len(r.seeds) for r in rows}) > 1
+    arrows = {True: r"$\uparrow$" if latex else "↑", False: r"$\downarrow$" if latex else "↓"}
+    unit = _unit(rows)
+    names = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "95HD", "asd": "ASD"}
+    units = {m: "(%)" if scale == 100.0 else f"({unit})" for m, (_, scale, _) in COLUMNS.items()}
+    # LaTeX: the labeled count titles each group of rows instead of taking a column
+    top = ["Method"] + ([] if latex else ["Labeled"]) + (["Seeds"] if seeds_col else [])
+    second = [""] * len(top)
+    for m, (_, _, hi) in COLUMNS.items():
+        top.append(names[m] + arrows[hi])
+        second.append(latex_escape(units[m]) if latex else units[m])
+    if published:
+        top += ["Publ.", r"$\Delta$" if latex else "Δ"]
+        second += ["Dice", "Dice"]
     if show_p:
-        head.append("$p$ (Wilcoxon)" if latex else "p (Wilcoxon)")
+        top.append("$p$" if latex else "p")
+        second.append("(Wilcoxon)")
     marks = {}
     for lab in exp.labeled:
         group = [r for r in rows if r.labeled == lab]
@@ -202,23 +213,27 @@ def _cells(exp: Experiment, rows: list[GridRow], latex: bool, published: bool):
                 marks[(id(r), m)] = mk
     esc = latex_escape if latex else (lambda s: str(s).replace("|", "\\|"))
     mark = mark_latex if latex else mark_markdown
+    dash = "--" if latex else "–"
     body, breaks = [], []
     for i, r in enumerate(rows):
         if i and r.labeled != rows[i - 1].labeled:
             breaks.append(i)
-        cells = [esc(r.entry.name), esc(r.labeled), str(len(r.seeds))]
+        cells = [esc(r.entry.name)] + ([] if latex else [esc(r.labeled)]) + ([str(len(r.seeds))] if seeds_col else [])
         for m, (_, scale, _) in COLUMNS.items():
             cells.append(mark(_fmt(r.mean(m) * scale, r.sd(m) * scale, latex), marks[(id(r), m)]))
         if published:
             pub = r.published
             diff = r.mean("dice") * 100 - pub["dice"] if pub else float("nan")
-            cells += [f"{pub['dice']:.2f}" if pub else ("--" if latex else "–"),
-                      f"{diff:+.2f}" if math.isfinite(diff) else ("--" if latex else "–")]
+            cells += [f"{pub['dice']:.2f}" if pub else dash, f"{diff:+.2f}" if math.isfinite(diff) else dash]
         if show_p:
             p = r.p_value
-            cells.append("ref." if r.entry is ref else ("--" if latex else "–") if p is None else
+            cells.append("ref." if r.entry is ref else dash if p is None else
                          (esc("<0.001") if p < 0.001 else f"{p:.3f}"))
         body.append(cells)
+    if latex:
+        head = [" & ".join(top) + r" \\", " & ".join(second) + r" \\"]
+    else:
+        head = [f"{t} {u}".strip() for t, u in zip(top, second)]
     return head, body, breaks
 
 
@@ -272,12 +287,16 @@ def experiment_table(spec: str | Path, table: str = "md", published: bool = Fals
         latex = table == "latex"
         head, body, breaks = _cells(exp, rows, latex, published)
         nts = notes(exp, rows)
-        caption = (f"{exp.name}: mean ± SD over seeds of per-run mean over cases "
+        n_seeds = sorted({len(r.seeds) for r in rows})
+        caption = (f"{exp.name}: mean ± SD over {'/'.join(map(str, n_seeds))} seeds of the per-run mean over cases "
                    f"({exp.eval['split']} split); best per labeled count in bold, second "
                    + ("underlined." if latex else "in italics."))
         if latex:
-            text = latex_table([" & ".join(head) + r" \\"], "ll" + "c" * (len(head) - 2), body, nts,
-                               caption=caption, label=f"tab:{exp.name}", breaks=breaks)
+            ncol = len(body[0])
+            starts = [0] + breaks
+            groups = {i: f"{rows[i].labeled} labeled" for i in starts}
+            text = latex_table(head, "l" + "c" * (ncol - 1), body, nts, caption=caption, label=f"tab:{exp.name}",
+                               groups=groups)
         else:
             lines = [f"**{caption}**", "", "| " + " | ".join(head) + " |",
                      "| --- | --- |" + " ---: |" * (len(head) - 2)]

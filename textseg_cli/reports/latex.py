@@ -20,7 +20,7 @@ _SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#":
 _UNICODE = {"±": r"$\pm$", "–": "--", "—": "---", "×": r"$\times$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
             "≥": r"$\geq$", "≤": r"$\leq$", "→": r"$\rightarrow$", "²": r"$^2$", "³": r"$^3$", "µ": r"$\mu$",
             "Δ": r"$\Delta$", "✓": r"\checkmark{}", "✗": r"$\times$", "…": r"\ldots{}", "’": "'", "‘": "`",
-            "“": "``", "”": "''", "·": r"$\cdot$", "≈": r"$\approx$", "′": "'", "é": r"\'e", "ü": r"\"u"}
+            "“": "``", "−": "$-$", "”": "''", "·": r"$\cdot$", "≈": r"$\approx$", "′": "'", "é": r"\'e", "ü": r"\"u"}
 _ARROWS = {"->": r"$\rightarrow$", "<-": r"$\leftarrow$", "<=": r"$\leq$", ">=": r"$\geq$"}
 
 
@@ -75,17 +75,22 @@ def latex_label(text: str) -> str:
 
 
 def latex_table(head_rows: Sequence[str], colspec: str, body: Sequence[Sequence[str]], notes: Sequence[str], *,
-                caption: str, label: str, breaks: Sequence[int] = (), size: str = r"\footnotesize") -> str:
+                caption: str, label: str, breaks: Sequence[int] = (), groups: dict[int, str] | None = None,
+                size: str = r"\footnotesize") -> str:
     """The float. `head_rows` and `body` cells are LaTeX already; `caption` and `notes` are plain text
-    (escaped here). `breaks`: body row indices before which a \\midrule separates groups."""
-    lines = [f"% needs {PREAMBLE}", r"\begin{table}[t]", r"\centering", size, r"\setlength{\tabcolsep}{4pt}",
+    (escaped here). `breaks`: body row indices before which a \\midrule separates groups; `groups`: body row
+    index → a group title (plain text) set on its own spanning row there (after a \\midrule)."""
+    lines = [f"% needs {PREAMBLE}", r"\begin{table}[t]", r"\centering", size, r"\setlength{\tabcolsep}{3pt}",
              rf"\caption{{{latex_escape(caption)}}}", rf"\label{{{latex_label(label)}}}",
              r"\begin{threeparttable}", rf"\begin{{tabular}}{{{colspec}}}", r"\toprule"]
     lines += list(head_rows)
     lines.append(r"\midrule")
+    ncol = len(body[0]) if body else 1
     for i, cells in enumerate(body):
-        if i in breaks and i > 0:
+        if (i in breaks or i in (groups or {})) and i > 0:
             lines.append(r"\midrule")
+        if i in (groups or {}):
+            lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\textit{{{latex_escape(groups[i])}}}}} \\")
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if notes:
