@@ -242,7 +242,9 @@ def test_run_dir_calls_evaluate_run_and_warns_on_test(tmp_path, monkeypatch):
     assert code == 0 and calls[-1][1]["split"] == "test" and calls[-1][1]["decoder"] == 1
     assert "WARNING" in out and "TEST split" in out and "model selection" in out
     _one_line_error(*run_cli("eval", tmp_path, "--split", "train"), "--split", "val, test")
-    _one_line_error(*run_cli("eval", tmp_path, "--name", "x"), "--name")
+    code, out = run_cli("eval", tmp_path, "--name", "MC-Net")  # a display name for tables (issue 16)
+    assert code == 0 and calls[-1][1]["name"] == "MC-Net"
+    assert "name" not in run_cli("eval", tmp_path)[1] and "name" not in calls[-1][1]
 
 
 def test_help_reads_well():

@@ -85,6 +85,7 @@ def test_acceptance_interrupt_rerun_and_table(tmp_path, synthetic_data, monkeypa
     env = json.loads((last.dir / "env.json").read_text())
     assert [s["resumed"] for s in env["sessions"]] == [False, True]  # continued from last.pt, not restarted
     assert json.loads((exp.out / "status" / last.status_name).read_text())["resumed"] is True
+    assert json.loads((exp.eval_dir(last) / "meta.json").read_text())["name"] == "MC-Net"  # eval RUN --name
     import torch
 
     assert torch.load(last.dir / "checkpoints" / "last.pt", weights_only=False)["iteration"] == 8
@@ -149,13 +150,13 @@ def test_submitit_local_executor_runs_the_experiment(tmp_path, synthetic_data):
     pytest.importorskip("submitit")
     from textseg_cli.api import experiment_table, run_experiment
 
-    spec = _spec(tmp_path, synthetic_data, iterations=3, methods=[{"method": "sup", "name": "V-Net"}])
+    spec = _spec(tmp_path, synthetic_data, seeds=[1], iterations=2, methods=[{"method": "sup", "name": "V-Net"}])
     out = run_experiment(spec, launcher="submitit-local", slurm_gpus=0, slurm_time_min=10, log=lambda s: None)
-    assert sorted(out.done) == ["sup/2L_s1", "sup/2L_s2"] and not out.failed, out.failed
+    assert out.done == ["sup/2L_s1"] and not out.failed, out.failed
     exp = load_experiment(spec)
     st = json.loads((exp.out / "status" / "sup__2L_s1.json").read_text())
     assert st["state"] == "done" and st["launcher"] == "submitit-local" and st["pid"] != os.getpid()
-    assert "| V-Net | 2 | 2 |" in experiment_table(spec, "md")
+    assert "| V-Net | 2 | 1 |" in experiment_table(spec, "md")
 
 
 def test_preset_la_dry_run_lists_every_method_at_8_and_16_with_3_seeds():
@@ -257,3 +258,26 @@ def test_latex_table_of_8_methods_x_2_labeled_compiles_and_fits_the_page(tmp_pat
     code, log = _pdflatex(tmp_path, tex)
     assert code == 0, log[-2000:]
     assert "Overfull \\hbox" not in log  # fits the default article text width
+
+
+def test_compare_group_by_method_aggregates_seeds_and_takes_display_names(tmp_path):
+    """`eval --compare --group-by method`: seeds of one method are one row (mean ± SD over runs), not
+    "mcnet", "mcnet (2)"; NAME=PATH sets a row's display name."""
+    path = _fake_results(tmp_path, methods=["sup", "mcnet"], labeled=(8,), seeds=(1, 2))
+    exp = load_experiment(path)
+    dirs = [exp.eval_dir(r) for r in exp.runs()]
+    code, plain = run_cli("eval", "--compare", *dirs)
+    assert code == 0 and "mcnet (2)" in plain
+    targets = [f"{r.entry.name}={exp.eval_dir(r)}" for r in exp.runs()]
+    code, md = run_cli("eval", "--compare", *targets, "--group-by", "method", "--std")
+    assert code == 0, md
+    means = {}
+    for r in exp.runs():
+        s = pd.read_csv(exp.eval_dir(r) / "summary.csv").query("metric == 'dice'")["mean"].iloc[0] * 100
+        means.setdefault(r.entry.name, []).append(s)
+    mc = means["MC-Net"]
+    row = next(line for line in md.splitlines() if line.startswith("| MC-Net |"))
+    assert f"{np.mean(mc):.2f} ± {np.std(mc, ddof=1):.2f}" in row and "(2)" not in md
+    assert "mean ± SD over runs (seeds) of each run's mean over cases (runs per row: V-Net (sup.): 2, MC-Net: 2)" in md
+    code, out = run_cli("eval", "--compare", *dirs, "--group-by", "seed")
+    assert code == 2 and "--group-by 'seed'" in out

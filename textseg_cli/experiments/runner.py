@@ -92,7 +92,7 @@ def run_one(exp: Experiment, run: Run, *, launcher: str = "local", quiet: bool =
         api.evaluate_run(run.dir, split=exp.eval["split"], checkpoint=exp.checkpoint(),
                          inference=exp.eval["inference"], out=exp.eval_dir(run), lcc=lcc,
                          spacing_mm=bool(exp.eval["spacing_mm"]), empty_policy=exp.eval["empty_policy"], force=True,
-                         device=exp.device)
+                         device=exp.device, name=run.entry.name)
     except KeyboardInterrupt:
         _write_status(exp, run, state="interrupted", stopped=_now())
         raise

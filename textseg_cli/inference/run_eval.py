@@ -57,7 +57,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
                  inference: str | None = None, out: str | Path | None = None, lcc: bool = False,
                  spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
                  device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
-                 overlays: int = 0, threshold: float = 0.5):
+                 overlays: int = 0, threshold: float = 0.5, name: str | None = None):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
@@ -71,7 +71,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
     2D runs: binary masks are the foreground probability > `threshold`; each case's text is handed to
     methods that read it (`set_case_text`); `eval_size=224` scores at 224×224 (LViT); `per_volume`
     re-stacks the slices of a `textseg prep slices` folder and scores volumes; `overlays=N` writes N
-    overlay PNGs to `out/overlays/`.
+    overlay PNGs to `out/overlays/`. `name`: the display name tables show for this run (default: the method).
     """
     from textseg_cli.console import err_console
     from textseg_cli.engine.runs import load_run
@@ -135,6 +135,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "bes
     if isinstance(method_name, dict):
         method_name = method_name.get("name")
     meta = {
+        "name": name,  # None: the method's name (build_meta's alias)
         "method": method_name or getattr(run.method, "name", None),
         "run_dir": str(run_dir.resolve()),
         "split": split,

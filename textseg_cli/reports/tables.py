@@ -185,6 +185,11 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
     ]
     n_cases = {r.n_cases for r in rows}
     stat = "mean ± SD over cases" if std else "mean over cases"
+    runs = [r.settings.get("n_runs") for r in rows if r.settings.get("n_runs")]
+    if runs:  # --group-by: one row per method, its runs (seeds) aggregated
+        stat = ("mean ± SD over runs (seeds) of each run's mean over cases" if std else
+                "mean over runs (seeds) of each run's mean over cases") + " (runs per row: " + ", ".join(
+            f"{r.method}: {r.settings.get('n_runs')}" for r in rows) + ")"
     notes.append(f"Values: {stat}" + (f" (n = {n_cases.pop()})." if len(n_cases) == 1 else "; case counts differ: "
                  + ", ".join(f"{r.method}: {r.n_cases}" for r in rows) + "."))
     empties = [f"{r.method}: {r.stats['dice']['n_empty']}" for r in rows
