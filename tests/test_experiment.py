@@ -233,6 +233,12 @@ def test_table_markdown_marks_best_per_labeled_group_and_wilcoxon_vs_reference(t
     assert "**" in rows["BCP"] and "| _" in rows["MC-Net"]
     p = float(rows["MC-Net"].rstrip(" |").split(" | ")[-1])
     assert 0 <= p <= 1
+    code, out = run_cli("experiment", "table", path, "--reference", "BCP")
+    assert code == 0 and "against BCP (ref.)" in out
+    assert next(line for line in out.splitlines() if line.startswith("| BCP |")).endswith("| ref. |")
+    assert run_cli("experiment", "table", path, "--reference", "nope")[0] == 2
+    code, out = run_cli("experiment", "table", path, "--table", "xlsx")
+    assert code == 2 and "--table" in out
 
 
 def _pdflatex(tmp_path: Path, tex: str, width: str = "") -> tuple[int, str]:

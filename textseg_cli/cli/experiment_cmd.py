@@ -66,13 +66,15 @@ def table_command(
     table: str = typer.Option("md", "--table", help="md, csv (per-seed rows + mean rows) or latex (paste-ready)."),
     published: bool = typer.Option(False, "--published", help="Add the published Dice of each method (its config's "
                                                               "`published:` block) and the difference."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Wilcoxon reference method (its name or "
+                                                                      "id; default: the file's, else the first)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the table to this file too."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
 ) -> None:
     """Rows = method x labeled count; cells = mean ± SD over seeds of the per-run means over cases."""
     from textseg_cli.api import experiment_table
 
-    text = experiment_table(spec, table=table, published=published, out=out, force=force)
+    text = experiment_table(spec, table=table, published=published, out=out, force=force, reference=reference)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from textseg_cli.errors import DataError
+from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.experiments.runner import read_status
 from textseg_cli.experiments.spec import Experiment, MethodEntry, load_experiment
 from textseg_cli.reports.compare import load_result, paired_wilcoxon
@@ -269,13 +269,20 @@ def _csv(exp: Experiment, rows: list[GridRow]) -> str:
 
 
 def experiment_table(spec: str | Path, table: str = "md", published: bool = False, out: str | Path | None = None,
-                     force: bool = False) -> str:
+                     force: bool = False, reference: str | None = None) -> str:
     """The results table of an experiment (its file or its folder): md, csv (one row per seed plus one
-    mean row per method × labeled) or latex (paste-ready)."""
+    mean row per method × labeled) or latex (paste-ready). `reference`: the Wilcoxon reference method (name
+    or id; default the file's `reference:`, else its first method)."""
     from textseg_cli.utils import atomic_write_text, guard_output_file
 
-    check_table_format(table)
+    try:
+        check_table_format(table)
+    except ValueError as exc:
+        raise ConfigError(f"--table: {exc}") from None
     exp = load_experiment(spec)
+    if reference is not None:
+        exp.reference = reference
+        exp.reference_entry()  # names a method, else ConfigError
     if out is not None:
         guard_output_file(out, force)
     rows = collect(exp, published)
