@@ -287,3 +287,20 @@ def test_compare_group_by_method_aggregates_seeds_and_takes_display_names(tmp_pa
     assert "mean ± SD over runs (seeds) of each run's mean over cases (runs per row: V-Net (sup.): 2, MC-Net: 2)" in md
     code, out = run_cli("eval", "--compare", *dirs, "--group-by", "seed")
     assert code == 2 and "--group-by 'seed'" in out
+
+
+def test_slurm_launcher_maps_the_options_to_submitit(tmp_path, synthetic_data, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    import submitit.slurm.slurm as slurm_mod
+
+    from textseg_cli.experiments.launch import submitit_executor
+
+    exp = load_experiment(_spec(tmp_path, synthetic_data))
+    if shutil.which("srun") is None:  # no Slurm here: a usage error naming the launcher, not a traceback
+        code, out = run_cli("experiment", "run", tmp_path / "exp.yaml", "--launcher", "slurm")
+        assert code == 2 and "--launcher slurm" in out and "srun" in out
+        monkeypatch.setattr(slurm_mod.shutil, "which", lambda name: "/usr/bin/" + name)
+    ex = submitit_executor(exp, "slurm", partition="gpu", time_min=90, gpus_per_run=1, cpus_per_run=8)
+    params = ex._executor.parameters
+    assert (params["partition"], params["time"], params["gpus_per_node"], params["cpus_per_task"]) == ("gpu", 90, 1, 8)
+    assert params["job_name"] == "textseg-tiny" and ex.folder == (exp.out / "submitit").resolve()

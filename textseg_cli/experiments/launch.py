@@ -89,7 +89,10 @@ def submitit_executor(exp: Experiment, launcher: str, *, partition: str | None, 
     except ImportError:
         raise ConfigError("--launcher slurm needs the submitit package: pip install 'textseg[slurm]'") from None
     folder = exp.out / "submitit"
-    executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if launcher == "submitit-local" else "slurm")
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if launcher == "submitit-local" else "slurm")
+    except RuntimeError as exc:  # submitit's "Could not detect srun": not on a Slurm login node
+        raise ConfigError(f"--launcher {launcher}: {exc} (use --gpus or the default launcher here)") from None
     params: dict = {"timeout_min": int(time_min), "name": f"textseg-{exp.name}"}
     if gpus_per_run:
         params["gpus_per_node"] = int(gpus_per_run)
