@@ -215,7 +215,8 @@ def _fake_results(tmp_path: Path, methods=_EIGHT, labeled=(8, 16), seeds=(1, 2, 
                            "asd": rng.uniform(1, 3, n), "pred_empty": False, "ref_empty": False,
                            "pred_voxels": 100, "ref_voxels": 100})
         df.attrs.update(empty_policy="nan", lcc=run.entry.method == "bcp", distance_unit="mm")
-        write_evaluation(df, exp.eval_dir(run), {"name": run.entry.method, "split": "val",
+        write_evaluation(df, exp.eval_dir(run), {"name": run.entry.method, "split": "val", "labeled": int(run.labeled),
+                                                 "unlabeled": 80 - int(run.labeled), "n_train": 80,
                                                  "checkpoint_rule": "best (val Dice)", "run_dir": str(run.dir)},
                          show=False)
     return path
@@ -304,3 +305,54 @@ def test_slurm_launcher_maps_the_options_to_submitit(tmp_path, synthetic_data, m
     params = ex._executor.parameters
     assert (params["partition"], params["time"], params["gpus_per_node"], params["cpus_per_task"]) == ("gpu", 90, 1, 8)
     assert params["job_name"] == "textseg-tiny" and ex.folder == (exp.out / "submitit").resolve()
+
+
+@pytest.mark.benchmark  # ~1-2 min on a busy CPU (a subprocess, a kill, a resume); the SIGINT test is the fast one
+def test_hard_kill_mid_run_is_resumed_from_its_last_checkpoint(tmp_path, synthetic_data, one_thread):
+    """SIGKILL (no chance to clean up: the status file still says "running") during a run; the next
+    `experiment run` resumes that run from checkpoints/last.pt and finishes it."""
+    import time
+
+    import torch
+
+    spec = _spec(tmp_path, synthetic_data, seeds=[1], iterations=12,
+                 methods=[{"method": "sup", "set": ["train.checkpoint_every=1", "val.every=0"]}])
+    exp = load_experiment(spec)
+    run = exp.runs()[0]
+    last = run.dir / "checkpoints" / "last.pt"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "textseg_cli", "experiment", "run", str(spec), "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert last.exists(), "the run never wrote a checkpoint"
+    killed_at = torch.load(last, weights_only=False)["iteration"]
+    assert 1 <= killed_at < 12
+    assert json.loads((exp.out / "status" / run.status_name).read_text())["state"] == "running"
+    from textseg_cli.experiments.runner import run_state
+
+    assert run_state(exp, run) == "partial"
+    code, out = run_cli("experiment", "run", spec, "--quiet")
+    assert code == 0 and "1 run(s) done" in out, out
+    assert torch.load(last, weights_only=False)["iteration"] == 12
+    assert [s["resumed"] for s in json.loads((run.dir / "env.json").read_text())["sessions"]] == [False, True]
+
+
+def test_eval_compare_latex_compiles(tmp_path):
+    """The `eval --compare --table latex` float (was: notes in \\multicolumn cells wider than the page, a
+    literal `->` printed as "¿", no caption) compiles without overfull lines."""
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed")
+    from textseg_cli.api import compare_results
+
+    exp = load_experiment(_fake_results(tmp_path, methods=["sup", "mcnet", "bcp"], labeled=(8,), seeds=(1,)))
+    tex = compare_results([f"{r.entry.name}={exp.eval_dir(r)}" for r in exp.runs()], table="latex", std=True)
+    assert r"$\rightarrow$" in tex and "->" not in tex and r"\caption{" in tex
+    code, log = _pdflatex(tmp_path, tex)
+    assert code == 0, log[-2000:]
+    assert "Overfull \\hbox" not in log

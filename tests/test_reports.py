@@ -67,7 +67,8 @@ def test_latex_bolds_best_per_column_and_has_arrows_and_footnotes():
             _row("MC_Net", 0.86, 7.5, p=0.0004, n_common=20)]
     tex = render_table(rows, "latex")
     assert r"\toprule" in tex and r"\bottomrule" in tex
-    assert r"Dice (\%)$\uparrow$" in tex and r"95HD (voxel)$\downarrow$" in tex and r"ASD (voxel)$\downarrow$" in tex
+    assert r"Dice$\uparrow$ & Jaccard$\uparrow$ & 95HD$\downarrow$ & ASD$\downarrow$ & $p$ \\" in tex
+    assert r" &  &  & (\%) & (\%) & (voxel) & (voxel) &  \\" in tex  # units on a second header row
     assert r"V\_Net" in tex and r"MC\_Net" in tex  # names escaped
     ua = next(line for line in tex.splitlines() if line.startswith("UA-MT"))
     mc = next(line for line in tex.splitlines() if line.startswith(r"MC\_Net"))

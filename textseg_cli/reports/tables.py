@@ -140,19 +140,33 @@ def render_markdown(rows: list[ResultRow], notes: list[str], std: bool = False) 
     return "\n".join(lines) + "\n\n" + "\n".join(f"{n}  " for n in notes).rstrip() + "\n"
 
 
+def _latex_header(rows: list[ResultRow]) -> list[str]:
+    """Two header rows (names with arrows; units below), narrower than one row of "Jaccard (%)↑"."""
+    top, units = ["Method", "Labeled", "Unlabeled"], ["", "", ""]
+    for m, (title, scale, higher) in COLUMNS.items():
+        top.append(title.split(" (")[0] + (r"$\uparrow$" if higher else r"$\downarrow$"))
+        units.append(r"(\%)" if scale == 100.0 else f"({latex_escape(_unit(rows))})")
+    if has_p_values(rows):
+        top.append("$p$")  # the notes name the test
+        units.append("")
+    return [" & ".join(top) + r" \\", " & ".join(units) + r" \\"]
+
+
 def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False, caption: str | None = None,
                  label: str = "tab:results") -> str:
-    """A `table` float (caption, label, booktabs, notes wrapped below); needs reports.latex.PREAMBLE."""
-    head = _header(rows, latex=True)
+    """A `table` float (caption, label, booktabs, notes wrapped below); needs reports.latex.PREAMBLE.
+    SD (with `std`) is set as a subscript to keep the columns narrow."""
 
     def fmt(text: str, mark=None) -> str:
-        return mark_latex(latex_escape(text), mark)
+        value, sep, sd = text.partition(" ± ")
+        tex = latex_escape(value) + (rf"$_{{\pm {latex_escape(sd)}}}$" if sep else "")
+        return mark_latex(tex, mark)
 
     body = [[fmt(c) if isinstance(c, str) else fmt(*c) for c in cells]
             for cells in _body(rows, std, lambda t, m: (t, m))]
     caption = caption or ("Segmentation results, " + ("mean ± SD over cases" if std else "mean over cases")
                           + "; best per column in bold" + (", second underlined." if len(rows) > 2 else "."))
-    return latex_table([" & ".join(head) + r" \\"], "l" + "c" * (len(head) - 1), body, notes, caption=caption,
+    return latex_table(_latex_header(rows), "l" + "c" * (len(body[0]) - 1), body, notes, caption=caption,
                        label=label)
 
 
