@@ -240,6 +240,11 @@ def test_table_markdown_marks_best_per_labeled_group_and_wilcoxon_vs_reference(t
     assert run_cli("experiment", "table", path, "--reference", "nope")[0] == 2
     code, out = run_cli("experiment", "table", path, "--table", "xlsx")
     assert code == 2 and "--table" in out
+    first = load_experiment(path).runs()[0]  # a run without any finite 95HD: its row averages fewer seeds
+    pc = pd.read_csv(first.dir / "eval" / "val-best" / "per_case.csv").assign(hd95=float("nan"))
+    pc.to_csv(first.dir / "eval" / "val-best" / "per_case.csv", index=False)
+    assert "Fewer seeds than the row's" in experiment_table(path) and "V-Net (sup.) 8 95HD: 1 of 2" in \
+        experiment_table(path)
 
 
 def _pdflatex(tmp_path: Path, tex: str, width: str = "") -> tuple[int, str]:

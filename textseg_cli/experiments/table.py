@@ -177,6 +177,12 @@ def notes(exp: Experiment, rows: list[GridRow]) -> list[str]:
     if pubs:
         out.append("Published Dice from the method configs' published blocks; Δ = measured − published. Sources: "
                    + "; ".join(f"{n}: {s}" for n, s in sorted(pubs)) + ".")
+    partial = [f"{r.entry.name} {r.labeled} {COLUMNS[m][0].split(' (')[0]}: {n} of {len(r.seeds)}"
+               for r in rows for m in COLUMNS
+               for n in [sum(1 for v in r.per_seed.get(m, []) if math.isfinite(v))] if r.seeds and n < len(r.seeds)]
+    if partial:
+        out.append("Fewer seeds than the row's (runs whose cases all lacked a finite value, e.g. every case with "
+                   "one mask empty under 'nan'): " + "; ".join(partial) + ".")
     missing = [f"{r.entry.name} {r.labeled}: seed(s) {', '.join(map(str, r.missing))}" for r in rows if r.missing]
     if missing:
         out.append("Not finished (left out): " + "; ".join(missing) + ".")
