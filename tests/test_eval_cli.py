@@ -105,7 +105,8 @@ def test_compare_cli(folders):
                         "--out", root / "t.tex")
     assert code == 0, out
     tex = (root / "t.tex").read_text()
-    assert r"with\_lcc" in tex and r"$p$ (Wilcoxon)" in tex and "LCC post-processing: MIXED" in tex
+    assert r"with\_lcc" in tex and r"& $p$ \\" in tex and "Wilcoxon signed-rank" in tex
+    assert "LCC post-processing: MIXED" in tex
     assert "differ in lcc" in out
     code, out = run_cli("eval", root / "a", root / "b")
     assert code == 2 and "--compare" in out
