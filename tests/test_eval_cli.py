@@ -106,7 +106,8 @@ def test_compare_cli(folders):
                         "--out", root / "t.tex")
     assert code == 0, out
     tex = (root / "t.tex").read_text()
-    assert r"with\_lcc" in tex and r"$p$ (Wilcoxon)" in tex and "LCC post-processing: MIXED" in tex
+    assert r"with\_lcc" in tex and r"& $p$ \\" in tex and "Wilcoxon signed-rank" in tex
+    assert "LCC post-processing: MIXED" in tex
     assert "differ in lcc" in out
     code, out = run_cli("eval", root / "a", root / "b")
     assert code == 2 and "--compare" in out
@@ -250,7 +251,9 @@ def test_run_dir_calls_evaluate_run_and_warns_on_test(tmp_path, monkeypatch):
     assert code == 0 and calls[-1][1]["split"] == "test" and calls[-1][1]["decoder"] == 1
     assert "WARNING" in out and "TEST split" in out and "model selection" in out
     _one_line_error(*run_cli("eval", tmp_path, "--split", "train"), "--split", "val, test")
-    _one_line_error(*run_cli("eval", tmp_path, "--name", "x"), "--name")
+    code, out = run_cli("eval", tmp_path, "--name", "MC-Net")  # a display name for tables (issue 16)
+    assert code == 0 and calls[-1][1]["name"] == "MC-Net"
+    assert "name" not in run_cli("eval", tmp_path)[1] and "name" not in calls[-1][1]
 
 
 def test_help_reads_well():

@@ -67,13 +67,17 @@ def test_latex_bolds_best_per_column_and_has_arrows_and_footnotes():
             _row("MC_Net", 0.86, 7.5, p=0.0004, n_common=20)]
     tex = render_table(rows, "latex")
     assert r"\toprule" in tex and r"\bottomrule" in tex
-    assert r"Dice (\%)$\uparrow$" in tex and r"95HD (voxel)$\downarrow$" in tex and r"ASD (voxel)$\downarrow$" in tex
+    assert r"Dice$\uparrow$ & Jaccard$\uparrow$ & 95HD$\downarrow$ & ASD$\downarrow$ & $p$ \\" in tex
+    assert r" &  &  & (\%) & (\%) & (voxel) & (voxel) &  \\" in tex  # units on a second header row
     assert r"V\_Net" in tex and r"MC\_Net" in tex  # names escaped
     ua = next(line for line in tex.splitlines() if line.startswith("UA-MT"))
     mc = next(line for line in tex.splitlines() if line.startswith(r"MC\_Net"))
     assert r"\textbf{87.00}" in ua and r"\textbf{77.00}" in ua and "0.004" in ua
-    assert r"\textbf{7.50}" in mc and r"\textbf{1.88}" in mc and "$<$0.001" in mc
+    assert r"\textbf{7.50}" in mc and r"\textbf{1.88}" in mc and r"\textless{}0.001" in mc
+    assert r"\underline{86.00}" in mc and r"\underline{8.00}" in ua  # second best underlined
     assert "textbf" not in next(line for line in tex.splitlines() if line.startswith(r"V\_Net"))
+    assert r"\caption{" in tex and r"\label{tab:results}" in tex and r"\begin{tablenotes}" in tex
+    assert r"\multicolumn" not in tex  # notes wrap below the tabular instead of widening it
     assert "Empty-mask policy: 'nan'" in tex and "LCC post-processing: off" in tex
     assert "distances in voxel" in tex and "checkpoint: best (val Dice)" in tex
     assert "Wilcoxon signed-rank" in tex and "over 20 common cases" in tex
@@ -104,6 +108,10 @@ def test_footnote_flags_mixed_settings():
 
 def test_latex_escape():
     assert latex_escape("a_b & 50% #1") == r"a\_b \& 50\% \#1"
+    # `->` and `<` print as "¿" / "¡" under OT1; unknown Unicode would stop pdflatex
+    assert latex_escape("best -> last, p < 0.05, 1 ± 2 – 3 ✓") == \
+        r"best $\rightarrow$ last, p \textless{} 0.05, 1 $\pm$ 2 -- 3 \checkmark{}"
+    assert latex_escape("a\u4e2db") == "a?b"
 
 
 def test_paired_wilcoxon_uses_common_cases_only():
@@ -162,3 +170,23 @@ def test_load_result_errors(tmp_path):
     other.write_text("case,dice\nx,0.5\ny,0.7\n")
     res = load_result(other)
     assert res.name == "other" and res.summary.set_index("metric").loc["dice", "mean"] == pytest.approx(0.6)
+
+
+def test_both_empty_cases_are_reported_apart_from_one_mask_empty(tmp_path):
+    """Issue 20: a case with both masks empty (Dice 1, distances 0) is not an "empty" case; the summary,
+    meta.json and table notes count it separately (fails if one_mask_empty counted both-empty cases)."""
+    from textseg_cli.evaluation import build_meta, write_evaluation
+
+    df = _per_case({"dice": [1.0, 0.0, 0.9], "jaccard": [1.0, 0.0, 0.8], "hd95": [0.0, float("nan"), 2.0],
+                    "asd": [0.0, float("nan"), 1.0]}, empty={("c1", "foreground")})
+    df.loc[df["case"] == "c0", ["pred_empty", "ref_empty"]] = True  # c0: nothing to find, nothing predicted
+    df["pred_voxels"], df["ref_voxels"] = 0, 0
+    df.attrs.update(empty_policy="nan", lcc=False, distance_unit="voxel")
+    s = summarize(df).set_index("metric")
+    assert s.loc["dice", "n_empty"] == 1 and s.loc["dice", "n_both_empty"] == 1
+    meta = build_meta(df, {"name": "m"})
+    assert meta["cases_with_empty_mask"] == ["c1"] and meta["cases_with_both_masks_empty"] == ["c0"]
+    paths = write_evaluation(df, tmp_path / "ev", {"name": "m"}, table="md", show=False)
+    md = paths["table"].read_text()
+    assert "Cases with one mask empty (policy applied): m: 1." in md
+    assert "Cases with both masks empty (scored Dice 1, distances 0; not counted as empty): m: 1." in md

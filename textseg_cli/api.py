@@ -30,3 +30,6 @@ from textseg_cli.engine.listing import list_models  # noqa: F401  (textseg model
 from textseg_cli.inference.export import export_run  # noqa: F401  (textseg export)
 from textseg_cli.reports.curves import plot_curves  # noqa: F401  (textseg plot)
 from textseg_cli.data.prep.nnunet import export_data, prep_nnunet  # noqa: F401  (export-data, prep nnunet)
+from textseg_cli.experiments.experiment import run_experiment  # noqa: F401  (textseg experiment run)
+from textseg_cli.experiments.table import experiment_table  # noqa: F401  (textseg experiment table)
+from textseg_cli.experiments.presets import preset_spec, write_preset  # noqa: F401  (textseg experiment preset)

@@ -138,7 +138,7 @@ def build_meta(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str
     """meta.json content: the caller's facts (name, checkpoint_rule, labeled, unlabeled, n_train,
     split, ...) plus the settings the metrics were computed with (taken from `df.attrs`)."""
     from textseg_cli import __version__
-    from textseg_cli.reports.summary import one_mask_empty
+    from textseg_cli.reports.summary import both_masks_empty, one_mask_empty
 
     out: dict[str, Any] = {"format": EVAL_FORMAT}
     out.update(meta or {})
@@ -156,6 +156,8 @@ def build_meta(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str
     out["n_cases"] = int(df["case"].nunique())
     empty = df[one_mask_empty(df)]
     out["cases_with_empty_mask"] = sorted(empty["case"].astype(str).unique().tolist())
+    both = df[both_masks_empty(df)]  # Dice 1 / distances 0 under every policy: reported apart, not as "empty"
+    out["cases_with_both_masks_empty"] = sorted(both["case"].astype(str).unique().tolist())
     out.setdefault("tool_version", __version__)
     out.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return out

@@ -66,6 +66,7 @@ _COMMAND_MODULES: list[str] = [
     "plot_cmd",
     "prep_nnunet",
     "export_data_cmd",
+    "experiment_cmd",
 ]
 for _mod in _COMMAND_MODULES:
     importlib.import_module(f"textseg_cli.cli.{_mod}")

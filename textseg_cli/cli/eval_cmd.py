@@ -27,7 +27,7 @@ def _forbid(mode: str, **given) -> None:
 
 
 def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc, spacing_mm, empty_policy, table,
-              force, device, **extra) -> None:
+              force, device, name=None, **extra) -> None:
     split = split or "val"
     if split not in _RUN_SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
@@ -45,7 +45,7 @@ def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc,
     evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
                  inference=inference, out=out, lcc=lcc, spacing_mm=spacing_mm,
                  empty_policy=empty_policy, table=table, force=force, device=device,
-                 **{k: v for k, v in extra.items() if v not in (None, False, 0)})
+                 **{k: v for k, v in dict(extra, name=name).items() if v not in (None, False, 0)})
 
 
 @app.command("eval")
@@ -74,8 +74,10 @@ def eval_command(
         "nan", "--empty-policy", help="When exactly one of prediction/reference is empty: nan (Dice 0, HD95/ASD "
                                       "NaN and counted as empty), penalty (HD95/ASD = image diagonal) or zero "
                                       "(HD95/ASD 0; legacy)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Method/run name for the table (default: the --pred "
-                                                            "folder name)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Display name for tables, e.g. \"MC-Net\" (default: the "
+                                                            "--pred folder name / the run's method)."),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="--compare: method = the runs (seeds) of one "
+                                                                    "method in one row, mean ± SD over them."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing evaluation files / table file."),
     split: Optional[str] = typer.Option(
         None, "--split", help="Split to evaluate: val (default for RUN_DIR) or test; with a prepared --labels "
@@ -122,6 +124,7 @@ def eval_command(
     textseg eval --pred PRED_DIR --labels LABELS_DIR [--lcc] [--spacing-mm] [--table latex]
     textseg eval RUN_DIR --split val [--checkpoint best|last]
     textseg eval --compare EVAL_A EVAL_B ... --table latex --out table.tex
+    textseg eval --compare "MC-Net=RUN_S1/eval/val-best" "MC-Net=RUN_S2/eval/val-best" ... --group-by method
     textseg eval RUN_DIR --eval-size 224 --overlays 6        (2D: mDice / mIoU)
     """
     from textseg_cli.evaluation import check_empty_policy
@@ -135,9 +138,9 @@ def eval_command(
                 uses_text=uses_text, precision=precision)
         if empty_policy != "nan":
             raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
-        _compare_mode(targets, table, out, force, std, class_name, layout)
+        _compare_mode(targets, table, out, force, std, class_name, layout, group_by)
         return
-    _forbid("without --compare", std=std, class_name=class_name)
+    _forbid("without --compare", std=std, class_name=class_name, group_by=group_by)
     if allow_missing and pred is None:
         raise ConfigError("--allow-missing only applies to --pred/--labels")
     if layout != "auto":
@@ -158,11 +161,11 @@ def eval_command(
     if not targets:
         raise ConfigError("nothing to evaluate: give RUN_DIR, or --pred and --labels, or --compare RESULTS... "
                           "(see textseg eval --help)")
-    _forbid("with RUN_DIR", name=name, num_classes=num_classes, labeled=labeled, unlabeled=unlabeled,
+    _forbid("with RUN_DIR", num_classes=num_classes, labeled=labeled, unlabeled=unlabeled,
             uses_text=uses_text)
     _run_mode(targets[0], split=split, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
               spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
-              eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision)
+              eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision, name=name)
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:
@@ -177,10 +180,11 @@ def _folder_mode(pred: Path, labels: Path, **kw) -> None:
 
 
 def _compare_mode(targets: list[Path], table: Optional[str], out: Optional[Path], force: bool, std: bool,
-                  class_name: Optional[str], layout: str = "auto") -> None:
+                  class_name: Optional[str], layout: str = "auto", group_by: Optional[str] = None) -> None:
     from textseg_cli.reports.compare import compare_results
 
-    text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name, layout=layout)
+    text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name, layout=layout,
+                           group_by=group_by)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     if out is not None:
         console.print(f"[green]wrote[/] table: {out}", highlight=False, soft_wrap=True)

@@ -59,7 +59,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                   inference: str | None = None, out: str | Path | None = None, lcc: bool | None = None,
                   spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
                   device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
-                  overlays: int = 0, threshold: float = 0.5, precision: str | None = None):
+                  overlays: int = 0, threshold: float = 0.5, precision: str | None = None, name: str | None = None):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
@@ -77,6 +77,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     (`textseg_cli.precision.inference_request`); meta.json records what ran.
     `lcc` None follows the method's evaluation protocol (`inference.protocol.resolve_lcc`: on for DTC, BCP and
     Text-SemiSeg runs, as their official test scripts); True/False force it.
+    `name`: the display name tables show for this run (default: the method).
     """
     from textseg_cli.console import err_console
     from textseg_cli.engine.runs import load_run
@@ -145,6 +146,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
 
     n_lab, n_unlab = _labeled_counts(run)
     meta = {
+        "name": name,  # None: the method's name (build_meta's alias)
         "method": method_name,
         "lcc_source": lcc_source,
         "run_dir": str(run_dir.resolve()),

@@ -99,6 +99,18 @@ def load_result(path: str | Path) -> EvalResult:
     return EvalResult(str(meta.get("name") or default_name), summary, per_case, meta, path)
 
 
+def _named_result(path: str | Path) -> EvalResult:
+    """`NAME=PATH` → the result at PATH shown as NAME; a plain path keeps its own name."""
+    text = str(path)
+    if "=" in text and not Path(text).exists():
+        name, _, rest = text.partition("=")
+        if name.strip() and rest:
+            res = load_result(rest)
+            res.name = name.strip()
+            return res
+    return load_result(path)
+
+
 def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float | None, int]:
     """Two-sided Wilcoxon signed-rank p-value of paired values over the common (finite) index."""
     from scipy.stats import wilcoxon
@@ -168,7 +180,7 @@ def table_format_for(out: str | Path | None, table: str | None) -> str:
 
 def compare_results(paths: Sequence[str | Path], table: str | None = None, out: str | Path | None = None, *,
                     force: bool = False, std: bool = False, class_name: str | None = None,
-                    layout: str = "auto") -> str:
+                    layout: str = "auto", group_by: str | None = None) -> str:
     """Render one results table (rows = the given evaluations, in order) and return its text.
 
     `table` is csv, md or latex; None takes the format from `out`'s suffix (.csv/.md/.tex), else md.
@@ -180,6 +192,9 @@ def compare_results(paths: Sequence[str | Path], table: str | None = None, out: 
     `layout`: "3d" (the semi-supervised papers' columns above), "2d" (TGC-Net/LViT Table 1: method,
     text ✓/✗, Dice and mIoU per data set side by side; `reports.table2d`) or "auto" (2d when every
     result was scored per 2D image, from its meta.json).
+
+    `group_by="method"`: results with the same name (and labeled count) become one row, mean ± SD over
+    them (seeds). A path given as `NAME=PATH` shows as NAME (a display name such as "MC-Net").
     """
     from textseg_cli.console import err_console
     from textseg_cli.utils import atomic_write_text, guard_output_file
@@ -194,15 +209,24 @@ def compare_results(paths: Sequence[str | Path], table: str | None = None, out: 
         guard_output_file(out, force)
     if layout not in ("auto", "2d", "3d"):
         raise ConfigError(f"--layout {layout!r}: expected auto, 2d or 3d")
-    results = [load_result(p) for p in paths]
+    results = [_named_result(p) for p in paths]
     from textseg_cli.reports.table2d import is_2d, render_table_2d
 
-    if layout == "2d" or (layout == "auto" and all(is_2d(r) for r in results)):
+    if group_by and layout == "2d":
+        raise ConfigError("--group-by applies to the 3D layout (--layout 3d)")
+    if not group_by and (layout == "2d" or (layout == "auto" and all(is_2d(r) for r in results))):
         text = render_table_2d(results, fmt, std=std, class_name=class_name)
         if out is not None:
             atomic_write_text(out, text)
         return text
-    rows = build_rows(results, class_name)
+    if group_by not in (None, "method"):
+        raise ConfigError(f"--group-by {group_by!r}: expected method")
+    if group_by:
+        from textseg_cli.reports.grouping import grouped_rows
+
+        rows = grouped_rows(results, class_name)
+    else:
+        rows = build_rows(results, class_name)
     for key in ("distance_unit", "empty_policy", "lcc"):
         values = {str(r.settings.get(key)) for r in rows}
         if len(values) > 1:

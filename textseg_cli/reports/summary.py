@@ -1,7 +1,8 @@
 """Summaries of a per-case evaluation table: mean ± SD, median, min, max per class and metric.
 
 `per_case` has one row per (case, class) with the columns dice, jaccard, hd95, asd, pred_empty,
-ref_empty. With two or more foreground classes a `mean` class is added whose per-case value is the
+ref_empty. `n_empty` counts cases with exactly one mask empty (where the empty-mask policy applies);
+`n_both_empty` those with both empty (Dice 1, distances 0 under every policy), kept apart. With two or more foreground classes a `mean` class is added whose per-case value is the
 mean over that case's classes (NaN distances left out; NaN only if all are NaN).
 """
 
@@ -12,7 +13,8 @@ import pandas as pd
 
 METRICS: tuple[str, ...] = ("dice", "jaccard", "hd95", "asd")
 MEAN_CLASS = "mean"
-SUMMARY_COLUMNS = ["class", "metric", "mean", "std", "median", "min", "max", "n", "n_cases", "n_empty"]
+SUMMARY_COLUMNS = ["class", "metric", "mean", "std", "median", "min", "max", "n", "n_cases", "n_empty",
+                   "n_both_empty"]
 
 
 def one_mask_empty(per_case: pd.DataFrame) -> pd.Series:
@@ -20,18 +22,25 @@ def one_mask_empty(per_case: pd.DataFrame) -> pd.Series:
     return per_case["pred_empty"].astype(bool) ^ per_case["ref_empty"].astype(bool)
 
 
+def both_masks_empty(per_case: pd.DataFrame) -> pd.Series:
+    """Rows where prediction and reference are both empty (scored Dice 1, distances 0; not "empty")."""
+    return per_case["pred_empty"].astype(bool) & per_case["ref_empty"].astype(bool)
+
+
 def case_level(per_case: pd.DataFrame, class_name: str | None = None) -> pd.DataFrame:
     """One row per case (index = case id): the given class, or the mean over classes when None."""
-    df = per_case.assign(_empty=one_mask_empty(per_case))
+    df = per_case.assign(_empty=one_mask_empty(per_case), _both=both_masks_empty(per_case))
     if class_name is not None and class_name != MEAN_CLASS:
         sel = df[df["class_name"].astype(str) == str(class_name)]
         if sel.empty:
             raise KeyError(class_name)
-        return sel.set_index("case")[list(METRICS) + ["_empty"]].rename(columns={"_empty": "empty"})
+        return sel.set_index("case")[list(METRICS) + ["_empty", "_both"]].rename(
+            columns={"_empty": "empty", "_both": "both_empty"})
     with np.errstate(all="ignore"):
         grouped = df.groupby("case", sort=False)
         out = grouped[list(METRICS)].mean()  # pandas skips NaN: the mean of the finite class values
         out["empty"] = grouped["_empty"].any()
+        out["both_empty"] = grouped["_both"].any()
     return out
 
 
@@ -39,7 +48,7 @@ def classes_of(per_case: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(per_case["class_name"].astype(str)))
 
 
-def _stats(values: pd.Series, n_cases: int, n_empty: int) -> dict:
+def _stats(values: pd.Series, n_cases: int, n_empty: int, n_both_empty: int = 0) -> dict:
     v = values.to_numpy(dtype=float)
     v = v[np.isfinite(v)]
     return {
@@ -48,7 +57,7 @@ def _stats(values: pd.Series, n_cases: int, n_empty: int) -> dict:
         "median": float(np.median(v)) if v.size else float("nan"),
         "min": float(v.min()) if v.size else float("nan"),
         "max": float(v.max()) if v.size else float("nan"),
-        "n": int(v.size), "n_cases": n_cases, "n_empty": n_empty,
+        "n": int(v.size), "n_cases": n_cases, "n_empty": n_empty, "n_both_empty": n_both_empty,
     }
 
 
@@ -60,9 +69,9 @@ def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
         groups.append((MEAN_CLASS, case_level(per_case, None)))
     rows = []
     for name, cases in groups:
-        n_empty = int(cases["empty"].sum())
+        n_empty, n_both = int(cases["empty"].sum()), int(cases["both_empty"].sum())
         for metric in METRICS:
-            rows.append({"class": name, "metric": metric, **_stats(cases[metric], len(cases), n_empty)})
+            rows.append({"class": name, "metric": metric, **_stats(cases[metric], len(cases), n_empty, n_both)})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 

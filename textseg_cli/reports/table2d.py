@@ -17,6 +17,7 @@ from typing import Sequence
 import pandas as pd
 
 from textseg_cli.reports.compare import EvalResult, build_rows
+from textseg_cli.reports.latex import latex_table
 from textseg_cli.reports.tables import ResultRow, check_table_format, footnotes, latex_escape
 
 METRICS_2D = (("dice", "Dice (%)"), ("jaccard", "mIoU (%)"))
@@ -136,22 +137,18 @@ def render_table_2d(results: Sequence[EvalResult], fmt: str, std: bool = False, 
     def tex(t: str) -> str:
         if t.startswith("\\checkmark") or t.startswith("$\\times"):
             return t
-        return latex_escape(t).replace("±", r"$\pm$").replace("–", "--")
+        if t.startswith("\x00"):
+            return r"\textbf{" + latex_escape(t[1:-1]) + "}"
+        return latex_escape(t)
 
-    ncol = 2 + 2 * len(datasets)
-    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{lc" + "cc" * len(datasets) + "}", r"\toprule",
-             " & & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{latex_escape(ds)}}}" for ds in datasets) + r" \\",
-             " ".join(rf"\cmidrule(lr){{{3 + 2 * i}-{4 + 2 * i}}}" for i in range(len(datasets))),
-             "Method & Text & " + " & ".join(latex_escape(title) + r"$\uparrow$"
-                                             for _ in datasets for _, title in METRICS_2D) + r" \\",
-             r"\midrule"]
-    for cells_ in body(lambda t: "\x00" + t + "\x01"):
-        lines.append(" & ".join(tex(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in cells_) + r" \\")
-    lines.append(r"\bottomrule")
-    for n in notes:
-        lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize {tex(n)}}} \\")
-    lines += [r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    head = [" & & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{latex_escape(ds)}}}" for ds in datasets) + r" \\",
+            " ".join(rf"\cmidrule(lr){{{3 + 2 * i}-{4 + 2 * i}}}" for i in range(len(datasets))),
+            "Method & Text & " + " & ".join(latex_escape(title) + r"$\uparrow$"
+                                            for _ in datasets for _, title in METRICS_2D) + r" \\"]
+    rows_tex = [[tex(c) for c in cells_] for cells_ in body(lambda t: "\x00" + t + "\x01")]
+    caption = ("Results on " + ", ".join(datasets) + " (" + ("mean ± SD" if std else "mean")
+               + " over images); best per column in bold.")
+    return latex_table(head, "lc" + "cc" * len(datasets), rows_tex, notes, caption=caption, label="tab:results-2d")
 
 
 def is_2d(result: EvalResult) -> bool:

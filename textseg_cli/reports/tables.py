@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from textseg_cli.reports.latex import latex_escape, latex_table, mark_latex, mark_markdown, rank_marks  # noqa: F401
+
 TABLE_FORMATS = ("csv", "md", "latex")
 TABLE_SUFFIX = {"csv": ".csv", "md": ".md", "latex": ".tex"}
 # metric → (header, scale, higher is better)
@@ -48,13 +50,6 @@ def _count(n: int | None, n_train: int | None) -> str:
 def _value(row: ResultRow, metric: str) -> float:
     s = row.stats.get(metric)
     return float("nan") if s is None else float(s["mean"]) * COLUMNS[metric][1]
-
-
-def _best(rows: list[ResultRow], metric: str) -> float | None:
-    vals = [v for v in (_value(r, metric) for r in rows) if math.isfinite(v)]
-    if len(rows) < 2 or not vals:
-        return None
-    return max(vals) if COLUMNS[metric][2] else min(vals)
 
 
 def _cell(row: ResultRow, metric: str, std: bool) -> str:
@@ -96,6 +91,7 @@ def render_csv(rows: list[ResultRow]) -> str:
             rec[f"{m}_mean"], rec[f"{m}_std"] = s.get("mean"), s.get("std")
             rec[f"{m}_median"] = s.get("median")
         rec["n_empty"] = r.stats.get("dice", {}).get("n_empty")
+        rec["n_both_empty"] = r.stats.get("dice", {}).get("n_both_empty")
         rec["wilcoxon_p_dice_vs_first"] = r.p_value
         rec["n_common_cases"] = r.n_common
         for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule", "precision"):
@@ -128,17 +124,13 @@ def _method_cell(r: ResultRow) -> str:
     return f"{r.method} +LCC" if r.settings.get("lcc") else r.method
 
 
-def _body(rows: list[ResultRow], std: bool, bold) -> list[list[str]]:
-    best = {m: _best(rows, m) for m in COLUMNS}
+def _body(rows: list[ResultRow], std: bool, mark) -> list[list[str]]:
+    """Cells of each row; `mark(text, "best"|"second"|None)` decorates metric cells (best per column)."""
+    marks = {m: rank_marks([_value(r, m) for r in rows], COLUMNS[m][2]) for m in COLUMNS}
     body = []
     for i, r in enumerate(rows):
         cells = [_method_cell(r), _count(r.labeled, r.n_train), _count(r.unlabeled, r.n_train)]
-        for m in COLUMNS:
-            text = _cell(r, m, std)
-            v = _value(r, m)
-            if best[m] is not None and math.isfinite(v) and round(v, 2) == round(best[m], 2):
-                text = bold(text)
-            cells.append(text)
+        cells += [mark(_cell(r, m, std), marks[m][i]) for m in COLUMNS]
         if has_p_values(rows):
             cells.append(_p_cell(r, i == 0))
         body.append(cells)
@@ -148,37 +140,46 @@ def _body(rows: list[ResultRow], std: bool, bold) -> list[list[str]]:
 def render_markdown(rows: list[ResultRow], notes: list[str], std: bool = False) -> str:
     head = _header(rows, latex=False)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
-    for cells in _body(rows, std, lambda t: f"**{t}**"):
+    for cells in _body(rows, std, mark_markdown):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"{n}  " for n in notes).rstrip() + "\n"
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+def _latex_header(rows: list[ResultRow]) -> list[str]:
+    """Two header rows (names with arrows; units below), narrower than one row of "Jaccard (%)↑"."""
+    top, units = ["Method", "Labeled", "Unlabeled"], ["", "", ""]
+    for m, (title, scale, higher) in COLUMNS.items():
+        top.append(title.split(" (")[0] + (r"$\uparrow$" if higher else r"$\downarrow$"))
+        units.append(r"(\%)" if scale == 100.0 else f"({latex_escape(_unit(rows))})")
+    if has_p_values(rows):
+        top.append("$p$")  # the notes name the test
+        units.append("")
+    return [" & ".join(top) + r" \\", " & ".join(units) + r" \\"]
 
 
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False, caption: str | None = None,
+                 label: str = "tab:results") -> str:
+    """A `table` float (caption, label, booktabs, notes wrapped below); needs reports.latex.PREAMBLE.
+    SD (with `std`) is set as a subscript to keep the columns narrow."""
+
+    def fmt(text: str, mark=None) -> str:
+        value, sep, sd = text.partition(" ± ")
+        tex = latex_escape(value) + (rf"$_{{\pm {latex_escape(sd)}}}$" if sep else "")
+        return mark_latex(tex, mark)
+
+    body = [[fmt(c) if isinstance(c, str) else fmt(*c) for c in cells]
+            for cells in _body(rows, std, lambda t, m: (t, m))]
+    caption = caption or ("Segmentation results, " + ("mean ± SD over cases" if std else "mean over cases")
+                          + "; best per column in bold" + (", second underlined." if len(rows) > 2 else "."))
+    return latex_table(_latex_header(rows), "l" + "c" * (len(body[0]) - 1), body, notes, caption=caption,
+                       label=label)
 
 
-def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False) -> str:
-    """A booktabs `tabular` inside a `table`; needs \\usepackage{booktabs}."""
-    head = _header(rows, latex=True)
-    ncol = len(head)
-
-    def fmt(text: str) -> str:
-        return latex_escape(text).replace("±", r"$\pm$").replace("–", "--").replace("<", "$<$")
-
-    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "c" * (ncol - 1) + "}", r"\toprule",
-             " & ".join(head) + r" \\", r"\midrule"]
-    for cells in _body(rows, std, lambda t: "\x00" + t + "\x01"):
-        out = [fmt(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in cells]
-        lines.append(" & ".join(out) + r" \\")
-    lines.append(r"\bottomrule")
-    for n in notes:
-        lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\footnotesize {fmt(n)}}} \\")
-    lines += [r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+def _count_of(value) -> int:
+    try:
+        return 0 if value is None or not math.isfinite(float(value)) else int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
@@ -205,6 +206,11 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
         notes.append("Inference precision: " + describe("precision", lambda v: str(v or "unknown")) + ".")
     n_cases = {r.n_cases for r in rows}
     stat = "mean ± SD over cases" if std else "mean over cases"
+    runs = [r.settings.get("n_runs") for r in rows if r.settings.get("n_runs")]
+    if runs:  # --group-by: one row per method, its runs (seeds) aggregated
+        stat = ("mean ± SD over runs (seeds) of each run's mean over cases" if std else
+                "mean over runs (seeds) of each run's mean over cases") + " (runs per row: " + ", ".join(
+            f"{r.method}: {r.settings.get('n_runs')}" for r in rows) + ")"
     notes.append(f"Values: {stat}" + (f" (n = {n_cases.pop()})." if len(n_cases) == 1 else "; case counts differ: "
                  + ", ".join(f"{r.method}: {r.n_cases}" for r in rows) + "."))
     unscored = [f"{r.method}: {r.settings['n_missing']}" for r in rows if r.settings.get("n_missing")]
@@ -214,6 +220,11 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
                if r.stats.get("dice") and r.stats["dice"].get("n_empty")]
     if empties:
         notes.append("Cases with one mask empty (policy applied): " + ", ".join(empties) + ".")
+    both = [f"{r.method}: {int(r.stats['dice']['n_both_empty'])}" for r in rows
+            if r.stats.get("dice") and _count_of(r.stats["dice"].get("n_both_empty"))]
+    if both:
+        notes.append("Cases with both masks empty (scored Dice 1, distances 0; not counted as empty): "
+                     + ", ".join(both) + ".")
     if has_p_values(rows):
         commons = {r.n_common for r in rows[1:] if r.p_value is not None}
         n_txt = f" over {commons.pop()} common cases" if len(commons) == 1 else " over the cases each shares with it"

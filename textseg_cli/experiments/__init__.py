@@ -1,0 +1,1 @@
+"""`textseg experiment`: method × labeled × seed grids, restartable runs, launchers, presets and tables."""

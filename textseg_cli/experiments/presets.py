@@ -1,0 +1,82 @@
+"""`textseg experiment preset la|pancreas|brats|monuseg`: the grids of the papers' tables.
+
+Each method runs with its packaged config under the data set's profile (the official patch, stride,
+schedule, batch and decoder of each method, see textseg_cli/configs/); the preset adds only what the
+configs do not hold: the method list, 10 % / 20 % labeled (LA: 8 / 16 of 80), 3 seeds, and the LCC of each
+method's official test script (below, with file:line). Checkpoints are chosen on the validation split
+(best-on-val); the table reports the test split once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from textseg_cli.errors import ConfigError
+
+# LCC ("NMS") in each official 3D test script: on where the default is on, else off.
+#   BCP/code/test_LA.py:15 (--nms default 1); Text-SemiSeg/prediction.py:192 (--nms default 1);
+#   MC-Net/code/test_3d.py:16, MLRP/code/test_3d.py:16, VCLIPSeg/code/test_3d.py:22 (--nms default 0);
+#   UA-MT, DTC, MCF test_util.py and SSL4MIS's 3D test apply none.
+OFFICIAL_LCC = {"bcp": True, "text-semiseg": True}
+
+_DISPLAY = {"sup": "V-Net (sup.)", "uamt": "UA-MT", "dtc": "DTC", "urpc": "URPC", "cps": "CPS", "mcnet": "MC-Net",
+            "mcnet+": "MC-Net+", "mcf": "MCF", "mlrp": "MLRP", "bcp": "BCP", "vclipseg": "VCLIPSeg",
+            "llm-segnet": "LLM-SegNet", "text-semiseg": "Text-SemiSeg", "unet2d": "U-Net", "tgcnet": "TGC-Net",
+            "lvit": "LViT"}
+_BASELINES_3D = ["sup", "uamt", "dtc", "urpc", "cps", "mcnet", "mcnet+", "mcf", "mlrp", "bcp"]
+PRESETS = {
+    "la": {"labeled": [8, 16], "methods": _BASELINES_3D + ["vclipseg", "llm-segnet"],
+           "note": "LA (Yu et al. split: 80 training / 20 test); 8 and 16 labeled = 10 % and 20 %"},
+    "pancreas": {"labeled": ["10%", "20%"], "methods": _BASELINES_3D + ["vclipseg", "llm-segnet", "text-semiseg"],
+                 "note": "Pancreas-CT (62 training / 20 test): 10 % and 20 % labeled"},
+    "brats": {"labeled": ["10%", "20%"], "methods": _BASELINES_3D + ["llm-segnet", "text-semiseg"],
+              "note": "BraTS 2019 (250 training / 25 val / 60 test in the SSL4MIS split): 10 % and 20 % labeled"},
+    "monuseg": {"labeled": ["10%", "20%"], "methods": ["unet2d", "lvit", "tgcnet"],
+                "note": "MoNuSeg (2D, 224x224): 10 % and 20 % labeled"},
+}
+SEEDS = [1337, 1338, 1339]
+
+
+def preset_spec(name: str, data: str | None = None, out_dir: str | None = None) -> dict:
+    """The experiment mapping of a preset (methods not registered in this installation are left out)."""
+    from textseg_cli.methods.base import list_methods
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    known = list_methods()
+    methods = []
+    for m in p["methods"]:
+        if m not in known:
+            continue
+        entry = {"method": m, "name": _DISPLAY.get(m, m), "id": m.replace("+", "_plus")}
+        entry["lcc"] = OFFICIAL_LCC.get(m, False)
+        methods.append(entry)
+    spec = {"name": f"{name}-table", "description": p["note"], "data": data or f"prepared/{name}", "dataset": name}
+    if out_dir:
+        spec["out"] = out_dir
+    if name == "monuseg":
+        spec.update(dim=2, patch=[224, 224])  # for dry runs before the data is prepared (LViT's 224x224)
+    return {**spec, "labeled": list(p["labeled"]), "seeds": list(SEEDS),
+            "iterations": None,
+            "eval": {"split": "test", "checkpoint": "best-on-val", "lcc": "protocol", "inference": None,
+                     "empty_policy": "nan", "spacing_mm": name != "monuseg"},
+            "methods": methods}
+
+
+def write_preset(name: str, out: str | Path, data: str | None = None, force: bool = False,
+                 out_dir: str | None = None) -> Path:
+    from textseg_cli.utils import atomic_write_text, guard_output_file
+
+    spec = preset_spec(name, data, out_dir)
+    out = Path(out)
+    guard_output_file(out, force)
+    head = (f"# textseg experiment preset {name}: {spec['description']}.\n"
+            "# Each method runs its packaged config under this data set's profile (official patch, stride,\n"
+            "# schedule, batch, decoder); `lcc` per method follows its official test script; iterations: null\n"
+            "# keeps every method's official budget. Checkpoints are chosen on validation; test is reported once.\n"
+            "# Preview: textseg experiment run THIS.yaml --dry-run   Run: textseg experiment run THIS.yaml\n")
+    atomic_write_text(out, head + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    return out
