@@ -230,7 +230,7 @@ def test_table_markdown_marks_best_per_labeled_group_and_wilcoxon_vs_reference(t
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
     assert rows["V-Net (sup.)"].endswith("| – | – | ref. |")
     assert "| 87.71 |" in rows["MC-Net"] and "| 89.62 |" in rows["BCP"]  # published Dice (configs)
-    assert "MC-Net (LA, 20 test cases" in md and "LCC: per method" in md
+    assert "MC-Net: Wu et al., MICCAI 2021 (MC-Net paper), Table 1: LA, 20 test cases" in md and "LCC: per method" in md
     assert "**" in rows["BCP"] and "| _" in rows["MC-Net"]
     p = float(rows["MC-Net"].rstrip(" |").split(" | ")[-1])
     assert 0 <= p <= 1
