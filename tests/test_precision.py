@@ -32,6 +32,15 @@ def test_auto_follows_the_hardware(monkeypatch):
         P.resolve_precision("half", "cpu")
 
 
+def test_cpu_bf16_override(monkeypatch):
+    monkeypatch.setenv("TEXTSEG_CPU_BF16", "1")
+    assert P.resolve_precision("auto", "cpu").name == "bf16"
+    monkeypatch.setenv("TEXTSEG_CPU_BF16", "0")
+    assert P.resolve_precision("auto", "cpu").name == "fp32"
+    monkeypatch.delenv("TEXTSEG_CPU_BF16")
+    assert P.cpu_has_bf16() == P._cpu_detects_bf16()
+
+
 def test_validation_follows_training_amp_off(monkeypatch):
     """Issue 18.6: defaults say inference.precision=auto, so the old setdefault("precision", "fp32") never
     applied and a run with train.amp=false validated in bf16 on CUDA."""

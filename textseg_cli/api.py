@@ -17,6 +17,7 @@ from textseg_cli.data.synthetic2d import prep_synthetic_2d  # noqa: F401  (texts
 from textseg_cli.evaluation import evaluate_folders, evaluate_pairs, write_evaluation  # noqa: F401  (textseg eval)
 from textseg_cli.reports.compare import compare_results  # noqa: F401  (textseg eval --compare)
 from textseg_cli.bench import run_benchmark  # noqa: F401  (textseg bench)
+from textseg_cli.precision import resolve_precision  # noqa: F401  (--precision of train, eval, predict, bench)
 from textseg_cli.inference.predict import predict_case, predict_folder  # noqa: F401  (textseg predict)
 from textseg_cli.inference.run_eval import evaluate_run  # noqa: F401  (textseg eval RUN_DIR)
 from textseg_cli.data.prep.slices import prep_slices, restack_pairs  # noqa: F401  (textseg prep slices)

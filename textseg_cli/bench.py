@@ -12,7 +12,6 @@ memory, as in every epoch after the first.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import platform

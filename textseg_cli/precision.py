@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,9 +35,18 @@ from textseg_cli.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    """True when this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16) usable by oneDNN."""
+    """True when this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16) usable by oneDNN.
+    Environment variable TEXTSEG_CPU_BF16=0 (or 1) overrides the detection, e.g. for toy-sized runs, which
+    are slower in bf16, or for a test suite that should keep `auto` at fp32."""
+    env = os.environ.get("TEXTSEG_CPU_BF16", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return _cpu_detects_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_detects_bf16() -> bool:
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     for check in checks:
         try:
