@@ -250,3 +250,46 @@ def test_clip_cache_is_bounded_in_bytes_and_kept_in_pinned_host_memory(monkeypat
     cache.put("t", (torch.zeros(8, 64), torch.ones(8, dtype=torch.bool)))  # text entries: (features, valid)
     assert cache.nbytes <= cache.max_bytes and "k1" not in cache._store
     assert len(pinned) == 7 and all(v.device.type == "cpu" for v in (cache.get("k4"), *cache.get("t")))
+
+
+# --- the inference copy used for validation (issue 18.7) ---------------------------------------------
+
+@pytest.mark.parametrize("spec_id", ["uamt", "tgcnet"])
+def test_inference_copy_shares_all_but_the_folded_convs(spec_id, inputs):
+    """The BatchNorm-folded copy used to predict was a full second copy of the method (frozen CLIP, text
+    embeddings, unfolded layers and all); now only the folded convs are new tensors."""
+    from textseg_cli.inference.fusion import fuse_conv_bn
+
+    spec = next(s for s in SPECS if s.id == spec_id)
+    method = build(spec, inputs)
+    fused, count = fuse_conv_bn(method)
+    mine = {t.data_ptr() for t in (*method.parameters(), *method.buffers())}
+    new = [t for t in (*fused.parameters(), *fused.buffers()) if t.data_ptr() not in mine]
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    folded = [m for m in convs if all(p.data_ptr() not in mine for p in m.parameters())]
+    assert len(folded) == count and len(new) == sum(len(list(m.parameters())) for m in folded)
+    if spec_id == "tgcnet":  # the frozen CLIP tower is the bulk of the method: shared, not copied
+        assert all(p.data_ptr() in mine for p in fused.net.clip.parameters())
+        total = sum(t.numel() for t in (*method.parameters(), *method.buffers()))
+        assert sum(t.numel() for t in new) < 0.5 * total
+
+
+def test_trainer_drops_the_inference_copy_after_each_validation(tmp_path, monkeypatch):
+    import textseg_cli.inference.fusion as fusion
+    from textseg_cli.data.prep.synthetic import prep_synthetic
+    from textseg_cli.engine import train
+    from textseg_cli.engine.trainer import Trainer
+
+    data = tmp_path / "data"
+    prep_synthetic(data, n_cases=5, size=(32, 32, 16), n_val=1, n_test=1, patch_size=(16, 16, 16))
+    held, real_step = [], Trainer._step
+
+    def step(self):
+        held.append(self.method in fusion._CACHE)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    train("mcnet", data, labeled="2", iterations=3, out=tmp_path / "run", device="cpu", quiet=True,
+          sets=["method.backbone.n_filters=4", "train.batch_labeled=1", "train.batch_unlabeled=1", "val.every=1",
+                "val.at_start=true"])
+    assert held == [False, False, False]

@@ -132,7 +132,9 @@ def test_clip_finetune_modes_count_parameters():
     before = qv(x, [T1]).detach()
     assert torch.allclose(before, qv(x, [T1]).detach())  # zero deltas: starts as the frozen CLIP
     full = build_model("tgcnet", date="main-only", clip_finetune="full", **SMALL)
-    assert full.parameter_shares()["clip"] == sum(p.numel() for p in full.clip.parameters())
+    # all of CLIP but its contrastive logit_scale, which no feature uses (DDP needs a gradient for each)
+    assert full.parameter_shares()["clip"] == sum(p.numel() for p in full.clip.parameters()) - 1
+    assert not full.clip.clip.logit_scale.requires_grad
     assert len(full.cache) == 0 and full.cache.max_items == 0  # no caching of features that train
 
 

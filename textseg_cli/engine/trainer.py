@@ -37,6 +37,7 @@ from textseg_cli.engine.bundle import snapshot_run_inputs
 from textseg_cli.engine.stopping import StopRules, resolve_epochs, write_summary
 from textseg_cli.engine.runs import build_run_method
 from textseg_cli.errors import ConfigError, DataError, TextsegError
+from textseg_cli.inference.fusion import release_inference_copy
 from textseg_cli.methods.base import Method, StepContext, list_methods
 from textseg_cli.reports.curves import write_run_curves
 from textseg_cli.engine.checks import check_run_config, device_from
@@ -370,8 +371,11 @@ class Trainer:
         if not self.dist.main or not self.val_cases:
             return {}
         t0 = time.perf_counter()
-        res = validate(self.method, self.val_cases, self.cfg, self.device, self.ds.num_classes, self.ds.class_names,
-                       texts={cid: self.ds.text(cid) for cid, _, _ in self.val_cases})
+        try:
+            res = validate(self.method, self.val_cases, self.cfg, self.device, self.ds.num_classes,
+                           self.ds.class_names, texts={cid: self.ds.text(cid) for cid, _, _ in self.val_cases})
+        finally:
+            release_inference_copy(self.method)  # built on demand; no second copy between validations
         res["val_seconds"] = round(time.perf_counter() - t0, 3)
         if self.stop.is_best(self.iteration, res["val_dice"], self.best_metric):
             self.best_metric, self.best_iteration = res["val_dice"], self.iteration

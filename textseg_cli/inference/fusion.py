@@ -29,9 +29,11 @@ def fuse_conv_bn(module: nn.Module) -> tuple[nn.Module, int]:
     inside an `nn.Sequential` is folded into one conv (the BatchNorm becomes `nn.Identity`).
 
     Only sequential containers are touched, so custom forward code keeps its meaning. Returns the
-    copy and the number of folded pairs; `module` itself is unchanged.
+    copy and the number of folded pairs; `module` itself is unchanged. The copy shares every parameter
+    and buffer with `module` (frozen towers, EMA teachers, unfolded layers): only folded convs are new.
     """
-    fused = copy.deepcopy(module).eval()
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    fused = copy.deepcopy(module, memo=dict(shared)).eval()
     count = 0
     for seq in fused.modules():
         if not isinstance(seq, nn.Sequential):
@@ -59,3 +61,9 @@ def fused_for_inference(module: nn.Module) -> nn.Module:
     fused, _ = fuse_conv_bn(module)
     _CACHE[module] = (key, fused)
     return fused
+
+
+def release_inference_copy(module: nn.Module) -> None:
+    """Drop the cached folded copy of `module` (the trainer calls it after each validation, so the copy
+    does not hold device memory while training runs)."""
+    _CACHE.pop(module, None)
