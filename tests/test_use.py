@@ -75,7 +75,7 @@ def test_predict_replays_preprocessing_and_matches_eval(custom_run, tmp_path):
     assert [s["step"] for s in meta["preprocessing"]] == ["resample", "crop", "window", "zscore"]
 
 
-def test_predict_refuses_unreplayable_chain(custom_run, tmp_path):
+def test_predict_refuses_unreplayable_chain():
     from textseg_cli.errors import ConfigError
     from textseg_cli.inference.replay import replay_processing
 
