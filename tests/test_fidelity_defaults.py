@@ -62,7 +62,7 @@ def test_sampler_rotflip_rotates_the_volume_then_crops():
     assert np.array_equal(batch.label_l[0].numpy(), r_lab[sl])
 
 
-@pytest.mark.parametrize("method", ["mcnet", "mcnet+", "uamt", "dtc", "bcp", "mlrp", "sup", "urpc", "cps"])
+@pytest.mark.parametrize("method", ["mcnet", "mcnet+", "uamt", "dtc", "bcp", "mlrp", "sup", "urpc", "cps", "vclipseg"])
 def test_la_configs_use_the_official_rotflip(method):
     aug = _la(method)["data"]["augment"]
     assert aug["rotflip"] is True and not aug["flip"] and not aug["rot90"]
