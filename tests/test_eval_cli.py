@@ -237,10 +237,18 @@ def test_evaluate_folders_api_without_writing(folders):
 
 # --- RUN_DIR: wiring to textseg_cli.inference.run_eval.evaluate_run ----------------------------
 def test_run_dir_calls_evaluate_run_and_warns_on_test(tmp_path, monkeypatch):
-    run_eval = pytest.importorskip("textseg_cli.inference.run_eval",
-                                   reason="textseg_cli.inference.run_eval (H-inference) not available yet")
+    import inspect
+
+    from textseg_cli.inference import run_eval
+
     calls = []
-    monkeypatch.setattr(run_eval, "evaluate_run", lambda run_dir, **kw: calls.append((run_dir, kw)))
+    real = inspect.signature(run_eval.evaluate_run)
+
+    def spy(run_dir, **kw):  # every keyword the CLI passes must exist on the real function
+        real.bind(run_dir, **kw)
+        calls.append((run_dir, kw))
+
+    monkeypatch.setattr(run_eval, "evaluate_run", spy)
     code, out = run_cli("eval", tmp_path, "--checkpoint", "last", "--lcc", "--table", "latex")
     assert code == 0, out
     run_dir, kw = calls[-1]

@@ -298,6 +298,9 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
                     log(f"[{label}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
                     row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats,
                                                 inference_modes, precision, reference=reference))
+                if caches and not ref:  # proof the switch took: a cache that is on serves hits, one that is off none
+                    row["feature_cache_hits"] = sum(c.cache.hits for c in caches)
+                    row["feature_cache_misses"] = sum(c.cache.misses for c in caches)
                 del m, caches
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
