@@ -33,7 +33,7 @@ for t in "${targets[@]}"; do
   IFS='|' read -r name globs tests <<<"$t"
   if [ $# -gt 0 ] && [[ ! " $* " =~ " $name " ]]; then continue; fi
   work=$(mktemp -d "${TMPDIR:-/tmp}/textseg-mutation.XXXXXX")
-  git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$work"
+  git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp -P --parents {} "$work"
   selection=""
   for f in $tests; do [ -f "$work/$f" ] && selection="$selection\"$f\", "; done
   cat >> "$work/pyproject.toml" <<EOF

@@ -2,7 +2,7 @@
 # Reproduce LViT's U-Net on MoNuSeg (LViT: 76.45 Dice / 62.86 IoU on the 14 test images) with LViT's own
 # protocol: nets/UNet.py, WeightedDiceBCE(0.5, 0.5), Adam 1e-3, cosine warm restarts per epoch, batch 2,
 # RandomGenerator augmentation, up to 2000 epochs with early stopping (patience 50), best-on-val, seed 666;
-# see docs/fidelity-monuseg.md.
+# see docs/fidelity.md.
 #
 #   bash scripts/reproduce_monuseg_unet.sh SRC OUT [--budget-min 75] [--threads 2]
 #

@@ -32,7 +32,7 @@ def test_bench_tiny_mcnet_cpu(tmp_path):
                          "--out", out)
     assert code == 0, text
     assert "train it/s" in text and "sliding s/volume" in text and "[cpu] training" in text
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(encoding="utf-8"))
     row = report["results"][0]
     assert row["device"] == "cpu" and report["patch"] == [16, 16, 16]
     assert row["train_it_per_s"] > 0 and row["train_peak_mem_mb"] > 0
@@ -49,7 +49,7 @@ def test_bench_tgcnet_times_the_clip_cache_on_and_off(tmp_path, one_thread):
                          "--set", "data.profile=synthetic2d", "--out", out)
     assert code == 0, text
     assert "cpu, cache on" in text and "cpu, cache off" in text and "train images/s" in text
-    rows = json.loads(out.read_text())["results"]
+    rows = json.loads(out.read_text(encoding="utf-8"))["results"]
     assert [r["feature_cache"] for r in rows] == ["on", "off"]
     for r in rows:
         assert r["train_images_per_s"] == pytest.approx(2 * r["train_it_per_s"]) and r["train_peak_mem_mb"] > 0

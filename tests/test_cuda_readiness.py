@@ -44,7 +44,7 @@ def test_every_method_trains_two_steps_under_two_process_gloo_ddp(tmp_path):
     folder = write_inputs(tmp_path / "inputs")["root"]
     ids = [s.id for s in SPECS]
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), folder, ids, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
     failed = {i: r0.get(i) or r1.get(i) for i in ids if r0.get(i, "missing") or r1.get(i, "missing")}
     assert failed == {}
     for i in ids:
@@ -96,7 +96,7 @@ def test_mcf_and_dca_decisions_agree_across_gloo_ranks(tmp_path):
 
     folder = write_inputs(tmp_path / "inputs")["root"]
     mp.spawn(decision_worker, args=(2, str(tmp_path / "init"), folder, str(tmp_path)), nprocs=2, join=True)
-    d0, d1 = (json.loads((tmp_path / f"decisions{r}.json").read_text()) for r in (0, 1))
+    d0, d1 = (json.loads((tmp_path / f"decisions{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
     assert d0 == d1 == {"mcf_good_is_resnet": 1.0, "dca_better": 1, "dca_worse": 0}
 
 

@@ -22,7 +22,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
            "--set", "train.batch_labeled=1", "--set", "train.batch_unlabeled=1", "--set", "train.log_every=2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    envj = json.loads((run / "env.json").read_text())
+    envj = json.loads((run / "env.json").read_text(encoding="utf-8"))
     assert envj["world_size"] == 2 and len(envj["sessions"]) == 1  # only rank 0 wrote
     rows = list(csv.DictReader(open(run / "log.csv", newline="")))
     assert [int(r["iteration"]) for r in rows] == [2, 4] and rows[-1]["val_dice"] != ""

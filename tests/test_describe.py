@@ -105,7 +105,7 @@ def test_describe_writes_15_and_second_run_sends_nothing(server, tmp_path):
     assert req["json"]["model"] == "gpt-4" and req["json"]["temperature"] == 0.7
     assert "Generate 15 descriptive crucial features" in req["json"]["messages"][-1]["content"]
 
-    raw = out.read_text()
+    raw = out.read_text(encoding="utf-8")
     assert KEY not in raw  # the key is never written
     rec = json.loads(raw)
     assert rec["model"] == "gpt-4" and rec["base_url"] == server.url
@@ -199,7 +199,7 @@ def test_api_key_env_and_base_url_env(server, tmp_path, monkeypatch):
                          "--out", tmp_path / "x.json")
     assert code == 0, text
     assert server.requests[0]["authorization"] == "Bearer sk-other"
-    assert json.loads((tmp_path / "x.json").read_text())["base_url"] == server.url
+    assert json.loads((tmp_path / "x.json").read_text(encoding="utf-8"))["base_url"] == server.url
 
 
 def test_short_reply_error_or_retry(server, tmp_path):
@@ -209,7 +209,7 @@ def test_short_reply_error_or_retry(server, tmp_path):
     # with retry the cached short reply is reused and a second draw is requested
     code, text = _describe(server, tmp_path / "a.json", "--on-short", "retry")
     assert code == 0, text
-    rec = json.loads((tmp_path / "a.json").read_text())
+    rec = json.loads((tmp_path / "a.json").read_text(encoding="utf-8"))
     assert len(rec["descriptions"]) == 15 and len(rec["rejected_replies"]) == 1
     assert len(server.requests) == 2
     code, _ = _describe(server, tmp_path / "a.json", "--on-short", "retry")
@@ -230,12 +230,12 @@ def test_more_items_than_needed_takes_the_first_n(server, tmp_path):
 def test_offline_and_auto_without_key(tmp_path, monkeypatch):
     code, text = run_cli("describe", "--dataset", "la", "--llm", "offline", "--out", tmp_path / "la.json")
     assert code == 0, text
-    rec = json.loads((tmp_path / "la.json").read_text())
+    rec = json.loads((tmp_path / "la.json").read_text(encoding="utf-8"))
     assert rec["model"] == "offline" and len(rec["descriptions"]) == 15 and rec["base_url"] is None
     monkeypatch.delenv("OPENAI_API_KEY")
     code, text = run_cli("describe", "--dataset", "la", "--n", "5", "--out", tmp_path / "auto.json")
     assert code == 0 and "not set" in text and "offline" in text
-    assert json.loads((tmp_path / "auto.json").read_text())["descriptions"] == rec["descriptions"][:5]
+    assert json.loads((tmp_path / "auto.json").read_text(encoding="utf-8"))["descriptions"] == rec["descriptions"][:5]
     code, text = run_cli("describe", "--dataset", "la", "--llm", "offline", "--n", "16", "--out", tmp_path / "x.json")
     assert code == 2 and "15 distinct" in text
     with pytest.raises(ConfigError, match="no bundled descriptions"):
@@ -280,7 +280,7 @@ def test_per_case_offline(tmp_path):
     root = _prepared(tmp_path, {"a": PRIMARY, "b": "One infected area, lower left lung.", "c": None})
     code, text = run_cli("describe", "--per-case", root, "--llm", "offline")
     assert code == 0, text
-    rec = json.loads((root / "aux_texts.json").read_text())
+    rec = json.loads((root / "aux_texts.json").read_text(encoding="utf-8"))
     assert rec["mode"] == "offline-rules" and rec["skipped"] == ["c"]
     assert set(rec["aux_texts"]) == {"a", "b"} and rec["primary_texts"]["a"] == PRIMARY
     assert load_aux_texts(root) == rec["aux_texts"]
@@ -300,7 +300,7 @@ def test_per_case_with_llm_is_cached_per_text(server, tmp_path):
     again = describe_per_case(root, "gpt-4", base_url=server.url, backoff=0.01)
     assert again.cached and again.requests == 0 and not again.written and len(server.requests) == 2
     # a changed text costs exactly one new request
-    spec = json.loads((root / "dataset.json").read_text())
+    spec = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     spec["cases"][1]["text"] = "One infected area, upper left lung."
     (root / "dataset.json").write_text(json.dumps(spec))
     res = describe_per_case(root, "gpt-4", base_url=server.url, backoff=0.01, out=tmp_path / "aux2.json")

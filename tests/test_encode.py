@@ -218,7 +218,7 @@ def test_embedding_file_validation(tiny_clip_checkpoint, tmp_path):
     _, ckpt = tiny_clip_checkpoint
     res = encode("clip", "lung", model=TINY_CLIP, pretrained=str(ckpt), out=tmp_path / "e.safetensors", device="cpu")
     side = sidecar_path(res.path)
-    meta = json.loads(side.read_text())
+    meta = json.loads(side.read_text(encoding="utf-8"))
     # the sidecar may be lost: the copy in the safetensors header is used
     side.unlink()
     emb, meta2 = load_embeddings(res.path)

@@ -168,14 +168,14 @@ def test_unlabeled_labels_are_never_read(tiny_data, tmp_path):
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    spec = json.loads((data / "dataset.json").read_text())
+    spec = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
     unlabeled = spec["splits"]["train"][2:]
     for cid in unlabeled:
         (data / "labels" / f"{cid}.nii.gz").unlink()  # dataset.json still lists them: reading would fail
     res = train("mcnet", data, labeled="2", iterations=3, out=tmp_path / "run", device="cpu", quiet=True,
                 sets=TINY + ["val.every=3"])
     assert res.iteration == 3
-    cases = json.loads((tmp_path / "run" / "cases.json").read_text())
+    cases = json.loads((tmp_path / "run" / "cases.json").read_text(encoding="utf-8"))
     assert cases["unlabeled"] == unlabeled and cases["val"] == spec["splits"]["val"]
     with pytest.raises(DataError, match="label file is missing"):  # the deletion really removed needed labels
         train("mcnet", data, labeled="4", iterations=1, out=tmp_path / "run2", device="cpu", quiet=True, sets=TINY)
@@ -218,9 +218,9 @@ def test_outputs_guarded_and_load_run(tiny_data, tmp_path):
         assert torch.equal(v, ckpt["method"][k])
     import json
 
-    env = json.loads((run / "env.json").read_text())
+    env = json.loads((run / "env.json").read_text(encoding="utf-8"))
     assert env["seed"] == 1337 and env["device"] == "cpu" and env["torch"] == torch.__version__
-    assert json.loads((run / "cases.json").read_text())["unused_unlabeled"]  # sup never loads unlabeled cases
+    assert json.loads((run / "cases.json").read_text(encoding="utf-8"))["unused_unlabeled"]  # sup never loads unlabeled cases
 
 
 def test_mcnet_loss_terms_and_decoder_selection():
@@ -278,7 +278,7 @@ def test_deterministic_runs_warn_on_ops_without_a_deterministic_kernel(tiny_data
         torch.backends.cudnn.deterministic = False
     assert res.iteration == 2
     assert any("does not have a deterministic implementation" in str(w.message) for w in caught)
-    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    env = json.loads((tmp_path / "run" / "env.json").read_text(encoding="utf-8"))
     assert env["deterministic"] is True and env["deterministic_warn_only"] is True
     assert env["cuda_nondeterministic_ops"] == CUDA_NONDETERMINISTIC_OPS
     assert "grid_sampler_2d_backward_cuda" in env["cuda_nondeterministic_ops"]

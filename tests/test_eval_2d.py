@@ -74,12 +74,12 @@ def test_2d_table_puts_data_sets_side_by_side(tmp_path):
                                  "--out", out, "--name", method, flag, "--eval-size", "224", "--table", "md")
             assert code == 0, text
             runs[(method, data.name)] = out
-    meta = json.loads((runs[("UNet", "QaTa")] / "meta.json").read_text())
+    meta = json.loads((runs[("UNet", "QaTa")] / "meta.json").read_text(encoding="utf-8"))
     assert meta["dim"] == 2 and meta["eval_size"] == 224 and meta["uses_text"] is False
     assert meta["dataset"] == "QaTa" and "mean over images" in meta["aggregation"]
     per_case = pd.read_csv(runs[("UNet", "QaTa")] / "per_case.csv")
     assert {"hd95", "asd"} <= set(per_case.columns) and len(per_case) == 3  # distances kept per image
-    own = (runs[("UNet", "QaTa")] / "table.md").read_text()
+    own = (runs[("UNet", "QaTa")] / "table.md").read_text(encoding="utf-8")
     assert "QaTa Dice (%)" in own and "95HD" not in own
 
     code, text = run_cli("eval", "--compare", *[runs[k] for k in sorted(runs)], "--table", "md")
@@ -158,10 +158,10 @@ def test_evaluate_run_on_a_2d_run(tmp_path, monkeypatch):
     out = run_dir / "eval" / "val-best-whole"
     assert np.allclose(df["dice"], 1.0) and len(df) == 3
     assert seen[0].texts == [(f"im{i}", f"lesion {i}") for i in range(3)]  # each case's text reached the method
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["dim"] == 2 and meta["uses_text"] is True and meta["threshold"] == 0.5 and meta["eval_size"] == 224
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["im0.png", "im1.png"]
-    assert "Text" in (out / "table.md").read_text()
+    assert "Text" in (out / "table.md").read_text(encoding="utf-8")
 
 
 def test_threshold_on_the_foreground_probability():

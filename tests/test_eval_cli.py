@@ -64,11 +64,11 @@ def test_eval_folders_writes_outputs_equal_to_medpy(folders):
     assert per_case.loc["c2", "dice"] == 0 and math.isnan(per_case.loc["c2", "hd95"])
     summary = pd.read_csv(ev / "summary.csv").set_index("metric")
     assert summary.loc["hd95", "n"] == 2 and summary.loc["hd95", "n_empty"] == 1 and summary.loc["dice", "n"] == 3
-    meta = json.loads((ev / "meta.json").read_text())
+    meta = json.loads((ev / "meta.json").read_text(encoding="utf-8"))
     assert meta["empty_policy"] == "nan" and meta["distance_unit"] == "mm" and meta["lcc"] is False
     assert meta["missing_predictions"] == ["c3"] and meta["predictions_without_reference"] == ["stray"]
     assert meta["cases_with_empty_mask"] == ["c2"]
-    table = (ev / "table.md").read_text()
+    table = (ev / "table.md").read_text(encoding="utf-8")
     assert "95HD (mm)↓" in table and "Empty-mask policy: 'nan'" in table
 
 
@@ -81,7 +81,7 @@ def test_eval_voxels_by_default_lcc_and_policy(folders):
     lcc_pred = _ball((8, 8, 5), (4, 5, 3))  # the stray blob is gone
     assert per_case.loc["c1", "hd95"] == pytest.approx(mb.hd95(lcc_pred, refs["c1"]), abs=1e-6)
     assert per_case.loc["c2", "hd95"] == pytest.approx(math.sqrt(16**2 + 16**2 + 10**2))  # voxel diagonal
-    meta = json.loads((root / "ev" / "meta.json").read_text())
+    meta = json.loads((root / "ev" / "meta.json").read_text(encoding="utf-8"))
     assert meta["lcc"] is True and meta["empty_policy"] == "penalty" and meta["distance_unit"] == "voxel"
     assert meta["name"] == "mine"
 
@@ -105,7 +105,7 @@ def test_compare_cli(folders):
     code, out = run_cli("eval", "--compare", root / "a", root / "b" / "per_case.csv", "--table", "latex",
                         "--out", root / "t.tex")
     assert code == 0, out
-    tex = (root / "t.tex").read_text()
+    tex = (root / "t.tex").read_text(encoding="utf-8")
     assert r"with\_lcc" in tex and r"& $p$ \\" in tex and "Wilcoxon signed-rank" in tex
     assert "LCC post-processing: MIXED" in tex
     assert "differ in lcc" in out

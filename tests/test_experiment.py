@@ -72,7 +72,7 @@ def test_acceptance_interrupt_rerun_and_table(tmp_path, synthetic_data, monkeypa
         run_experiment(spec, quiet=True, log=lambda s: None)
     monkeypatch.undo()
     exp = load_experiment(spec)
-    status = {r.key: json.loads((exp.out / "status" / r.status_name).read_text()) for r in exp.runs()}
+    status = {r.key: json.loads((exp.out / "status" / r.status_name).read_text(encoding="utf-8")) for r in exp.runs()}
     assert [status[k]["state"] for k in ("sup/2L_s1", "sup/2L_s2", "mcnet/2L_s1")] == ["done"] * 3
     assert status["mcnet/2L_s2"]["state"] == "interrupted"
     finished = {r.key: (exp.eval_dir(r) / "meta.json").stat().st_mtime_ns for r in exp.runs()[:3]}
@@ -82,10 +82,10 @@ def test_acceptance_interrupt_rerun_and_table(tmp_path, synthetic_data, monkeypa
     assert "1 run(s) done, 3 already finished (skipped), 0 failed" in out
     assert {r.key: (exp.eval_dir(r) / "meta.json").stat().st_mtime_ns for r in exp.runs()[:3]} == finished
     last = exp.runs()[3]
-    env = json.loads((last.dir / "env.json").read_text())
+    env = json.loads((last.dir / "env.json").read_text(encoding="utf-8"))
     assert [s["resumed"] for s in env["sessions"]] == [False, True]  # continued from last.pt, not restarted
-    assert json.loads((exp.out / "status" / last.status_name).read_text())["resumed"] is True
-    assert json.loads((exp.eval_dir(last) / "meta.json").read_text())["name"] == "MC-Net"  # eval RUN --name
+    assert json.loads((exp.out / "status" / last.status_name).read_text(encoding="utf-8"))["resumed"] is True
+    assert json.loads((exp.eval_dir(last) / "meta.json").read_text(encoding="utf-8"))["name"] == "MC-Net"  # eval RUN --name
     import torch
 
     assert torch.load(last.dir / "checkpoints" / "last.pt", weights_only=False)["iteration"] == 8
@@ -119,7 +119,7 @@ def test_failed_run_is_reported_and_the_rest_go_on(tmp_path, synthetic_data, one
     assert list(out.failed) == ["broken/2L_s1"] and "optim.name 'bogus'" in out.failed["broken/2L_s1"]
     assert out.done == ["sup/2L_s1"]
     exp = load_experiment(spec)
-    assert json.loads((exp.out / "status" / "broken__2L_s1.json").read_text())["state"] == "failed"
+    assert json.loads((exp.out / "status" / "broken__2L_s1.json").read_text(encoding="utf-8"))["state"] == "failed"
     shutil.rmtree(exp.out / "runs" / "sup")
     code, text = run_cli("experiment", "run", spec, "--fail-fast", "--quiet")
     assert code == 1 and "1 failed, 1 not started" in text  # --fail-fast: sup not reached
@@ -135,7 +135,7 @@ def test_gpus_run_one_child_per_gpu_with_its_own_visible_device(tmp_path, synthe
     out = run_on_gpus(exp, exp.runs(), ["0", "1"], log=lambda s: None,
                       command=lambda e, r: [sys.executable, "-c", probe, str(tmp_path / f"{r.entry.id}{r.seed}")])
     assert sorted(out.done) == sorted(r.key for r in exp.runs()) and not out.failed
-    seen = {p.name: p.read_text() for p in tmp_path.iterdir() if p.name[-1].isdigit()}
+    seen = {p.name: p.read_text(encoding="utf-8") for p in tmp_path.iterdir() if p.name[-1].isdigit()}
     assert set(seen.values()) == {"0", "1"} and len(seen) == 6
     fail = run_on_gpus(exp, exp.runs()[:3], ["0"], fail_fast=True, log=lambda s: None,
                        command=lambda e, r: [sys.executable, "-c", "raise SystemExit(3)"])
@@ -154,7 +154,7 @@ def test_submitit_local_executor_runs_the_experiment(tmp_path, synthetic_data):
     out = run_experiment(spec, launcher="submitit-local", slurm_gpus=0, slurm_time_min=10, log=lambda s: None)
     assert out.done == ["sup/2L_s1"] and not out.failed, out.failed
     exp = load_experiment(spec)
-    st = json.loads((exp.out / "status" / "sup__2L_s1.json").read_text())
+    st = json.loads((exp.out / "status" / "sup__2L_s1.json").read_text(encoding="utf-8"))
     assert st["state"] == "done" and st["launcher"] == "submitit-local" and st["pid"] != os.getpid()
     assert "| V-Net | 2 | 1 |" in experiment_table(spec, "md")
 
@@ -338,14 +338,14 @@ def test_hard_kill_mid_run_is_resumed_from_its_last_checkpoint(tmp_path, synthet
     assert last.exists(), "the run never wrote a checkpoint"
     killed_at = torch.load(last, weights_only=False)["iteration"]
     assert 1 <= killed_at < 12
-    assert json.loads((exp.out / "status" / run.status_name).read_text())["state"] == "running"
+    assert json.loads((exp.out / "status" / run.status_name).read_text(encoding="utf-8"))["state"] == "running"
     from textseg_cli.experiments.runner import run_state
 
     assert run_state(exp, run) == "partial"
     code, out = run_cli("experiment", "run", spec, "--quiet")
     assert code == 0 and "1 run(s) done" in out, out
     assert torch.load(last, weights_only=False)["iteration"] == 12
-    assert [s["resumed"] for s in json.loads((run.dir / "env.json").read_text())["sessions"]] == [False, True]
+    assert [s["resumed"] for s in json.loads((run.dir / "env.json").read_text(encoding="utf-8"))["sessions"]] == [False, True]
 
 
 def test_eval_compare_latex_compiles(tmp_path):

@@ -244,7 +244,7 @@ def test_trainer_stops_early_and_records_it(tiny_2d, tmp_path, monkeypatch, one_
     monkeypatch.setattr(trainer_mod, "validate", lambda *a, **k: {"val_dice": next(seq)})
     res = trainer_mod.train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True,
                             sets=["train.epochs=10", "val.patience=2", "val.best_after=1", "method.backbone.base=2"])
-    end = json.loads((tmp_path / "run" / "training.json").read_text())
+    end = json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))
     # epoch 1 is not eligible (best_after), 4 is the best, epochs 5-7 do not improve: 7 − 4 > 2 → stop after 7
     assert end["ended"] == "early_stopping" and end["epochs"] == 7 and end["best_epoch"] == 4
     assert res.stop_reason.startswith("early stopping") and res.iteration == 7 * 3
@@ -256,7 +256,7 @@ def test_trainer_time_budget_stops_cleanly(tiny_2d, tmp_path, one_thread):
 
     res = train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True,
                 sets=["train.epochs=50", "train.time_budget_min=1e-6", "method.backbone.base=2"])
-    end = json.loads((tmp_path / "run" / "training.json").read_text())
+    end = json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))
     assert end["ended"] == "time_budget" and end["epochs"] == 1 and "time budget" in res.stop_reason
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
@@ -266,7 +266,7 @@ def test_explicit_iterations_override_epochs(tiny_2d, tmp_path, one_thread):
 
     res = train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True, iterations=2,
                 sets=["train.epochs=50", "method.backbone.base=2"])
-    assert res.iteration == 2 and json.loads((tmp_path / "run" / "training.json").read_text())["ended"] == "completed"
+    assert res.iteration == 2 and json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))["ended"] == "completed"
 
 
 # --- data: LViT's loader resize -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ def test_prep_nnunet_keeps_names_and_folds(tmp_path):
     src, ids = _nnunet_raw(tmp_path)
     code, text = run_cli("prep", "nnunet", "--src", src, "--out", tmp_path / "p")
     assert code == 0, text
-    ds = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    ds = json.loads((tmp_path / "p" / "dataset.json").read_text(encoding="utf-8"))
     assert ds["class_names"] == ["background", "liver", "tumour"] and ds["channel_names"] == ["CT"]
     assert ds["modality"] == "CT" and ds["splits"]["val"] == ids[:2] and ds["splits"]["train"] == ids[2:]
     assert [f["val"] for f in ds["extra"]["folds"]] == [ids[:2], ids[2:4]]
@@ -46,11 +46,11 @@ def test_export_data_nnunet_and_msd_and_eval_of_nnunet_predictions(tmp_path, syn
     code, text = run_cli("export-data", synthetic_data, "--format", "nnunet", "--out", tmp_path / "Dataset502_Syn",
                          "--labeled", "4")
     assert code == 0, text
-    src = json.loads((synthetic_data / "dataset.json").read_text())
+    src = json.loads((synthetic_data / "dataset.json").read_text(encoding="utf-8"))
     out = tmp_path / "Dataset502_Syn"
-    spec = json.loads((out / "dataset.json").read_text())
+    spec = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert spec["labels"] == {n: i for i, n in enumerate(src["class_names"])} and spec["file_ending"] == ".nii.gz"
-    splits = json.loads((out / "splits_final.json").read_text())
+    splits = json.loads((out / "splits_final.json").read_text(encoding="utf-8"))
     assert splits == [{"train": src["splits"]["train"][:4], "val": src["splits"]["val"]}]
     assert spec["numTraining"] == 4 + len(src["splits"]["val"]) == len(list((out / "labelsTr").iterdir()))
     assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"{c}_0000.nii.gz" for c in src["splits"]["test"]]
@@ -71,7 +71,7 @@ def test_export_data_nnunet_and_msd_and_eval_of_nnunet_predictions(tmp_path, syn
     assert len(df) == len(src["splits"]["test"]) and (df["dice"] == 1.0).all()
     code, text = run_cli("export-data", synthetic_data, "--format", "msd", "--out", tmp_path / "Task09_Syn")
     assert code == 0, text
-    msd = json.loads((tmp_path / "Task09_Syn" / "dataset.json").read_text())
+    msd = json.loads((tmp_path / "Task09_Syn" / "dataset.json").read_text(encoding="utf-8"))
     assert msd["numTraining"] == len(src["splits"]["train"]) + len(src["splits"]["val"])
     assert all((tmp_path / "Task09_Syn" / t["label"]).is_file() for t in msd["training"])
 

@@ -182,7 +182,7 @@ def test_eval_folders_and_file_outputs_touch_only_their_files(world, tmp_path):
     code, text = run_cli("encode", "--encoder", "clip", "--pretrained", "none", "--dataset", "synthetic",
                          "--out", link, "--device", "cpu", "--force")
     assert code == 2 and "symbolic link" in text, text
-    code, text = run_cli("bench", "--method", "mcnet", "--patch", "16,16,16", "--json", link, "--device", "cpu",
+    code, text = run_cli("bench", "--method", "mcnet", "--patch", "16,16,16", "--out", link, "--device", "cpu",
                          "--force")
     assert code == 2 and "symbolic link" in text, text
-    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes"

@@ -129,13 +129,13 @@ def test_train_records_precision_in_env_and_eval_meta(tmp_path, synthetic_data):
     run = tmp_path / "run"
     train("sup", synthetic_data, labeled="2", iterations=1, out=run, device="cpu", quiet=True,
           sets=["method.backbone.n_filters=4", "train.batch_labeled=1", "train.precision=fp32", "val.every=0"])
-    env = json.loads((run / "env.json").read_text())
+    env = json.loads((run / "env.json").read_text(encoding="utf-8"))
     assert env["precision"]["train"]["precision"] == "fp32"
     assert env["precision"]["validation"]["precision"] == "fp32"
     evaluate_run(run, split="val", checkpoint="last", out=tmp_path / "ev", device="cpu")
-    assert json.loads((tmp_path / "ev" / "meta.json").read_text())["precision"] == "fp32"  # follows training
+    assert json.loads((tmp_path / "ev" / "meta.json").read_text(encoding="utf-8"))["precision"] == "fp32"  # follows training
     evaluate_run(run, split="val", checkpoint="last", out=tmp_path / "ev2", device="cpu", precision="bf16")
-    assert json.loads((tmp_path / "ev2" / "meta.json").read_text())["precision"] == "bf16"
+    assert json.loads((tmp_path / "ev2" / "meta.json").read_text(encoding="utf-8"))["precision"] == "bf16"
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (2, 8, 8), (2, 2, 1)])

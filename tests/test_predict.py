@@ -149,7 +149,7 @@ def test_predict_folder_keeps_geometry(trained_run, tmp_path):
     assert a.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asarray(a.dataobj), (img > 0).astype(np.uint8))
     np.testing.assert_array_equal(np.asarray(nib.load(str(out / "patient_b.nii.gz")).dataobj), (-img > 0))
-    meta = json.loads((out / "predict.json").read_text())
+    meta = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert meta["inference"]["mode"] == "whole" and meta["checkpoint_rule"] == "last"
 
     code, text = run_cli("predict", trained_run.run_dir, "--images", images, "--out", out)
@@ -180,7 +180,7 @@ def test_evaluate_run_writes_predictions_and_scores(trained_run, tmp_path):
     dice = df.set_index("case")["dice"]
     assert dice["case2"] == pytest.approx(1.0)
     assert dice["case3"] < 0.9  # the imperfect reference
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["checkpoint_rule"] == "best-on-val" and meta["inference"] == "whole"
     assert meta["labeled"] == 1 and meta["unlabeled"] == 1 and meta["method"] == "sign"
     assert meta["split"] == "val"
@@ -196,7 +196,7 @@ def test_eval_command_on_run_flags_the_test_split(trained_run, tmp_path):
                          tmp_path / "ev", "--decoder", "1", "--table", "md")
     assert code == 0, text
     assert "TEST split" in text and "model selection" in text
-    meta = json.loads((tmp_path / "ev" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "ev" / "meta.json").read_text(encoding="utf-8"))
     assert meta["checkpoint_rule"] == "last" and meta["decoder"] == 1 and meta["split"] == "test"
     assert meta["iteration"] == 7
     assert (tmp_path / "ev" / "predictions" / "case4.nii.gz").exists() and (tmp_path / "ev" / "table.md").exists()

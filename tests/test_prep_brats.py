@@ -84,7 +84,7 @@ def test_missing_modality_and_odd_label_values(tmp_path):
     write_image(seg_path, seg, (1, 1, 1), (0.0, -239.0, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
     with pytest.raises(PrepFailed, match=ids[2]):
         prep_brats(root, tmp_path / "out", split="2,0,1")
-    assert f"no flair image ({ids[2]}_flair.nii.gz)" in (tmp_path / "out" / "qc.csv").read_text()
+    assert f"no flair image ({ids[2]}_flair.nii.gz)" in (tmp_path / "out" / "qc.csv").read_text(encoding="utf-8")
     ds = prep_brats(root, tmp_path / "out", split="2,0,1", drop_failed=True)
     assert ids[2] not in ds.case_ids
     assert any("unexpected label value(s) [3]" in w for w in ds.spec["extra"]["warnings"])

@@ -75,7 +75,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(PrepFailed) as err:
         prep_custom(images, tmp_path / "out", labels=labels, split="2,1")
     assert "case1" in str(err.value) and "case2" in str(err.value)
-    qc = (tmp_path / "out" / "qc.csv").read_text()
+    qc = (tmp_path / "out" / "qc.csv").read_text(encoding="utf-8")
     assert "case 'case1': label geometry differs from the image: origin (9, 2, 3) vs (1, 2, 3)" in qc
     assert "unexpected label value(s) [2]" in qc
     # a label saved with a shifted header can be mapped through physical space when asked to

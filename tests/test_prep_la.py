@@ -87,7 +87,7 @@ def test_h5_layout_copies_arrays_and_reports_absent_cases(tmp_path):
         case = ds.load_case(cid)
         assert np.array_equal(case.image[0], image) and np.array_equal(case.label, label)
         assert case.spacing == (0.625, 0.625, 0.625)
-    qc = (out / "qc.csv").read_text().splitlines()
+    qc = (out / "qc.csv").read_text(encoding="utf-8").splitlines()
     assert len(qc) == 6 and "label_voxels" in qc[0]
 
 
@@ -273,7 +273,7 @@ def test_existing_output_is_refused_and_force_replaces_only_textseg_output(tmp_p
     assert code == 2 and "already exists" in text and str(out) in text
     assert (out / "thesis.docx").exists()
     code, text = prep("--src", src, "--out", out, "--val", "0", "--force")  # --force replaces only textseg's files
-    assert code == 2 and "thesis.docx" in text and (out / "thesis.docx").read_text() == "not ours"
+    assert code == 2 and "thesis.docx" in text and (out / "thesis.docx").read_text(encoding="utf-8") == "not ours"
     (out / "thesis.docx").unlink()
     assert prep("--src", src, "--out", out, "--val", "0")[0] == 0
     assert prep("--src", src, "--out", out, "--val", "0", "--force")[0] == 0
@@ -319,5 +319,5 @@ def test_real_la_cases_equal_the_h5_contents(la_dir, tmp_path):
         with h5py.File(la_dir / cid / "mri_norm2.h5", "r") as f:
             assert np.array_equal(case.image[0], f["image"][()])
             assert np.array_equal(case.label, f["label"][()])
-    spec = json.loads((out / "dataset.json").read_text())
+    spec = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert spec["source"]["paths"] == [str(src.resolve())] and spec["spacing"] == [0.625, 0.625, 0.625]

@@ -80,7 +80,7 @@ def test_image_without_text_is_an_error_or_listed_exclusion(tmp_path):
     assert code == 2 and "lonely.png" in out and "no text row" in out
     code, out = run_cli("prep", "lvit", "--src", src, "--out", tmp_path / "o2", "--allow-missing-text")
     assert code == 0, out
-    spec = json.loads((tmp_path / "o2" / "dataset.json").read_text())
+    spec = json.loads((tmp_path / "o2" / "dataset.json").read_text(encoding="utf-8"))
     assert spec["splits"]["train"] == ["a1", "a2"]
     assert spec["extra"]["excluded"][0]["file"].endswith("lonely.png")
 

@@ -44,7 +44,7 @@ def test_lung_default_split_and_cli(lung, tmp_path):
     code, text = run_cli("prep", "lung", "--src", lung, "--out", tmp_path / "b", "--split", "2,1,1",
                          "--window", "-500", "1400")
     assert code == 0, text
-    spec = json.loads((tmp_path / "b" / "dataset.json").read_text())
+    spec = json.loads((tmp_path / "b" / "dataset.json").read_text(encoding="utf-8"))
     win = next(s for s in spec["preprocessing"] if s["step"] == "window")["params"]
     assert win["level"] == -500 and win["width"] == 1400 and win["preset"] is None
     assert spec["seed"] == 1337 and {k: len(v) for k, v in spec["splits"].items()} == {"train": 2, "val": 1, "test": 1}
@@ -75,7 +75,7 @@ def test_msd_geometry_and_label_errors(tmp_path):
     write_image(task / "labelsTr" / "spleen_003.nii.gz", lab, (0.8, 0.8, 2.5))
     with pytest.raises(PrepFailed, match="2 of 3 cases failed"):
         prep_msd(task, tmp_path / "out", split="2,1")
-    qc = (tmp_path / "out" / "qc.csv").read_text()
+    qc = (tmp_path / "out" / "qc.csv").read_text(encoding="utf-8")
     assert "case 'spleen_002': label geometry differs from the image: spacing (0.8, 0.8, 5) vs (0.8, 0.8, 2.5)" in qc
     assert "case 'spleen_003': unexpected label value(s) [3]" in qc
     with pytest.raises(DataError, match="dataset.json"):

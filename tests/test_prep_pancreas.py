@@ -86,7 +86,7 @@ def test_dicom_layout_standard_processing(download, tmp_path):
     assert window["range"] == [-125.0, 275.0]
     crop = ds.spec["preprocessing"][2]["params"]
     assert crop["axes"] == "xy" and crop["margin"] == [2, 2, 0] and crop["min_size"] == [8, 8, 0]
-    qc = (tmp_path / "out" / "qc.csv").read_text()
+    qc = (tmp_path / "out" / "qc.csv").read_text(encoding="utf-8")
     assert "orig_shape" in qc and "label_ml" in qc and "prenorm_max" in qc
 
 
@@ -168,7 +168,7 @@ def test_corrupt_dicom_slice_fails_that_case_only(tmp_path):
     from textseg_cli.data.io import read_nifti
 
     assert read_nifti(out / "images" / "PANCREAS_0057.nii.gz").array.shape[2] == 12  # finished cases are valid
-    assert "failed" in (out / "qc.csv").read_text()
+    assert "failed" in (out / "qc.csv").read_text(encoding="utf-8")
     ds = prep_pancreas(src, out, labels=labels, drop_failed=True, **SMALL)
     assert ds.case_ids == ["PANCREAS_0001", "PANCREAS_0057"] and ds.split("train") == ["PANCREAS_0057"]
     assert "PANCREAS_0018" in ds.spec["extra"]["dropped_cases"]
@@ -188,7 +188,7 @@ def test_missing_slice_truncated_slice_missing_label(tmp_path):
         prep_pancreas(src, tmp_path / "out", labels=labels, **SMALL)
     msg = str(err.value)
     assert "3 of 3 cases failed" in msg
-    qc = (tmp_path / "out" / "qc.csv").read_text()
+    qc = (tmp_path / "out" / "qc.csv").read_text(encoding="utf-8")
     assert "PANCREAS_0057" in qc and "missing" in qc  # uneven spacing: a slice is missing
     assert "label0018.nii.gz" in qc
     assert "PANCREAS_0001" in qc
@@ -205,7 +205,7 @@ def test_label_geometry_mismatch_and_values(tmp_path):
     write_image(src / "label0001.nii.gz", lab2, SPACING, ORIGIN)
     with pytest.raises(PrepFailed):
         prep_pancreas(src, tmp_path / "out", **SMALL)
-    qc = (tmp_path / "out" / "qc.csv").read_text()
+    qc = (tmp_path / "out" / "qc.csv").read_text(encoding="utf-8")
     assert "case 'PANCREAS_0050': label geometry differs from the image: origin" in qc
     assert "unexpected label value(s) [2]" in qc
     # an explicit choice accepts a label whose header is wrong but whose voxels match; it is reported

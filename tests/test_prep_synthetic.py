@@ -58,7 +58,7 @@ def test_cli_writes_a_valid_prepared_set(tmp_path):
     code, text = run_cli("prep", "synthetic", "--out", out, "--cases", "5", "--size", "32,32,24", "--val", "1",
                          "--test", "1", "--classes", "2", "--seed", "7")
     assert code == 0, text
-    spec = json.loads((out / "dataset.json").read_text())
+    spec = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert spec["class_names"] == ["background", "liver", "kidney"]
     assert spec["patch_size"] == [16, 16, 16]
     assert spec["splits"] == {"train": ["synth_000", "synth_001", "synth_002"], "val": ["synth_003"],
@@ -87,7 +87,7 @@ def test_cli_refuses_existing_output_and_bad_options(tmp_path):
     code, text = run_cli("prep", "synthetic", "--out", out, "--cases", "3", "--size", "16", "--val", "1",
                          "--test", "1", "--seed", "1", "--force")
     assert code == 0, text
-    assert json.loads((out / "dataset.json").read_text())["seed"] == 1
+    assert json.loads((out / "dataset.json").read_text(encoding="utf-8"))["seed"] == 1
     for bad, expect in ((["--size", "8,8,8"], "--size"), (["--size", "a,b"], "--size"),
                         (["--cases", "2", "--val", "1", "--test", "1"], "no training case"),
                         (["--patch", "64,64,64", "--size", "32"], "--patch")):

@@ -33,7 +33,7 @@ def _write_small(out, with_unlabeled=True):
 
 def test_round_trip_keeps_arrays_spacing_order_and_metadata(tmp_path):
     ds = _write_small(tmp_path / "p")
-    spec = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    spec = json.loads((tmp_path / "p" / "dataset.json").read_text(encoding="utf-8"))
     for key in ("format", "name", "modality", "class_names", "channel_names", "spacing", "cases", "splits",
                 "labeled", "preprocessing", "source", "tool_version", "created"):
         assert key in spec
@@ -102,7 +102,7 @@ def test_corrupt_dataset_json(prepared, content, expect):
     (lambda s: s.update(dim=4), "expected 2 or 3"),
 ])
 def test_inconsistent_dataset_json(prepared, edit, expect):
-    spec = json.loads((prepared / "dataset.json").read_text())
+    spec = json.loads((prepared / "dataset.json").read_text(encoding="utf-8"))
     edit(spec)
     (prepared / "dataset.json").write_text(json.dumps(spec))
     code, out = _check(prepared)
@@ -160,5 +160,5 @@ def test_writer_never_overwrites_without_force_and_never_writes_into_its_source(
         with pytest.raises(ConfigError, match="overlaps the source"):
             PreparedWriter(out, name="x", dim=3, modality="CT", channel_names=["CT"],
                            class_names=["background", "a"], force=True, src=src)
-    assert (src / "case" / "keep.txt").read_text() == "data"
+    assert (src / "case" / "keep.txt").read_text(encoding="utf-8") == "data"
     shutil.rmtree(root)

@@ -149,7 +149,7 @@ def test_compare_results_from_folders_and_csvs(tmp_path):
     assert md2.index("| ours |") < md2.index("| baseline |")
     out = tmp_path / "table.tex"
     text = compare_results([a, b], out=out)  # format from the suffix
-    assert out.read_text() == text and r"\begin{tabular}" in text
+    assert out.read_text(encoding="utf-8") == text and r"\begin{tabular}" in text
     with pytest.raises(OutputExistsError):
         compare_results([a, b], out=out)
     compare_results([a, b], out=out, force=True, table="latex")
@@ -187,6 +187,6 @@ def test_both_empty_cases_are_reported_apart_from_one_mask_empty(tmp_path):
     meta = build_meta(df, {"name": "m"})
     assert meta["cases_with_empty_mask"] == ["c1"] and meta["cases_with_both_masks_empty"] == ["c0"]
     paths = write_evaluation(df, tmp_path / "ev", {"name": "m"}, table="md", show=False)
-    md = paths["table"].read_text()
+    md = paths["table"].read_text(encoding="utf-8")
     assert "Cases with one mask empty (policy applied): m: 1." in md
     assert "Cases with both masks empty (scored Dice 1, distances 0; not counted as empty): m: 1." in md

@@ -108,7 +108,7 @@ def test_two_concurrent_trainings_into_one_folder_one_is_refused(data, tmp_path)
     assert codes == [0, 2], outs
     refused = outs[[p.returncode for p in procs].index(2)]
     assert "in use by" in refused or "already exists" in refused, refused
-    assert json.loads((out / "cases.json").read_text())["labeled"]
+    assert json.loads((out / "cases.json").read_text(encoding="utf-8"))["labeled"]
 
 
 # --- 3. leftovers -----------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_temporary_checkpoint_of_a_killed_write_is_removed_on_the_next_run(run, 
     mine.write_text("keep")
     code, text = run_cli("train", "--resume", "--out", r, "--iterations", "3", "--device", "cpu")
     assert code == 0, text
-    assert not junk.exists() and mine.read_text() == "keep"
+    assert not junk.exists() and mine.read_text(encoding="utf-8") == "keep"
 
 
 def test_a_failed_training_leaves_no_folder_that_demands_force(data, tmp_path, monkeypatch):
@@ -221,7 +221,7 @@ def test_predict_finishes_good_files_and_reports_bad_ones(run, data, tmp_path):
     code, text = run_cli("predict", run, "--images", images, "--out", out, "--checkpoint", "last", "--device", "cpu")
     assert code == 2, text
     assert f"case '{names[1]}': 1 NaN/Inf" in text and src[2].name in text and "2 of 3 file(s)" in text, text
-    rec = json.loads((out / "predict.json").read_text())
+    rec = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert rec["cases"] == [src[0].name] and set(rec["failed"]) == set(names[1:])
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [src[0].name]  # no mask computed from NaNs
     code, text = run_cli("predict", run, "--images", images, "--out", out, "--checkpoint", "last", "--device", "cpu",
@@ -235,7 +235,7 @@ def test_predict_finishes_good_files_and_reports_bad_ones(run, data, tmp_path):
 def _edit_splits(data: Path, tmp_path: Path, fn) -> Path:
     d = tmp_path / "data"
     shutil.copytree(data, d)
-    spec = json.loads((d / "dataset.json").read_text())
+    spec = json.loads((d / "dataset.json").read_text(encoding="utf-8"))
     fn(spec["splits"])
     (d / "dataset.json").write_text(json.dumps(spec))
     return d
@@ -243,7 +243,7 @@ def _edit_splits(data: Path, tmp_path: Path, fn) -> Path:
 
 def test_train_test_overlap_is_refused_by_prep_check_train_and_eval(data, tmp_path):
     d = _edit_splits(data, tmp_path, lambda s: s["test"].append(s["train"][0]))
-    case = json.loads((d / "dataset.json").read_text())["splits"]["train"][0]
+    case = json.loads((d / "dataset.json").read_text(encoding="utf-8"))["splits"]["train"][0]
     needles = (case, "'train' and 'test'")
     _one_line_error(*run_cli("prep", "check", d), *needles)
     _one_line_error(*run_cli("train", "--method", "mcnet", "--data", d, "--iterations", "1", "--out",
@@ -292,7 +292,7 @@ def test_missing_prediction_is_an_error_unless_allowed_and_then_counted(masks, t
     code, text = run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e", "--allow-missing",
                          "--table", "md")
     assert code == 0, text
-    table = (tmp_path / "e" / "table.md").read_text()
+    table = (tmp_path / "e" / "table.md").read_text(encoding="utf-8")
     assert "References without a prediction (not scored, not in n): pred: 1." in table, table
     assert "(n = 2)" in table
 
@@ -325,10 +325,10 @@ def test_one_multichannel_file_among_single_channel_ones_fails_prep_naming_the_c
 
 def test_resume_with_fewer_iterations_than_done_is_refused(run, tmp_path):
     r = _copy_run(run, tmp_path)
-    cfg = (r / "config.yaml").read_text()
+    cfg = (r / "config.yaml").read_text(encoding="utf-8")
     _one_line_error(*run_cli("train", "--resume", "--out", r, "--iterations", "1", "--device", "cpu"),
                     "--iterations 1", "current iteration 2")
-    assert (r / "config.yaml").read_text() == cfg
+    assert (r / "config.yaml").read_text(encoding="utf-8") == cfg
 
 
 # --- 10. DDP shutdown ---------------------------------------------------------------------------------
@@ -450,7 +450,7 @@ def test_describe_cache_is_per_server(llm_env, tmp_path):
                              "--out", tmp_path / "b.json", "--backoff", "0.01")
         assert code == 0, text
         assert len(good.requests) == 1  # the other server's bad reply was not replayed
-    entries = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "llm").glob("*.json")]
+    entries = [json.loads(p.read_text(encoding="utf-8")) for p in (tmp_path / "cache" / "llm").glob("*.json")]
     rejected = [e for e in entries if e.get("rejected")]
     assert len(entries) == 2 and len(rejected) == 1 and rejected[0]["base_url"] == bad.url
 
@@ -489,7 +489,7 @@ def test_no_label_file_of_an_unlabeled_case_is_opened_while_the_files_exist(data
     code, text = run_cli("train", "--method", "mcnet", "--data", data, "--labeled", "2", "--iterations", "2",
                          "--val-every", "2", "--out", out, *TINY)
     assert code == 0, text
-    cases = json.loads((out / "cases.json").read_text())
+    cases = json.loads((out / "cases.json").read_text(encoding="utf-8"))
     assert len(cases["unlabeled"]) >= 2
     labels = {str((data / "labels" / f"{cid}.nii.gz").resolve()) for cid in cases["unlabeled"]}
     assert all(Path(p).exists() for p in labels)  # the files are there, and still never opened
@@ -510,12 +510,12 @@ def test_labeled_percentage_rounds_half_up(text, n_train, expected):
 
 
 def test_labeled_percentage_on_the_command_line(data, tmp_path):
-    n_train = len(json.loads((data / "dataset.json").read_text())["splits"]["train"])
+    n_train = len(json.loads((data / "dataset.json").read_text(encoding="utf-8"))["splits"]["train"])
     out = tmp_path / "r"
     pct = f"{100 * 2.5 / n_train:g}%"  # 2.5 cases (to printing precision): rounds up to 3
     code, text = run_cli("train", "--method", "mcnet", "--data", data, "--labeled", pct, "--iterations", "1",
                          "--val-every", "0", "--out", out, *TINY)
     assert code == 0, text
-    assert len(json.loads((out / "cases.json").read_text())["labeled"]) == 3
+    assert len(json.loads((out / "cases.json").read_text(encoding="utf-8"))["labeled"]) == 3
     _one_line_error(*run_cli("train", "--method", "mcnet", "--data", data, "--labeled", "1%", "--iterations", "1",
                              "--out", tmp_path / "r2", *TINY), "--labeled '1%'", "gives 0 cases")

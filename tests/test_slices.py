@@ -60,8 +60,10 @@ def test_per_volume_dice_of_a_perfect_prediction_is_one(slices, tmp_path):
 
     # a volume whose slices are not all predicted cannot be re-stacked
     (pred / f"{val[3]}.nii.gz").unlink()
-    with pytest.raises(DataError, match="slice"):
+    with pytest.raises(DataError, match="no prediction"):
         evaluate_folders(pred, slices.root, split="val", per_volume=True, write=False, show=False)
+    with pytest.raises(DataError, match="slice"):
+        evaluate_folders(pred, slices.root, split="val", per_volume=True, write=False, show=False, allow_missing=True)
 
 
 def test_skip_empty_ratio_only_thins_training_volumes(synthetic_data, tmp_path):

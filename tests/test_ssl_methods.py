@@ -59,7 +59,7 @@ def test_trains_from_cli_and_validation_dice_rises(method, synthetic_data, tmp_p
     summary = pd.read_csv(tmp_path / "eval" / "per_case.csv")
     assert len(summary) == 2 and summary["dice"].notna().all()
     # LCC by method protocol (DTC's and BCP's official test_LA.py: --nms 1), recorded with its source
-    meta = json.loads((tmp_path / "eval" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "eval" / "meta.json").read_text(encoding="utf-8"))
     assert meta["lcc"] is (method in ("dtc", "bcp")), meta["lcc_source"]
 
 

@@ -18,7 +18,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_text_decides_target_and_blind_guess_is_bounded(tmp_path):
     ds = prep_synthetic_2d(tmp_path / "s2d", n_cases=24, size=48, seed=3, n_val=4, n_test=4)
-    spec = json.loads((tmp_path / "s2d" / "dataset.json").read_text())
+    spec = json.loads((tmp_path / "s2d" / "dataset.json").read_text(encoding="utf-8"))
     assert spec["dim"] == 2 and spec["seed"] == 3 and spec["patch_size"] == [48, 48]
     assert [len(spec["splits"][k]) for k in ("train", "val", "test")] == [16, 4, 4]
     blind, all_targets_shown = [], True

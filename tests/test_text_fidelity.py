@@ -89,12 +89,12 @@ def test_evaluation_rows_of_a_random_clip_run_say_so(tmp_path, monkeypatch):
         save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {"method": Sign2D().state_dict(), "iteration": 1})
     run_eval.evaluate_run(run_dir, split="val", inference="whole", overlays=0, table="md")
     out = run_dir / "eval" / "val-best-whole"
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["clip"] == "random CLIP" and meta["name"] == "sign2d (random CLIP)" and meta["method"] == "sign2d"
-    assert "sign2d (random CLIP)" in (out / "table.md").read_text()
+    assert "sign2d (random CLIP)" in (out / "table.md").read_text(encoding="utf-8")
     table = tmp_path / "t.md"
     compare_results([out], table="md", out=table)
-    assert "random CLIP" in table.read_text()
+    assert "random CLIP" in table.read_text(encoding="utf-8")
 
 
 def test_lvit_release_names_find_their_settings():

@@ -249,7 +249,7 @@ def test_cli_training_raises_validation_dice(synthetic_data, emb, tmp_path, meth
     val = _val(run)
     assert sorted(val) == [0, 20, 40]
     assert max(val[20], val[40]) > val[0] + 0.1, val
-    assert f"embeddings: {emb[kind]}" in (run / "config.yaml").read_text()
+    assert f"embeddings: {emb[kind]}" in (run / "config.yaml").read_text(encoding="utf-8")
 
 
 ABLATIONS = [
@@ -270,7 +270,7 @@ def test_cli_ablation_flags_run(synthetic_data, emb, tmp_path, method, kind, fla
                         "--out", run, "--val-every", "0", "--text-embeddings", emb[kind], "--set", "method.dca_start=0",
                         *TINY, *flags)
     assert code == 0, out
-    cfg = (run / "config.yaml").read_text()
+    cfg = (run / "config.yaml").read_text(encoding="utf-8")
     expected = {"--no-tmr": "tmr: false", "--no-csa": "csa: false", "--no-dca": "dca: false",
                 "--tmr": "tmr: official", "--text-fusion": "text_fusion: repeat", "--no-vwpm": "vwpm: false",
                 "--no-vtcm": "vtcm: false", "--unsup-loss": "unsup_loss:", "--text": "text_addon: tmr+csa"}[flags[0]]

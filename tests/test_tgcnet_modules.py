@@ -187,7 +187,7 @@ def _synthetic_with_shuffled_texts(tmp_path):
 
     prep_synthetic_2d(tmp_path / "true", n_cases=132, size=32, seed=0, n_val=12, n_test=0)
     shutil.copytree(tmp_path / "true", tmp_path / "shuf")
-    spec = json.loads((tmp_path / "shuf" / "dataset.json").read_text())
+    spec = json.loads((tmp_path / "shuf" / "dataset.json").read_text(encoding="utf-8"))
     train = set(spec["splits"]["train"])
     texts = [c["text"] for c in spec["cases"] if c["id"] in train]
     random.Random(0).shuffle(texts)
@@ -266,7 +266,7 @@ def test_train_cli_ablation_flags_reach_the_model(tmp_path, one_thread):
                         "--set", "data.profile=synthetic2d", "--set", "val.every=0",
                         "--sse", "off", "--vlcm", "none", "--clip-finetune", "qv", "--date", "main-only")
     assert code == 0, out
-    method = yaml.safe_load((run / "config.yaml").read_text())["method"]
+    method = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["method"]
     assert (method["sse"], method["vlcm"], method["clip_finetune"], method["date"]) == ("off", "none", "qv", "main-only")
     from textseg_cli.engine import load_run
 

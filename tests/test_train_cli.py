@@ -32,11 +32,11 @@ def test_mcnet_200_iterations_raise_validation_dice(small_data, tmp_path):
     assert max(val[100], val[200]) > val[0] + 0.3, val
     losses = [float(r["loss"]) for r in rows if r.get("loss")]
     assert losses[-1] < losses[0]
-    cfg = (run / "config.yaml").read_text()
+    cfg = (run / "config.yaml").read_text(encoding="utf-8")
     assert "iterations: 200" in cfg and "labeled: '3'" in cfg
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert best["best_metric"] == pytest.approx(max(val.values()))
-    assert json.loads((run / "cases.json").read_text())["val"] == ["synth_005", "synth_006"]
+    assert json.loads((run / "cases.json").read_text(encoding="utf-8"))["val"] == ["synth_005", "synth_006"]
 
 
 def test_cli_errors_and_print_config(small_data, tmp_path):
@@ -67,7 +67,7 @@ def test_cli_resume_extends_a_run(small_data, tmp_path):
     assert code == 0, out
     rows = list(csv.DictReader(open(run / "log.csv", newline="")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
-    sessions = json.loads((run / "env.json").read_text())["sessions"]
+    sessions = json.loads((run / "env.json").read_text(encoding="utf-8"))["sessions"]
     assert len(sessions) == 2 and sessions[1]["torch_threads"] == 1
     code, out = run_cli("train", "--resume", "--out", run, "--threads", "0")
     assert code == 2 and "--threads 0" in out

@@ -49,7 +49,7 @@ def test_predict_replays_preprocessing_and_matches_eval(custom_run, tmp_path):
     import SimpleITK as sitk
 
     root, images, prepared, run_dir = custom_run
-    ds = json.loads((prepared / "dataset.json").read_text())
+    ds = json.loads((prepared / "dataset.json").read_text(encoding="utf-8"))
     cid = ds["splits"]["val"][0]
     code, text = run_cli("eval", run_dir, "--split", "val", "--out", tmp_path / "ev")
     assert code == 0, text
@@ -71,7 +71,7 @@ def test_predict_replays_preprocessing_and_matches_eval(custom_run, tmp_path):
     assert _dice(mask, ev_raw) >= 0.99
     probs = nib.load(str(out / f"{cid}_probs.nii.gz"))
     assert probs.shape == raw.shape + (2,) and np.allclose(probs.affine, raw.affine, atol=1e-6)
-    meta = json.loads((out / "predict.json").read_text())
+    meta = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert [s["step"] for s in meta["preprocessing"]] == ["resample", "crop", "window", "zscore"]
 
 
@@ -139,10 +139,10 @@ def test_moved_run_predicts_without_its_data_folder(custom_run, tmp_path, monkey
 
 def test_default_split_has_validation_and_best_checkpoint(custom_run):
     _, _, prepared, run_dir = custom_run
-    ds = json.loads((prepared / "dataset.json").read_text())
+    ds = json.loads((prepared / "dataset.json").read_text(encoding="utf-8"))
     assert {k: len(v) for k, v in ds["splits"].items()} == {"train": 7, "val": 1, "test": 2}
     assert (run_dir / "checkpoints" / "best.pt").exists()
-    assert json.loads((run_dir / "cases.json").read_text())["val"] == ds["splits"]["val"]
+    assert json.loads((run_dir / "cases.json").read_text(encoding="utf-8"))["val"] == ds["splits"]["val"]
 
 
 def test_folds_and_train_fold(custom_run, tmp_path):
@@ -151,14 +151,14 @@ def test_folds_and_train_fold(custom_run, tmp_path):
     code, text = run_cli("prep", "custom", "--images", images, "--labels", labels, "--out", tmp_path / "p",
                          "--folds", "5")
     assert code == 0, text
-    ds = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    ds = json.loads((tmp_path / "p" / "dataset.json").read_text(encoding="utf-8"))
     folds = ds["extra"]["folds"]
     assert len(folds) == 5 and sorted(c for f in folds for c in f["val"]) == sorted(folds[0]["train"] + folds[0]["val"])
     assert not set(ds["splits"]["test"]) & {c for f in folds for c in f["val"]}
     code, text = run_cli("train", "--method", "sup", "--data", tmp_path / "p", "--out", tmp_path / "r", "--fold", "2",
                          *TRAIN)
     assert code == 0, text
-    cases = json.loads((tmp_path / "r" / "cases.json").read_text())
+    cases = json.loads((tmp_path / "r" / "cases.json").read_text(encoding="utf-8"))
     assert cases["val"] == folds[2]["val"] and cases["labeled"] == folds[2]["train"]
     code, text = run_cli("eval", tmp_path / "r", "--out", tmp_path / "ev")
     assert code == 0, text
@@ -181,13 +181,13 @@ def test_curves_piped_lines_plot_and_export(tmp_path, synthetic_data):
     lines = [ln for ln in text.splitlines() if ln.startswith("it ")]  # run_cli's output is not a terminal
     assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"] and all("ETA" in ln and "loss" in ln for ln in lines)
     assert (run_dir / "curves.png").stat().st_size > 1000
-    env = json.loads((run_dir / "env.json").read_text())
+    env = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
     assert env["packages"]["SimpleITK"] and env["packages"]["scipy"] and env["cpu"]
     code, text = run_cli("plot", run_dir, run_dir, "--out", tmp_path / "both.png")
     assert code == 0 and (tmp_path / "both.png").exists(), text
     code, text = run_cli("export", run_dir, "--format", "torchscript", "--out", tmp_path / "exp")
     assert code == 0, text
-    rec = json.loads((tmp_path / "exp" / "export.json").read_text())
+    rec = json.loads((tmp_path / "exp" / "export.json").read_text(encoding="utf-8"))
     with pytest.warns(FutureWarning):  # torch deprecates TorchScript; the file still loads
         model = torch.jit.load(str(tmp_path / "exp" / "model.torchscript.pt"))
     x = torch.zeros(rec["input"])

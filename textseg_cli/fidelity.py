@@ -1,6 +1,6 @@
 """Where each method's fidelity to its paper and official code is documented (`textseg models --fidelity`).
 
-The ledger itself is docs/fidelity.md (baselines) and docs/fidelity-text.md (text-guided methods); this table only
+The ledger itself is docs/fidelity.md (baselines, text-guided methods, LViT's U-Net); this table only
 points there, with the official repository and commit the parity tests (tests/parity) were written against.
 """
 
@@ -18,11 +18,12 @@ LEDGER: dict[str, tuple[str, str, str]] = {
     "mcf": ("WYC-321/MCF", "ad20659", "docs/fidelity.md#mcf-mcf"),
     "bcp": ("DeepMed-Lab-ECNU/BCP", "7879f98", "docs/fidelity.md#bcp-bcp"),
     "mlrp": ("Jiawei0o0/mutual-learning-with-reliable-pseudo-labels", "5ca2d87", "docs/fidelity.md#mlrp-mlrp"),
-    "text-semiseg": ("taozh2017/Text-SemiSeg", "18ceced", "docs/fidelity-text.md"),
-    "vclipseg": ("SmileJET/VCLIPSeg", "fe50145", "docs/fidelity-text.md"),
-    "llm-segnet": ("none published (paper only)", "", "docs/fidelity-text.md"),
-    "tgcnet": ("none published (paper only)", "", "docs/fidelity-text.md"),
-    "unet2d": ("HUANGLIZI/LViT (U-Net baseline)", "a9b0b41", "docs/fidelity-monuseg.md"),
+    "text-semiseg": ("taozh2017/Text-SemiSeg", "18ceced", "docs/fidelity.md#text-semiseg-text-semiseg"),
+    "vclipseg": ("SmileJET/VCLIPSeg", "fe50145", "docs/fidelity.md#vclipseg-vclipseg"),
+    "llm-segnet": ("none published (paper only)", "", "docs/fidelity.md#llm-segnet-llm-segnet--no-official-code"),
+    "tgcnet": ("none published (paper only)", "", "docs/fidelity.md#tgc-net-tgcnet--no-official-code"),
+    "unet2d": ("none (textseg's standard 2D U-Net; LViT's is lvit-unet)", "", "docs/methods.md"),
+    "lvit-unet": ("HUANGLIZI/LViT (nets/UNet.py)", "a9b0b41", "docs/fidelity.md#lvits-u-net-on-monuseg-lvit-unet-issue-19"),
 }
 
 

@@ -55,7 +55,7 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int
     console.rule("[bold]6/6 table")
     table = out / "results.md"
     api.compare_results(evals, table="md", out=table)
-    console.print(table.read_text(), soft_wrap=True, markup=False, highlight=False)
+    console.print(table.read_text(encoding="utf-8"), soft_wrap=True, markup=False, highlight=False)
     paths["table"] = table
     return paths
 

@@ -55,7 +55,7 @@ def _cpu_detects_bf16() -> bool:
         except RuntimeError:
             pass
     try:  # older torch: read the flags
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

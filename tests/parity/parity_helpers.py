@@ -17,7 +17,7 @@ _REPO_MODULE_ROOTS = ("networks", "utils", "dataloaders", "test_util", "val_3D",
 def official_commit(official: Path, repo: str) -> str:
     """The commit the checkout `repo` is at (its `.commit` file), for the test's record."""
     f = official / repo / ".commit"
-    return f.read_text().strip() if f.exists() else "unknown"
+    return f.read_text(encoding="utf-8").strip() if f.exists() else "unknown"
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 Written against commit 18ceced684b84b1ac2d5f0b6905951292a81e71a. Run with
 `TEXTSEG_OFFICIAL=DIR pytest -m parity tests/parity/test_text_semiseg_parity.py` (DIR/Text-SemiSeg a work tree).
 
-Name mapping official → textseg (documented in docs/fidelity-text.md):
+Name mapping official → textseg (documented in docs/fidelity.md):
 - `encoder.B.conv.i.*` → `net.encoder.B.i.*`; `decoder{d}.B.conv.i.*` → `net.decoders.{d-1}.B.i.*`
   (`out_conv` keeps its name);
 - `decoder{d}.projection_head.*` → `csa_heads.{d-1}.net.*`;

@@ -3,7 +3,7 @@
 Written against commit fe50145992c3b142b94e5dfa4efa02698485f1ca. Run with
 `TEXTSEG_OFFICIAL=DIR pytest -m parity tests/parity/test_vclipseg_parity.py` (DIR/VCLIPSeg a work tree).
 
-Name mapping official → textseg (documented in docs/fidelity-text.md):
+Name mapping official → textseg (documented in docs/fidelity.md):
 - `encoder.B.conv.i.*` → `net.encoder.B.i.*`; `decoder{d}.B.conv.i.*` → `net.decoders.{d-1}.B.i.*`;
 - `decoder{d}.proj_header.proj.{0,2}.*` → `vtcm_heads.{d-1}.net.{0,2}.*`;
 - `en_fea_conv.{conv,bn}` → `vwpm.img_{conv,bn}`; `fusion_mlp.l{1,2}` → `vwpm.mlp{1,2}`; `txt2vis` → `vwpm.text_proj`;

@@ -678,7 +678,7 @@ def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist
     import json
 
     path = run_dir / "env.json"
-    env = json.loads(path.read_text()) if (resume and path.exists()) else {"sessions": []}
+    env = json.loads(path.read_text(encoding="utf-8")) if (resume and path.exists()) else {"sessions": []}
     info = environment_info()
     info.update({"device": str(dev), "world_size": dist.world_size, "seed": cfg["seed"],
                  "deterministic": cfg["deterministic"], "resumed": resume, "argv": sys.argv,

@@ -265,6 +265,8 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                 else:  # NaN/Inf are handled before the chain, as prep does
                     raw = replay.load_raw(name, files, chain, nan_policy=nan_policy)
                     arr = raw.array
+                    for note in raw.warnings:
+                        console.print(f"[yellow]warning:[/] {note}", highlight=False)
                 if normalize == "zscore":
                     from textseg_cli.data.preprocessing import zscore
 

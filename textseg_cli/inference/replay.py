@@ -10,7 +10,7 @@ NIfTI/NRRD/MHA image (or its channel files) and runs the chain with the very fun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,6 +79,7 @@ class RawInput:
     resampled_shape: tuple[int, ...]  # grid after resampling, before the crop
     resampled_spacing: tuple[float, ...]
     crop_box: list[tuple[int, int]] | None
+    warnings: list[str] = field(default_factory=list)  # e.g. NaN/Inf voxels replaced (--nan-policy zero)
 
     def _uncrop(self, arr: np.ndarray, fill: float) -> np.ndarray:
         if self.crop_box is None:
@@ -138,7 +139,7 @@ def load_raw(name: str, files: Sequence[Path], proc: Processing, nan_policy: str
     else:
         rs = shape
     return RawInput(name, list(files), done.image, shape, tuple(loaded.spacing), rs, tuple(done.spacing),
-                    done.crop_box)
+                    done.crop_box, list(loaded.warnings))
 
 
 def output_name(path: Path, name: str, suffix: str = "") -> str:

@@ -3,7 +3,7 @@
 Network `lvit-unet` (one sigmoid output), loss WeightedDiceBCE(0.5, 0.5) on the sigmoid probabilities.
 The rest of LViT's protocol (epochs, early stopping, cosine warm restarts per epoch, its augmentation)
 is engine configuration: `textseg_cli/configs/lvit-unet.yaml`; every fact with its LViT file:line is in
-docs/fidelity-monuseg.md.
+docs/fidelity.md.
 """
 
 from __future__ import annotations

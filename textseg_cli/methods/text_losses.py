@@ -115,8 +115,11 @@ def vtcm_loss(projs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, pr
 
 
 def dlb_weights(dice_losses: list[torch.Tensor]) -> torch.Tensor:
-    """Dynamic learning balance (VCLIPSeg): w = softmax_i(1 − sigmoid(DiceLoss_i)) over decoders."""
-    return torch.softmax(1 - torch.sigmoid(torch.stack([d.detach() for d in dice_losses])), dim=0)
+    """Dynamic learning balance (VCLIPSeg): w = softmax_i(1 − sigmoid(DiceLoss_i)) over decoders.
+
+    In float64 as the published code's numpy (train_3d.py:177-182): a last-bit difference in w flips the
+    argmax of Σ w_i p_i at voxels where the fused probability sits at 0.5."""
+    return torch.softmax(1 - torch.sigmoid(torch.stack([d.detach().double() for d in dice_losses])), dim=0)
 
 
 def dlb_fused(probs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

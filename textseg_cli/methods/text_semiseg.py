@@ -1,7 +1,7 @@
 """Text-SemiSeg (Huang et al., MICCAI 2025): text-driven multi-plane visual interaction on MC-Net.
 
 Defaults follow the published code (taozh2017/Text-SemiSeg@18ceced, trainer.py, model/MC_CLIP.py, CoOp.py);
-docs/fidelity-text.md lists each item with its file:line and the switch for the paper's reading.
+docs/fidelity.md lists each item with its file:line and the switch for the paper's reading.
 
 Backbone: MC-Net's shared V-Net encoder with decoders of upsampling modes 0 and 1. Text features F_t (K×512)
 come from learnable CoOp prompts over the frozen CLIP ViT-B/32 text tower (or a frozen `textseg encode`

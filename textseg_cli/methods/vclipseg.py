@@ -1,7 +1,7 @@
 """VCLIPSeg (Li et al., MICCAI 2024): voxel-wise CLIP-enhanced semi-supervised segmentation.
 
 Defaults follow the published code (SmileJET/VCLIPSeg@fe50145, code/train_3d.py, code/networks/VNet_clip.py,
-code/test_3d.py); docs/fidelity-text.md lists each item with its file:line and the paper's switch.
+code/test_3d.py); docs/fidelity.md lists each item with its file:line and the paper's switch.
 
 Frozen CLIP embeddings of "A pixel of a {class}." (K×512, `textseg encode --encoder clip`, NOT normalised as
 published) and a V-Net encoder with two decoders (upsampling modes 0 and 1):
