@@ -14,17 +14,13 @@ from pathlib import Path
 import yaml
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.inference.protocol import PROTOCOL_LCC
 
-# LCC ("NMS") in each official 3D test script: on where the default is on, else off.
-#   BCP/code/test_LA.py:15 (--nms default 1); Text-SemiSeg/prediction.py:192 (--nms default 1);
-#   MC-Net/code/test_3d.py:16, MLRP/code/test_3d.py:16, VCLIPSeg/code/test_3d.py:22 (--nms default 0);
-#   UA-MT, DTC, MCF test_util.py and SSL4MIS's 3D test apply none.
-OFFICIAL_LCC = {"bcp": True, "text-semiseg": True}
 
 _DISPLAY = {"sup": "V-Net (sup.)", "uamt": "UA-MT", "dtc": "DTC", "urpc": "URPC", "cps": "CPS", "mcnet": "MC-Net",
             "mcnet+": "MC-Net+", "mcf": "MCF", "mlrp": "MLRP", "bcp": "BCP", "vclipseg": "VCLIPSeg",
             "llm-segnet": "LLM-SegNet", "text-semiseg": "Text-SemiSeg", "unet2d": "U-Net", "tgcnet": "TGC-Net",
-            "lvit": "LViT"}
+            "lvit-unet": "U-Net (LViT)"}
 _BASELINES_3D = ["sup", "uamt", "dtc", "urpc", "cps", "mcnet", "mcnet+", "mcf", "mlrp", "bcp"]
 PRESETS = {
     "la": {"labeled": [8, 16], "methods": _BASELINES_3D + ["vclipseg", "llm-segnet"],
@@ -33,7 +29,7 @@ PRESETS = {
                  "note": "Pancreas-CT (62 training / 20 test): 10 % and 20 % labeled"},
     "brats": {"labeled": ["10%", "20%"], "methods": _BASELINES_3D + ["llm-segnet", "text-semiseg"],
               "note": "BraTS 2019 (250 training / 25 val / 60 test in the SSL4MIS split): 10 % and 20 % labeled"},
-    "monuseg": {"labeled": ["10%", "20%"], "methods": ["unet2d", "lvit", "tgcnet"],
+    "monuseg": {"labeled": ["10%", "20%"], "methods": ["lvit-unet", "tgcnet"],
                 "note": "MoNuSeg (2D, 224x224): 10 % and 20 % labeled"},
 }
 SEEDS = [1337, 1338, 1339]
@@ -52,7 +48,7 @@ def preset_spec(name: str, data: str | None = None, out_dir: str | None = None) 
         if m not in known:
             continue
         entry = {"method": m, "name": _DISPLAY.get(m, m), "id": m.replace("+", "_plus")}
-        entry["lcc"] = OFFICIAL_LCC.get(m, False)
+        entry["lcc"] = m in PROTOCOL_LCC  # the one table of LCC by official test script (inference/protocol.py)
         methods.append(entry)
     spec = {"name": f"{name}-table", "description": p["note"], "data": data or f"prepared/{name}", "dataset": name}
     if out_dir:
