@@ -117,10 +117,15 @@ def test_dim2_delegates_to_the_2d_generator(tmp_path, monkeypatch):
     assert code == 2 and "2D synthetic data is not available" in text
 
 
-def test_session_fixture_is_a_small_valid_set(synthetic_data):
+def test_split_counts_follow_the_arguments_and_are_disjoint(synthetic_data):
+    """prep_synthetic(n_cases=10, n_val=2, n_test=2, patch_size=...) (the session fixture's call): the splits have
+    exactly the asked sizes, share no case, cover every case, and every held-out case has a foreground label."""
     ds = load_prepared(synthetic_data)
-    assert len(ds.split("train")) == 6 and ds.patch_size == [32, 32, 16]
-    assert ds.load_case(ds.split("val")[0]).label.any()
+    train, val, test = (set(ds.split(s)) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (6, 2, 2)
+    assert not (train & val or train & test or val & test) and train | val | test == set(ds.case_ids)
+    assert ds.patch_size == [32, 32, 16]
+    assert all(ds.load_case(cid).label.any() for cid in sorted(val | test))
 
 
 @pytest.mark.parametrize("size", [(16, 16, 16), (40, 24, 20)])
