@@ -291,3 +291,20 @@ def test_clip_weights_from_a_local_checkpoint(tmp_path):
     assert str(path) in net.clip.model_key  # cache entries are keyed by the weights too
     with pytest.raises(ConfigError, match="could not load CLIP weights"):
         build_model("tgcnet", date="main-only", clip_weights=str(tmp_path / "missing.pt"), **SMALL)
+
+
+def _signature(net) -> tuple:
+    """What an ablation switch must change: the modules built (names and shapes) or which parameters train."""
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in net.state_dict().items()))
+    return shapes, tuple(sorted(n for n, p in net.named_parameters() if p.requires_grad))
+
+
+@pytest.mark.parametrize("switch", [{"sse": "off"}, {"sse": "cnn-only"}, {"sse": "no-deform"}, {"vlcm": "none"},
+                                    {"vlcm": "single"}, {"vlcm": "bi"}, {"clip_finetune": "qv"},
+                                    {"clip_finetune": "full"}, {"date": "injection"}])
+def test_each_ablation_switch_changes_the_built_network(switch):
+    torch.manual_seed(0)
+    base = build_model("tgcnet", date="main-only", **SMALL)
+    torch.manual_seed(0)
+    variant = build_model("tgcnet", **{"date": "main-only", **SMALL, **switch})
+    assert _signature(variant) != _signature(base), switch
