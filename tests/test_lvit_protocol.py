@@ -34,8 +34,11 @@ def test_parameter_count_is_lvits():
 def test_textseg_models_lists_it_with_lvits_count():
     code, out = run_cli("models", "--in-channels", "3", "--patch", "224,224")
     assert code == 0
-    rows = [line for line in out.splitlines() if line.strip("│ ").startswith("lvit-unet")]
+    rows = [line for line in out.splitlines() if line.strip("│ ").split("│")[0].strip() in ("lvit-unet", "lvit-unet (2D)")]
     assert len(rows) == 2 and all("14,751,873" in r for r in rows)  # the network and the method
+    code, out = run_cli("models")  # the default (3D) listing counts the 2D method as LViT builds it (RGB)
+    rows = [line for line in out.splitlines() if line.strip("│ ").split("│")[0].strip() in ("lvit-unet", "lvit-unet (2D)")]
+    assert code == 0 and any("14,751,873" in r for r in rows), rows
 
 
 def test_forward_is_sigmoid_of_logits_and_method_predicts_by_threshold():

@@ -75,10 +75,12 @@ def list_models(in_channels: int = 1, num_classes: int = 2,
             m_patch = patch_size if m_dim == dim else DEFAULT_PATCH[m_dim]
             cfg = build_config(name, None, m_dim, m_patch)
             _listing_text(cfg, cls, num_classes, tmp)
+            # a 2D-only method in a 3D listing is counted as published (LViT's U-Net: RGB input)
+            ch = getattr(cls, "listing_in_channels", in_channels) if m_dim != dim else in_channels
             meth = _build_for_counting(lambda: cls(
-                cfg, in_channels, num_classes, dim=m_dim, class_names=[f"class{i}" for i in range(num_classes)],
+                cfg, ch, num_classes, dim=m_dim, class_names=[f"class{i}" for i in range(num_classes)],
                 dataset_name=None, data_root=None, patch_size=cfg["data"]["patch_size"], quiet_warnings=True))
-            methods.append({"name": name, "dim": m_dim, "description": cls.paper, "total": count_parameters(meth),
+            methods.append({"name": name, "dim": m_dim, "in_channels": ch, "description": cls.paper, "total": count_parameters(meth),
                             "trainable": count_parameters(meth, trainable_only=True), "parts": _flatten_parts(meth)})
         except Exception as exc:
             methods.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})

@@ -55,6 +55,7 @@ class LViTUNetMethod(Method):
     needs_unlabeled = False
     dims = (2,)
     dims_note = "LViT's U-Net is a 2D network"
+    listing_in_channels = 3  # `textseg models` in a 3D listing counts it as LViT builds it: UNet(n_channels=3)
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 2, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim=dim, **context)
