@@ -141,6 +141,10 @@ def official_step(model, losses, txt_emb, volume, label, iter_num, labeled_bs, a
 
 
 @pytest.mark.timeout(3600)
+@pytest.mark.xfail(strict=True, reason="open (issue 13): every loss term equals the official one (≤2.4e-7), the VTCM "
+                   "heads' and output convs' gradients too (≤3e-6), but the decoders' gradients differ by up to 3e-3 "
+                   "relative (2.9e-4 over all tensors) against the 1e-4 asked; float32 accumulation over 96³ is the "
+                   "suspect, not yet shown. strict: this fails once they agree, so the mark must go then")
 def test_loss_terms_and_gradients_parity(repo, tmp_path, monkeypatch):
     off, ours, emb = _pair(repo, tmp_path)
     with official_imports(repo / "code") as imp:
@@ -176,10 +180,7 @@ def test_loss_terms_and_gradients_parity(repo, tmp_path, monkeypatch):
     ref["loss"].backward()
     got["loss"].backward()
     own = dict(ours.named_parameters())
-    # rel 5e-4, not the 1e-4 of the smaller-patch tests: every loss term agrees to ≤ 2.4e-7, the VTCM heads' and the
-    # output convs' gradients to ≤ 3e-6, and the gap grows layer by layer up the decoders through BatchNorm backward
-    # over 96³ voxels (≈3e-4 on the encoder, uniform) — float32 accumulation, not a term that differs.
-    assert_grads_close([(k, own[official_to_textseg(k)].grad, p.grad) for k, p in off.named_parameters()], rel=5e-4)
+    assert_grads_close([(k, own[official_to_textseg(k)].grad, p.grad) for k, p in off.named_parameters()])
 
 
 @pytest.mark.timeout(3600)
