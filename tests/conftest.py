@@ -42,7 +42,8 @@ def pytest_terminal_summary(terminalreporter):
 def _torch_threads():
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # OMP_NUM_THREADS wins (scripts/test.sh sets 2; the mutation check forks test processes and needs 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
     yield
 
 
