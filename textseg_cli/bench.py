@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.utils import cpu_model
 
 # The sliding-window strides the papers use for these patch sizes (LA; Pancreas-CT).
 LITERATURE_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {
@@ -56,16 +57,6 @@ def _timed(fn: Callable[[], Any], dev: torch.device) -> float:
     fn()
     _sync(dev)
     return time.perf_counter() - t0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _reset_peak_rss() -> None:
@@ -270,7 +261,7 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
         dev = torch.device(dev_name)
         prec = resolve_precision(precision, dev)
         for cache in (["on", "off"] if feature_cache == "both" else [feature_cache]):
-            hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+            hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
             row: dict[str, Any] = {"device": dev_name, "feature_cache": None, "device_name": hardware,
                                    "threads": torch.get_num_threads(), "precision": prec.name,
                                    "precision_detail": prec.record(),
