@@ -78,3 +78,13 @@ def test_whole_volume_falls_back_to_windows_when_too_large_or_out_of_memory():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         whole_volume_inference(broken, x)
+
+
+def test_whole_volume_defaults_multiple_16_and_the_fallback_window():
+    x = torch.rand(1, 17, 20, 9)
+    seen = []
+    whole_volume_inference(lambda t: (seen.append(tuple(t.shape)), _identity(t))[1], x)
+    assert seen == [(1, 1, 32, 32, 16)]  # default multiple 16 (the V-Net family's four downsamplings)
+    assert whole_volume_inference(_identity, x, max_voxels=32 * 32 * 16).shape == (2, 17, 20, 9)  # equal: no fallback
+    with pytest.warns(RuntimeWarning, match=r"sliding windows \[96, 96, 96\] stride \[48, 48, 48\]"):
+        whole_volume_inference(_identity, x, max_voxels=32 * 32 * 16 - 1)
