@@ -51,6 +51,17 @@ def _close(a, b, atol=1e-5):
     value = lambda t: float(t.detach()) if isinstance(t, torch.Tensor) else float(t)  # noqa: E731
     assert value(a) == pytest.approx(value(b), abs=atol, rel=1e-5)
 
+def _check_step(m, b, loss: torch.Tensor, terms: dict) -> None:
+    """The official `loss` (built on `m`'s weights) against `m.training_step` on batch `b`: each logged term, the
+    total, and the gradients after one backward."""
+    g_official = _grads(loss, m)
+    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
+    for key, value in terms.items():
+        _close(out[key], value)
+    _close(out["loss"], loss)
+    _assert_grads(_grads(out["loss"], m), g_official)
+
+
 
 def test_uamt(official_dir, record_property):
     record_property("commit", official_commit(official_dir, "UA-MT"))
@@ -128,14 +139,8 @@ def test_mcnet(official_dir, name, n_out, record_property):
     iter_num = IT + 1
     consistency_weight = 1.0 * ramps.sigmoid_rampup(iter_num // 150, 40.0)
     loss = 0.5 * loss_seg_dice + consistency_weight * loss_consist
-    g_official = _grads(loss, m)
-
-    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
-    _close(out["loss_dice"], loss_seg_dice)
-    _close(out["loss_consistency"], loss_consist)
-    _close(out["consistency_weight"], consistency_weight)
-    _close(out["loss"], loss)
-    _assert_grads(_grads(out["loss"], m), g_official)
+    _check_step(m, b, loss, {"loss_dice": loss_seg_dice, "loss_consistency": loss_consist,
+                             "consistency_weight": consistency_weight})
 
 
 def test_dtc(official_dir, record_property):
@@ -158,16 +163,8 @@ def test_dtc(official_dir, record_property):
     supervised_loss = loss_seg_dice + 0.3 * loss_sdf
     consistency_weight = 1.0 * ramps.sigmoid_rampup(IT // 150, 40.0)
     loss = supervised_loss + consistency_weight * consistency_loss
-    g_official = _grads(loss, m)
-
-    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
-    _close(out["loss_sdf"], loss_sdf)
-    _close(out["loss_ce"], loss_seg)
-    _close(out["loss_dice"], loss_seg_dice)
-    _close(out["loss_consistency"], consistency_loss)
-    _close(out["consistency_weight"], consistency_weight)
-    _close(out["loss"], loss)
-    _assert_grads(_grads(out["loss"], m), g_official)
+    _check_step(m, b, loss, {"loss_sdf": loss_sdf, "loss_ce": loss_seg, "loss_dice": loss_seg_dice,
+                             "loss_consistency": consistency_loss, "consistency_weight": consistency_weight})
 
 
 def test_mcf(official_dir, record_property):
@@ -253,14 +250,8 @@ def test_mlrp(official_dir, record_property):
             loss_consist += (loss_t * weight.detach()).sum() / (mask.sum() + 1e-6)
     consistency_weight = 1.0 * ramps.sigmoid_rampup((IT + 1) // 150, 40.0)
     loss = 0.5 * loss_seg_dice + consistency_weight * loss_consist
-    g_official = _grads(loss, m)
-
-    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
-    _close(out["loss_dice"], loss_seg_dice)
-    _close(out["loss_consistency"], loss_consist)
-    _close(out["consistency_weight"], consistency_weight)
-    _close(out["loss"], loss)
-    _assert_grads(_grads(out["loss"], m), g_official)
+    _check_step(m, b, loss, {"loss_dice": loss_seg_dice, "loss_consistency": loss_consist,
+                             "consistency_weight": consistency_weight})
 
 
 def test_cps(official_dir, record_property):
@@ -280,16 +271,8 @@ def test_cps(official_dir, record_property):
     ps1 = ce_loss(outputs1[lb:], torch.argmax(soft2[lb:].detach(), dim=1))
     ps2 = ce_loss(outputs2[lb:], torch.argmax(soft1[lb:].detach(), dim=1))
     loss = loss1 + w * ps1 + loss2 + w * ps2
-    g_official = _grads(loss, m)
-
-    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
-    _close(out["loss_sup1"], loss1)
-    _close(out["loss_sup2"], loss2)
-    _close(out["loss_cps1"], ps1)
-    _close(out["loss_cps2"], ps2)
-    _close(out["consistency_weight"], w)
-    _close(out["loss"], loss)
-    _assert_grads(_grads(out["loss"], m), g_official)
+    _check_step(m, b, loss, {"loss_sup1": loss1, "loss_sup2": loss2, "loss_cps1": ps1, "loss_cps2": ps2,
+                             "consistency_weight": w})
 
 
 def test_urpc(official_dir, record_property):
@@ -320,13 +303,7 @@ def test_urpc(official_dir, record_property):
     cons = cons / 4
     w = 0.1 * ramps.sigmoid_rampup(IT // 150, 400.0)
     loss = supervised_loss + w * cons
-    g_official = _grads(loss, m)
-
-    out = m.training_step(b, StepContext(IT, TOTAL, torch.device("cpu")))
-    _close(out["loss_consistency"], cons)
-    _close(out["consistency_weight"], w)
-    _close(out["loss"], loss)
-    _assert_grads(_grads(out["loss"], m), g_official)
+    _check_step(m, b, loss, {"loss_consistency": cons, "consistency_weight": w})
 
 
 def test_bcp_mix_loss_and_pseudo_labels(official_dir, record_property):
