@@ -15,7 +15,8 @@
 # after preparation minus EVAL_RESERVE_MIN (default 3) and stops cleanly before an epoch that would not fit.
 # When that happens before early stopping, the protocol is NOT complete and the script says so (it never
 # shortens the protocol silently). --budget-min 0 means no budget (the full protocol).
-# Precision: CPU bf16 when this textseg's `train` has --precision (PRECISION=fp32 to turn it off), else fp32.
+# Precision: PRECISION=auto (default: bf16 on CPUs with bf16 units and on CUDA, else fp32), fp32 or bf16;
+# the run's env.json and the summary say what ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,13 +62,8 @@ if [ "$BUDGET_MIN" != "0" ]; then
 else
   echo "== no time budget: the full protocol (up to 2000 epochs, early stopping after 50)"
 fi
-PRECISION_ARGS=()
-if $T train --help 2>/dev/null | grep -q -- "--precision"; then
-  PRECISION_ARGS=(--precision "${PRECISION:-bf16}")
-  echo "== precision: ${PRECISION:-bf16}"
-else
-  echo "== precision: fp32 (this textseg's train has no --precision)"
-fi
+PRECISION_ARGS=(--precision "${PRECISION:-auto}")
+echo "== precision: ${PRECISION:-auto} (what it resolves to is in the summary)"
 
 echo "== train lvit-unet (LViT's protocol: textseg_cli/configs/lvit-unet.yaml)"
 $T train --method lvit-unet --data "$OUT/data" --out "$OUT/lvit-unet" --threads "$THREADS" \
@@ -89,13 +85,20 @@ fg = [r for r in rows if r.get("class_name", "") != "background"]
 dice = sum(float(r["dice"]) for r in fg) / max(1, len(fg))
 iou = sum(float(r["jaccard"]) for r in fg) / max(1, len(fg))
 ep = end["epochs"] or 0
+prec = json.loads((run / "env.json").read_text()).get("precision", {}).get("train", {})
 print(f"\n== summary ({minutes} min wall)")
+print(f"precision: {prec.get('precision', '?')} (asked {prec.get('requested', '?')}: {prec.get('reason', '')})")
 print(f"epochs trained: {ep} of up to 2000; ended: {end['ended']}" + (f" ({end['reason']})" if end["reason"] else ""))
 print(f"best checkpoint: epoch {end['best_epoch']} (val Dice in training {end['best_val_dice']})"
       if end["best_epoch"] else "best checkpoint: none (LViT keeps no best model in epochs 1-5); eval used last.pt")
 print(f"validation ({len(fg)} images, {evals[-1].name if evals else '-'}): Dice {100 * dice:.2f}  IoU {100 * iou:.2f}")
 if ep:
     print(f"time per epoch: {end['train_seconds'] / ep:.1f} s (training and validation)")
+    log = [r for r in csv.DictReader(open(run / "log.csv")) if r.get("val_dice")]
+    step = max(1, len(log) // 10)  # about ten points of the validation curve (one validation per epoch)
+    pts = [(i + 1, float(r["val_dice"])) for i, r in enumerate(log)
+           if i == 0 or (i + 1) % step == 0 or i + 1 == len(log)]
+    print("validation Dice by epoch: " + ", ".join(f"{e}: {100 * d:.1f}" for e, d in pts) + f"  ({run / 'curves.png'})")
 if end["ended"] == "time_budget":
     print("PROTOCOL NOT COMPLETE: the time budget stopped training before early stopping; these are not the "
           "protocol's numbers. Rerun with a larger --budget-min (0 = no budget) to finish it.")

@@ -307,3 +307,57 @@ def test_eval_metrics_equal_lvits_test_script_on_nonempty_masks():
         lvit_iou = jaccard_score(lab.reshape(-1), pred.reshape(-1))
         assert dice(pred > 0, lab > 0) == pytest.approx(lvit_dice, abs=1e-8)
         assert jaccard(pred > 0, lab > 0) == pytest.approx(lvit_iou, abs=1e-12)
+
+
+# --- the reproduction script ---------------------------------------------------------------------------
+
+def _tiny_lvit_source(root):
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("Train", 4), ("Val", 2)):
+        for sub in ("img", "labelcol"):
+            (root / f"{split}_Folder" / sub).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+            mask = np.zeros((30, 40), np.uint8)
+            mask[5 + i:15 + i, 8:20] = 255
+            img[mask > 0] //= 3  # dark "nuclei" the network can learn
+            Image.fromarray(img).save(root / f"{split}_Folder" / "img" / f"{split}{i}.png")
+            Image.fromarray(mask).save(root / f"{split}_Folder" / "labelcol" / f"{split}{i}.png")
+        pd.DataFrame({"Image": [f"{split}{i}.png" for i in range(n)],
+                      "Description": ["Dark nuclei, upper left."] * n}).to_excel(
+            root / f"{split}_Folder" / f"{split}_text.xlsx", index=False)
+
+
+def test_reproduce_script_runs_end_to_end_and_says_the_protocol_is_incomplete(tmp_path):
+    """scripts/reproduce_monuseg_unet.sh on a tiny LViT-layout set with a 1-minute budget: prep → train → eval on
+    val, the summary names the precision that ran, the epochs, the validation Dice/IoU, and that the budget (not
+    early stopping) ended training."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src, out = tmp_path / "src", tmp_path / "out"
+    _tiny_lvit_source(src)
+    env = {**os.environ, "TEXTSEG": str(Path(sys.executable).parent / "textseg"), "PYTHON": sys.executable,
+           "EVAL_RESERVE_MIN": "0.1", "PRECISION": "fp32"}
+    r = subprocess.run(["bash", str(repo / "scripts/reproduce_monuseg_unet.sh"), str(src), str(out),
+                        "--budget-min", "1", "--threads", "1"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    assert "precision: fp32 (asked fp32" in text
+    assert "validation (2 images" in text and "Dice " in text and "IoU " in text
+    assert "PROTOCOL NOT COMPLETE" in text and "validation Dice by epoch: 1: " in text
+    end = json.loads((out / "lvit-unet" / "training.json").read_text())
+    assert end["ended"] == "time_budget" and 1 <= end["epochs"] < 2000
+    env_json = json.loads((out / "lvit-unet" / "env.json").read_text())
+    assert env_json["precision"]["train"]["precision"] == "fp32"
+    # a second run into the same folder is refused before anything is written
+    r2 = subprocess.run(["bash", str(repo / "scripts/reproduce_monuseg_unet.sh"), str(src), str(out)], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert r2.returncode == 2 and "not empty" in r2.stderr

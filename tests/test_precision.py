@@ -169,7 +169,7 @@ def test_mcnet_bf16_training_tracks_fp32(tmp_path, synthetic_data):
     docs/performance.md quotes."""
     from textseg_cli.engine import train
 
-    iters = 150
+    iters = 200
     sets = ["train.log_every=1", "val.every=50", "method.backbone.n_filters=4"]
     curves, dice = {}, {}
     for prec in ("fp32", "bf16"):
@@ -192,3 +192,21 @@ def test_mcnet_bf16_training_tracks_fp32(tmp_path, synthetic_data):
     print(f"|bf16 - fp32| loss: mean {diff.mean():.4f}, max {diff.max():.4f}")
     assert abs(curves["bf16"][-20:].mean() - curves["fp32"][-20:].mean()) < 0.05
     assert abs(dice["bf16"][-1] - dice["fp32"][-1]) < 0.1
+
+
+def test_demo_precision_reaches_training_and_evaluation(tmp_path):
+    """`textseg demo --precision fp32`: the demo's runs train, validate and evaluate in fp32 (what the bf16-vs-fp32
+    demo comparison of docs/performance.md runs); a bad value is a one-line usage error before any folder exists."""
+    from conftest import run_cli
+
+    out = tmp_path / "demo"
+    code, text = run_cli("demo", "--out", str(out), "--iterations", "1", "--methods", "mcnet", "--precision", "fp32",
+                         "--device", "cpu")
+    assert code == 0, text
+    env = json.loads((out / "runs" / "mcnet" / "env.json").read_text())
+    assert env["precision"]["train"]["requested"] == "fp32" and env["precision"]["train"]["precision"] == "fp32"
+    assert env["precision"]["validation"]["precision"] == "fp32"
+    meta = json.loads(next((out / "eval" / "mcnet").rglob("meta.json")).read_text())
+    assert meta["precision"] == "fp32"
+    code, text = run_cli("demo", "--out", str(tmp_path / "bad"), "--iterations", "1", "--precision", "fp16")
+    assert code == 2 and "fp16" in text and not (tmp_path / "bad").exists(), text

@@ -14,13 +14,19 @@ from textseg_cli.utils import prepare_output_dir
 
 
 def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int = 300,
-             methods: tuple[str, ...] = ("mcnet", "vclipseg"), seed: int = 0, device: str | None = None) -> dict[str, Any]:
+             methods: tuple[str, ...] = ("mcnet", "vclipseg"), seed: int = 0, device: str | None = None,
+             precision: str | None = None) -> dict[str, Any]:
     """Run the whole workflow on the synthetic data set and return the paths it wrote.
 
     Trains a text-free baseline and a text-guided method on the same split and puts both in one table.
+    `precision` (auto, fp32, bf16; default the config's auto) is the training precision; validation and
+    the evaluation follow it.
     """
     from textseg_cli import api
+    from textseg_cli.precision import check_precision
 
+    if precision is not None:
+        check_precision(precision, "--precision")  # a typo fails before the folder exists
     out = prepare_output_dir(out, force=force, command="demo")
     paths: dict[str, Any] = {}
 
@@ -43,8 +49,11 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int
     for method in methods:
         console.rule(f"[bold]4/6 train {method} ({iterations} iterations)")
         run_dir = out / "runs" / method
+        sets = [f"method.text.embeddings={emb}"] if _reads_embeddings(method) else []
+        if precision is not None:
+            sets.append(f"train.precision={precision}")
         api.train(method=method, data=data, out=run_dir, iterations=iterations, labeled="4", seed=seed,
-                  device=device, sets=[f"method.text.embeddings={emb}"] if _reads_embeddings(method) else ())
+                  device=device, sets=sets)
         paths[f"run_{method}"] = run_dir
 
         console.rule(f"[bold]5/6 eval {method} (validation split, best-on-val checkpoint)")

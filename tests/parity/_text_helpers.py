@@ -102,6 +102,14 @@ def assert_grads_close(pairs, rel: float = 1e-4) -> None:
             assert err <= rel * ref, f"grad {name}: ||diff|| {err:.3g} vs ||grad|| {ref:.3g}"
 
 
+def keep_float64(monkeypatch) -> None:
+    """textseg casts loss inputs with `.float()` (float32 losses under autocast); in a float64 comparison that cast
+    leaves float64 tensors as they are (bool, integer and half tensors still become float32)."""
+    orig = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda self, *a, **k: self if self.dtype == torch.float64 else orig(self, *a, **k))
+
+
 def patch_cuda(monkeypatch) -> None:
     """Official code calls `.cuda()`: keep tensors and modules where they are (CPU)."""
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=True)

@@ -18,9 +18,11 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed for data generation and training."),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    precision: str = typer.Option(None, "--precision", help="auto (bf16 on CUDA and on CPUs with bf16 units, else "
+                                  "fp32), fp32 or bf16; validation and evaluation follow it."),
 ) -> None:
     """Run prep synthetic → describe → encode → train → eval → table on the bundled synthetic data."""
     from textseg_cli.pipeline import run_demo
 
     run_demo(out=out, force=force, iterations=iterations, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-             seed=seed, device=device)
+             seed=seed, device=device, precision=precision)
