@@ -138,6 +138,7 @@ def test_clip_vit_b32_random_weights_cli(tmp_path):
     assert meta["texts"] == ["A pixel of a background.", "A pixel of a pancreas."]
     assert meta["class_names"] == ["background", "pancreas"] and meta["model"] == "ViT-B-32"
     assert meta["pretrained"] is None and meta["pretrained_kind"] == "none" and meta["normalized"] is True
+    assert meta["random_init_seed"] == 0
     assert meta["source"]["prompt_template"] == "A pixel of a {class}."
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
     assert not torch.allclose(emb[0], emb[1], atol=1e-3)
@@ -176,6 +177,11 @@ def test_clip_checkpoint_file_is_loaded(tiny_clip_checkpoint, tmp_path):
     # random init differs from the file's weights
     rnd = encode("clip", "spleen", model=TINY_CLIP, pretrained="none", out=tmp_path / "c", device="cpu")
     assert not torch.allclose(load_embeddings(rnd.path)[0], emb, atol=1e-3)
+    # random weights come from a fixed seed: a second run gives the same embeddings, whatever the global RNG
+    torch.manual_seed(1234)
+    rnd2 = encode("clip", "spleen", model=TINY_CLIP, pretrained="none", out=tmp_path / "d", device="cpu")
+    assert torch.equal(load_embeddings(rnd2.path)[0], load_embeddings(rnd.path)[0])
+    assert load_embeddings(rnd2.path)[1]["random_init_seed"] == 0
 
 
 def test_clip_classes_data_template_and_default_out_reuse(tiny_clip_checkpoint, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from textseg_cli.text.encoders import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_CLIP_P
 from textseg_cli.text.prompts import GENERIC, list_datasets, load_prompts
 
 ENCODERS = ("bert", "clip")
+RANDOM_CLIP_SEED = 0  # `--pretrained none`: the random CLIP is built from this seed (recorded in the sidecar)
 DEFAULT_OUT_DIR = Path("text_embeddings")
 
 
@@ -125,10 +126,19 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
                 raise OutputExistsError(p)
 
     if encoder == "clip":
+        import torch
+
         from textseg_cli.text.encoders import ClipTextEncoder
 
-        enc = ClipTextEncoder(model, pretrained, device)
+        random_init = str(pretrained).strip().lower() in ("", "none", "random")
+        # random weights from a fixed seed: the same texts give the same embeddings on every run
+        with torch.random.fork_rng(devices=[]):
+            if random_init:
+                torch.manual_seed(RANDOM_CLIP_SEED)
+            enc = ClipTextEncoder(model, pretrained, device)
         tensors = enc.encode(texts, tokens=tokens, normalize=normalize)
+        if random_init:
+            settings["random_init_seed"] = RANDOM_CLIP_SEED
     else:
         from textseg_cli.text.encoders import BertTextEncoder
 
