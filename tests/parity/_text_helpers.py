@@ -16,23 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity_helpers import official_commit
 
 GENERIC = ("utils", "model", "networks", "dataloaders", "prediction", "test_patch", "losses", "ramps")
 
 
-def official_repo(name: str) -> Path:
+def official_repo(name: str, commit: str) -> Path:
+    """`$TEXTSEG_OFFICIAL/<name>`, skipping the test when it is absent or at another commit than `commit`."""
     root = os.environ.get("TEXTSEG_OFFICIAL")
     if not root:
         pytest.skip("TEXTSEG_OFFICIAL is not set (folder of official checkouts)")
     repo = Path(root) / name
     if not repo.is_dir():
         pytest.skip(f"{repo} is missing")
+    found = official_commit(repo.parent, name)
+    if found != commit:
+        pytest.skip(f"written against {commit[:7]}, found {found[:7]}")
     return repo
-
-
-def official_commit(repo: Path) -> str:
-    f = repo / ".commit"
-    return f.read_text(encoding="utf-8").strip() if f.is_file() else "unknown"
 
 
 def _purge() -> None:
@@ -108,9 +108,3 @@ def keep_float64(monkeypatch) -> None:
     orig = torch.Tensor.float
     monkeypatch.setattr(torch.Tensor, "float",
                         lambda self, *a, **k: self if self.dtype == torch.float64 else orig(self, *a, **k))
-
-
-def patch_cuda(monkeypatch) -> None:
-    """Official code calls `.cuda()`: keep tensors and modules where they are (CPU)."""
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=True)
-    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self, raising=True)

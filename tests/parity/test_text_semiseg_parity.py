@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _text_helpers import (assert_close, assert_grads_close, keep_float64, load_mapped, official_commit,
-                           official_imports, official_repo, patch_cuda, vnet_key)
+from _text_helpers import (assert_close, assert_grads_close, keep_float64, load_mapped, official_imports,
+                           official_repo, vnet_key)
 
 from textseg_cli.engine.config import build_config
 from textseg_cli.inference.predict import predict_case
@@ -78,10 +78,7 @@ class _PaperTMRInOfficial(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def repo():
-    r = official_repo("Text-SemiSeg")
-    if official_commit(r) != COMMIT:
-        pytest.skip(f"written against {COMMIT[:7]}, found {official_commit(r)[:7]}")
-    return r
+    return official_repo("Text-SemiSeg", COMMIT)
 
 
 def _text(tmp_path):
@@ -260,7 +257,6 @@ def test_loss_terms_and_gradients_parity(repo, tmp_path, monkeypatch, mode):
 @pytest.mark.timeout(3600)
 def test_inference_parity_with_test_single_case_and_lcc(repo, tmp_path, monkeypatch):
     """prediction.py:22-86 (test_single_case) + :139-140 (getLargestCC) on the Lung strides 18/4 (:118-120)."""
-    patch_cuda(monkeypatch)
     monkeypatch.setitem(sys.modules, "hausdorff", types.SimpleNamespace(hausdorff_distance=None))
     off, ours, txt = _pair(repo, tmp_path, "official")
     x = torch.randn(2, 1, *PATCH, generator=torch.Generator().manual_seed(2))

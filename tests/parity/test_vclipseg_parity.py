@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _text_helpers import (assert_close, assert_grads_close, keep_float64, load_mapped, official_commit,
-                           official_imports, official_repo, patch_cuda, vnet_key)
+from _text_helpers import (assert_close, assert_grads_close, keep_float64, load_mapped, official_imports,
+                           official_repo, vnet_key)
 
 from textseg_cli.engine.config import build_config
 from textseg_cli.inference.predict import predict_case
@@ -49,10 +49,7 @@ def official_to_textseg(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo():
-    r = official_repo("VCLIPSeg")
-    if official_commit(r) != COMMIT:
-        pytest.skip(f"written against {COMMIT[:7]}, found {official_commit(r)[:7]}")
-    return r
+    return official_repo("VCLIPSeg", COMMIT)
 
 
 def _pair(repo, tmp_path, has_dropout=True):
@@ -181,9 +178,8 @@ def test_loss_terms_and_gradients_parity(repo, tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(3600)
-def test_inference_parity_with_test_single_case(repo, tmp_path, monkeypatch):
+def test_inference_parity_with_test_single_case(repo, tmp_path):
     """code/utils/test_patch.py:104-167 (decoder 1, softmax, > 0.5), LA strides 18/4; test_3d.py --nms 0."""
-    patch_cuda(monkeypatch)
     off, ours, _ = _pair(repo, tmp_path)
     x = torch.randn(2, 1, *PATCH, generator=torch.Generator().manual_seed(2))
     off.train(), ours.train()
