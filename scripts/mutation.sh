@@ -16,11 +16,11 @@ bin=$root/.venv/bin
 targets=(
   "metrics|textseg_cli/metrics/*|tests/test_metrics.py tests/test_metrics_edges.py tests/test_cuda_readiness.py::test_device_lcc_equals_scipy_voxel_for_voxel tests/test_cuda_readiness.py::test_lcc_of_a_device_tensor_stays_on_the_device"
   "sliding_window|textseg_cli/inference/sliding_window.py|tests/test_sliding_window.py tests/test_sliding_window_edges.py"
-  "losses|textseg_cli/losses.py|tests/test_losses.py tests/test_ssl_losses.py"
+  "losses|textseg_cli/methods/losses.py|tests/test_losses.py tests/test_ssl_losses.py"
   "text_losses|textseg_cli/methods/text_losses.py|tests/test_text_fusion.py tests/test_text_methods.py"
   "splits|textseg_cli/data/splits.py|tests/test_prepared_format.py tests/test_safety_cli.py::test_labeled_percentage_rounds_half_up tests/test_safety_cli.py::test_labeled_percentage_on_the_command_line"
   "sampling|textseg_cli/data/sampling.py|tests/test_engine.py tests/test_prefetch.py tests/test_fidelity_defaults.py tests/test_safety_cli.py::test_no_label_file_of_an_unlabeled_case_is_opened_while_the_files_exist"
-  "checkpoint|textseg_cli/engine/checkpoint.py|tests/test_engine.py"
+  "checkpoint|textseg_cli/runs/checkpoint.py|tests/test_engine.py"
 )
 out=$root/mutation-report
 mkdir -p "$out"

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from textseg_cli.engine.config import build_config
-from textseg_cli.methods.base import Batch, StepContext, build_method, list_methods
+from textseg_cli.runs.config import build_config
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.registry import build_method, list_methods
 
 PATCH3, PATCH2 = [32, 32, 16], [32, 32]
 TINY3 = ["method.backbone.n_filters=4"]
@@ -124,7 +126,7 @@ def ddp_worker(rank: int, world_size: int, init_file: str, folder: str, ids: lis
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from textseg_cli.engine.trainer import _StepModule
+    from textseg_cli.engine.loop import _StepModule
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

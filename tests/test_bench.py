@@ -7,9 +7,9 @@ import json
 import pytest
 
 from conftest import run_cli
-from textseg_cli.bench import default_stride, run_benchmark
+from textseg_cli.bench.benchmark import default_stride, run_benchmark
 from textseg_cli.errors import ConfigError
-from textseg_cli.methods.base import list_methods
+from textseg_cli.methods.registry import list_methods
 
 
 def test_default_strides_follow_the_literature():
@@ -85,10 +85,10 @@ def test_reference_window_loop_equals_textseg_sliding_window():
     import numpy as np
     import torch
 
-    from textseg_cli.bench import method_config
-    from textseg_cli.bench_reference import reference_sliding_window
+    from textseg_cli.bench.benchmark import method_config
+    from textseg_cli.bench.reference import reference_sliding_window
     from textseg_cli.inference.predict import predict_case
-    from textseg_cli.methods.base import build_method
+    from textseg_cli.methods.registry import build_method
 
     torch.manual_seed(0)
     patch = (16, 16, 16)

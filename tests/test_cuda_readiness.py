@@ -277,8 +277,8 @@ def test_inference_copy_shares_all_but_the_folded_convs(spec_id, inputs):
 def test_trainer_drops_the_inference_copy_after_each_validation(tmp_path, monkeypatch):
     import textseg_cli.inference.fusion as fusion
     from textseg_cli.data.prep.synthetic import prep_synthetic
-    from textseg_cli.engine import train
-    from textseg_cli.engine.trainer import Trainer
+    from textseg_cli.engine.setup import train
+    from textseg_cli.engine.loop import Trainer
 
     data = tmp_path / "data"
     prep_synthetic(data, n_cases=5, size=(32, 32, 16), n_val=1, n_test=1, patch_size=(16, 16, 16))

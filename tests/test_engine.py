@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from textseg_cli.data.sampling import Augment, TwoStreamSampler
-from textseg_cli.engine import NonFiniteLossError, load_run, train
-from textseg_cli.engine.config import build_config
+from textseg_cli.engine.loop import NonFiniteLossError
+from textseg_cli.runs.load import load_run
+from textseg_cli.engine.setup import train
+from textseg_cli.runs.config import build_config
 from textseg_cli.engine.optim import lr_factor
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError
 
@@ -138,8 +140,8 @@ def test_resume_continues_the_loss_curve_exactly(tiny_data, tmp_path, monkeypatc
 def test_resume_loads_the_checkpoint_to_cpu_whatever_the_run_device(tiny_data, tmp_path, monkeypatch):
     """On CUDA, `map_location=device` put the RNG states on the GPU, and `torch.set_rng_state` needs a CPU
     ByteTensor. Stand-in: the trainer's device reads as `meta` while resuming; only a CPU load survives."""
-    from textseg_cli.engine import checkpoint as ckmod
-    from textseg_cli.engine.trainer import Trainer
+    from textseg_cli.runs import checkpoint as ckmod
+    from textseg_cli.engine.loop import Trainer
 
     args = dict(labeled="2", seed=3, device="cpu", quiet=True, sets=TINY + ["val.every=0"])
     train("mcnet", tiny_data, out=tmp_path / "run", iterations=2, **args)
@@ -226,8 +228,10 @@ def test_outputs_guarded_and_load_run(tiny_data, tmp_path):
 def test_mcnet_loss_terms_and_decoder_selection():
     import math
 
-    from textseg_cli.losses import sharpen
-    from textseg_cli.methods import Batch, StepContext, build_method
+    from textseg_cli.methods.losses import sharpen
+    from textseg_cli.data.batch import Batch
+    from textseg_cli.methods.base import StepContext
+    from textseg_cli.methods.registry import build_method
 
     cfg = build_config("mcnet+", "synthetic", 3, [16, 16, 16], sets=["method.backbone.n_filters=4"])
     torch.manual_seed(0)
@@ -257,7 +261,7 @@ def test_deterministic_runs_warn_on_ops_without_a_deterministic_kernel(tiny_data
     import json
     import warnings
 
-    from textseg_cli.engine.determinism import CUDA_NONDETERMINISTIC_OPS
+    from textseg_cli.runtime.determinism import CUDA_NONDETERMINISTIC_OPS
     from textseg_cli.methods.mcnet import MCNet
 
     real = MCNet.training_step

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import run_cli
 
 from textseg_cli.data.io import write_nifti
-from textseg_cli.evaluation import evaluate_pairs, resize_nearest
+from textseg_cli.evaluation.folders import evaluate_pairs, resize_nearest
 from textseg_cli.methods.base import Method
 
 
@@ -125,9 +125,9 @@ class Sign2D(Method):
 
 def test_evaluate_run_on_a_2d_run(tmp_path, monkeypatch):
     from textseg_cli.data.prepared import load_prepared
-    from textseg_cli.engine.checkpoint import save_checkpoint
-    from textseg_cli.engine.config import build_config, save_config
-    from textseg_cli.inference import run_eval
+    from textseg_cli.runs.checkpoint import save_checkpoint
+    from textseg_cli.runs.config import build_config, save_config
+    from textseg_cli.evaluation.folders import run as run_eval
     from textseg_cli.methods import base
 
     data = _folder(tmp_path, "tiny2d", 0)
@@ -144,7 +144,7 @@ def test_evaluate_run_on_a_2d_run(tmp_path, monkeypatch):
     save_config(cfg, run_dir / "config.yaml")
     for name in ("best", "last"):
         save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {"method": Sign2D().state_dict(), "iteration": 1})
-    import textseg_cli.engine.runs as runs_mod
+    import textseg_cli.runs.load as runs_mod
 
     original = runs_mod.load_run
 
@@ -165,7 +165,7 @@ def test_evaluate_run_on_a_2d_run(tmp_path, monkeypatch):
 
 
 def test_threshold_on_the_foreground_probability():
-    from textseg_cli.inference.run_eval import mask_from_probs
+    from textseg_cli.evaluation.run import mask_from_probs
 
     p = torch.tensor([0.2, 0.5, 0.51, 0.9]).reshape(1, 4)
     probs = torch.cat([1 - p, p])[:, None]  # (K=2, 1, 4)

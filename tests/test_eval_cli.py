@@ -13,7 +13,7 @@ from conftest import run_cli
 from medpy.metric import binary as mb
 
 from textseg_cli.data.io import write_nifti
-from textseg_cli.evaluation import evaluate_folders, evaluate_pairs
+from textseg_cli.evaluation.folders import evaluate_folders, evaluate_pairs
 
 SPACING = (0.8, 0.8, 2.0)
 SHAPE = (16, 16, 10)
@@ -235,11 +235,11 @@ def test_evaluate_folders_api_without_writing(folders):
     assert not (root / "eval_pred").exists()
 
 
-# --- RUN_DIR: wiring to textseg_cli.inference.run_eval.evaluate_run ----------------------------
+# --- RUN_DIR: wiring to textseg_cli.evaluation.run.evaluate_run ----------------------------
 def test_run_dir_calls_evaluate_run_and_warns_on_test(tmp_path, monkeypatch):
     import inspect
 
-    from textseg_cli.inference import run_eval
+    from textseg_cli.evaluation.folders import run as run_eval
 
     calls = []
     real = inspect.signature(run_eval.evaluate_run)

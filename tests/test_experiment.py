@@ -49,7 +49,7 @@ def test_grid_expands_to_a_predictable_layout_and_checks_the_file(tmp_path, synt
 
 def _interrupt_at(monkeypatch, method: str, seed: int, iteration: int):
     """Ctrl-C (SIGINT) during one run: the trainer saves checkpoints/last.pt and stops, as on a real interrupt."""
-    from textseg_cli.engine import trainer as trainer_mod
+    from textseg_cli.engine import loop as trainer_mod
 
     orig = trainer_mod.Trainer._step
 
@@ -199,7 +199,7 @@ _EIGHT = ["sup", "uamt", "dtc", "mcnet", "mcnet+", "mlrp", "bcp", "llm-segnet"]
 
 def _fake_results(tmp_path: Path, methods=_EIGHT, labeled=(8, 16), seeds=(1, 2, 3)) -> Path:
     """Evaluations written by the real writer at the places the experiment reads them."""
-    from textseg_cli.evaluation import write_evaluation
+    from textseg_cli.evaluation.folders import write_evaluation
 
     spec = {"name": "LA Table 1 (8 -> 16 labeled)", "dataset": "la", "labeled": list(labeled), "seeds": list(seeds),
             "methods": [{"method": m, "name": _DISPLAY.get(m, m) + ("_x" if m == "mcnet+" else "")} for m in methods]}

@@ -9,7 +9,7 @@ import torch
 
 from textseg_cli.data.augment import random_rot_flip
 from textseg_cli.data.sampling import Augment, TwoStreamSampler
-from textseg_cli.engine.config import build_config
+from textseg_cli.runs.config import build_config
 from textseg_cli.engine.optim import lr_factor
 from textseg_cli.inference.protocol import resolve_lcc
 from textseg_cli.methods.mcf import mcf_consistency
@@ -92,8 +92,8 @@ def test_lcc_follows_the_method_protocol(method, expected):
 def test_models_fidelity_points_every_method_to_the_ledger():
     from conftest import run_cli
 
-    from textseg_cli.fidelity import LEDGER
-    from textseg_cli.methods.base import list_methods
+    from textseg_cli.methods.fidelity import LEDGER
+    from textseg_cli.methods.registry import list_methods
 
     assert set(list_methods()) <= set(LEDGER)
     code, out = run_cli("models", "--fidelity")

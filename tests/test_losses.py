@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from textseg_cli.losses import (ce_dice_loss, consistency_weight, dice_loss, mse, one_hot, sharpen, sigmoid_rampup,
-                                softmax_mse)
+from textseg_cli.methods.losses import ce_dice_loss, consistency_weight, dice_loss, mse, one_hot, sharpen, sigmoid_rampup, softmax_mse
 
 
 def _two_class(p_fg):

@@ -47,7 +47,7 @@ def test_forward_is_sigmoid_of_logits_and_method_predicts_by_threshold():
     x = torch.rand(2, 3, 32, 32)
     p = net(x)
     assert p.shape == (2, 1, 32, 32) and torch.allclose(p, torch.sigmoid(net.logits(x)))
-    from textseg_cli.engine.config import build_config
+    from textseg_cli.runs.config import build_config
     from textseg_cli.methods.lvit_unet import LViTUNetMethod
 
     cfg = build_config("lvit-unet", "synthetic2d", 2, [32, 32])
@@ -241,7 +241,7 @@ def tiny_2d(tmp_path_factory):
 
 
 def test_trainer_stops_early_and_records_it(tiny_2d, tmp_path, monkeypatch, one_thread):
-    import textseg_cli.engine.trainer as trainer_mod
+    import textseg_cli.engine.loop as trainer_mod
 
     seq = iter([0.1, 0.5, 0.4, 0.6, 0.3, 0.3, 0.3, 0.9, 0.9, 0.9])
     monkeypatch.setattr(trainer_mod, "validate", lambda *a, **k: {"val_dice": next(seq)})
@@ -255,7 +255,7 @@ def test_trainer_stops_early_and_records_it(tiny_2d, tmp_path, monkeypatch, one_
 
 
 def test_trainer_time_budget_stops_cleanly(tiny_2d, tmp_path, one_thread):
-    from textseg_cli.engine.trainer import train
+    from textseg_cli.engine.setup import train
 
     res = train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True,
                 sets=["train.epochs=50", "train.time_budget_min=1e-6", "method.backbone.base=2"])
@@ -265,7 +265,7 @@ def test_trainer_time_budget_stops_cleanly(tiny_2d, tmp_path, one_thread):
 
 
 def test_explicit_iterations_override_epochs(tiny_2d, tmp_path, one_thread):
-    from textseg_cli.engine.trainer import train
+    from textseg_cli.engine.setup import train
 
     res = train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True, iterations=2,
                 sets=["train.epochs=50", "method.backbone.base=2"])

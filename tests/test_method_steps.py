@@ -11,8 +11,10 @@ import math
 import pytest
 import torch
 
-from textseg_cli.engine.config import build_config
-from textseg_cli.methods.base import Batch, StepContext, build_method
+from textseg_cli.runs.config import build_config
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.registry import build_method
 from textseg_cli.methods.mlrp import reliable_cross_supervision
 from textseg_cli.methods.ssl_common import sharpen_softmax
 

@@ -1,6 +1,6 @@
 from conftest import run_cli
 
-from textseg_cli.engine.listing import list_models
+from textseg_cli.runs.listing import list_models
 
 
 def test_models_prints_the_published_parameter_counts():
@@ -14,7 +14,8 @@ def test_models_prints_the_published_parameter_counts():
 
 
 def test_list_models_rows_and_registry_pickup():
-    from textseg_cli.methods.base import METHODS, Method, register_method
+    from textseg_cli.methods.registry import METHODS, register_method
+    from textseg_cli.methods.base import Method
     from textseg_cli.models.registry import MODELS, register_model
 
     import torch.nn as nn
@@ -50,9 +51,9 @@ def test_list_models_rows_and_registry_pickup():
 def test_methods_refuse_a_dimensionality_they_do_not_train_on():
     import pytest
 
-    from textseg_cli.engine.config import build_config
+    from textseg_cli.runs.config import build_config
     from textseg_cli.errors import ConfigError
-    from textseg_cli.methods.base import build_method
+    from textseg_cli.methods.registry import build_method
 
     with pytest.raises(ConfigError, match=r"tgcnet trains on 2D images; this data set has dim 3 \(.*prep slices"):
         build_method("tgcnet", build_config("tgcnet", None, 3, [32, 32, 16]), 1, 2, dim=3)

@@ -67,7 +67,7 @@ def test_prep_overlays_command(synthetic_data, tmp_path):
 
 def test_eval_overlays_have_image_size(tmp_path):
     from textseg_cli.data.io import write_nifti
-    from textseg_cli.evaluation import evaluate_folders
+    from textseg_cli.evaluation.folders import evaluate_folders
 
     labels, pred = tmp_path / "labels", tmp_path / "pred"
     for i in range(3):

@@ -1,4 +1,4 @@
-"""One precision rule for training, validation, eval, predict and bench (`textseg_cli.precision`)."""
+"""One precision rule for training, validation, eval, predict and bench (`textseg_cli.runtime.precision`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from textseg_cli import precision as P
-from textseg_cli.engine.config import build_config
+from textseg_cli.runtime import precision as P
+from textseg_cli.runs.config import build_config
 from textseg_cli.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +62,7 @@ def test_validation_follows_training_amp_off(monkeypatch):
 
 def test_validate_passes_the_resolved_rule_to_predict_case(monkeypatch):
     import textseg_cli.inference.predict as predict_mod
-    from textseg_cli.engine.trainer import validate
+    from textseg_cli.evaluation.validation import validate
 
     seen = []
 
@@ -81,7 +81,7 @@ def test_validate_passes_the_resolved_rule_to_predict_case(monkeypatch):
 def test_losses_stay_float32_under_cpu_bf16():
     """CPU autocast keeps softmax/sum in bf16 (CUDA autocast does not): Dice of 64k voxels summed in bf16
     is off by ~0.4 %; under the bf16 context they run in float32."""
-    from textseg_cli.losses import dice_loss
+    from textseg_cli.methods.losses import dice_loss
 
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(1, 2, 3, padding=1)
@@ -101,8 +101,9 @@ def test_losses_stay_float32_under_cpu_bf16():
 
 
 def test_mcnet_step_bf16_close_to_fp32():
-    from textseg_cli.bench import _random_batch, method_config
-    from textseg_cli.methods.base import StepContext, build_method
+    from textseg_cli.bench.benchmark import _random_batch, method_config
+    from textseg_cli.methods.base import StepContext
+    from textseg_cli.methods.registry import build_method
 
     patch = (16, 16, 16)
     cfg = method_config("mcnet", patch, ["method.backbone.n_filters=4"])
@@ -123,8 +124,8 @@ def test_mcnet_step_bf16_close_to_fp32():
 
 
 def test_train_records_precision_in_env_and_eval_meta(tmp_path, synthetic_data):
-    from textseg_cli.engine import train
-    from textseg_cli.inference.run_eval import evaluate_run
+    from textseg_cli.engine.setup import train
+    from textseg_cli.evaluation.run import evaluate_run
 
     run = tmp_path / "run"
     train("sup", synthetic_data, labeled="2", iterations=1, out=run, device="cpu", quiet=True,
@@ -167,7 +168,7 @@ def test_float16_tensors_can_be_joined_under_cpu_bf16():
 def test_mcnet_bf16_training_tracks_fp32(tmp_path, synthetic_data):
     """bf16 does not hurt: MC-Net on the synthetic tracks, same seed, fp32 vs bf16 (CPU). Prints the figures
     docs/performance.md quotes."""
-    from textseg_cli.engine import train
+    from textseg_cli.engine.setup import train
 
     iters = 200
     sets = ["train.log_every=1", "val.every=50", "method.backbone.n_filters=4"]

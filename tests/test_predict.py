@@ -111,8 +111,8 @@ def _prepared(root: Path) -> Path:
 def trained_run(tmp_path, monkeypatch):
     """A real run folder (config.yaml, cases.json, checkpoints) of SignMethod on the tiny prepared set."""
     from textseg_cli.data.prepared import load_prepared
-    from textseg_cli.engine.checkpoint import save_checkpoint
-    from textseg_cli.engine.config import build_config, save_config
+    from textseg_cli.runs.checkpoint import save_checkpoint
+    from textseg_cli.runs.config import build_config, save_config
     from textseg_cli.methods import base
 
     base.list_methods()  # import the real methods first, then add the test one
@@ -168,7 +168,7 @@ def test_predict_folder_reads_prepared_folder(trained_run, tmp_path):
 
 
 def test_evaluate_run_writes_predictions_and_scores(trained_run, tmp_path):
-    from textseg_cli.inference.run_eval import evaluate_run
+    from textseg_cli.evaluation.run import evaluate_run
 
     df = evaluate_run(trained_run.run_dir, split="val", inference="whole")
     out = trained_run.run_dir / "eval" / "val-best-whole"

@@ -64,7 +64,7 @@ def test_prefetch_pins_memory_for_cuda():
 
 def test_training_with_prefetch_resumes_exactly(tmp_path):
     from textseg_cli.data.prep.synthetic import prep_synthetic
-    from textseg_cli.engine import train
+    from textseg_cli.engine.setup import train
 
     data = tmp_path / "data"
     prep_synthetic(data, n_cases=6, size=(24, 24, 16), n_val=1, n_test=1, patch_size=(16, 16, 16))

@@ -139,7 +139,7 @@ def test_real_monuseg_smoke_train_and_eval(monuseg_dir, tmp_path, one_thread):
                         "--set", "data.profile=synthetic2d", "--set", "train.batch_labeled=2", "--val-every", "3",
                         "--clip-weights", "none")
     assert code == 0, out
-    from textseg_cli.engine import load_run
+    from textseg_cli.runs.load import load_run
 
     assert load_run(run, "last").method.date_mode == "injection"  # aux_texts.json found: the full DATE
     code, out = run_cli("eval", run, "--split", "val", "--eval-size", "224")

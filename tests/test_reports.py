@@ -12,7 +12,7 @@ from scipy.stats import wilcoxon
 
 from textseg_cli.errors import DataError, OutputExistsError
 from textseg_cli.reports import compare_results, load_result, summarize
-from textseg_cli.reports.compare import paired_wilcoxon
+from textseg_cli.reports.results import paired_wilcoxon
 from textseg_cli.reports.tables import ResultRow, latex_escape, render_table
 
 
@@ -175,7 +175,7 @@ def test_load_result_errors(tmp_path):
 def test_both_empty_cases_are_reported_apart_from_one_mask_empty(tmp_path):
     """Issue 20: a case with both masks empty (Dice 1, distances 0) is not an "empty" case; the summary,
     meta.json and table notes count it separately (fails if one_mask_empty counted both-empty cases)."""
-    from textseg_cli.evaluation import build_meta, write_evaluation
+    from textseg_cli.evaluation.folders import build_meta, write_evaluation
 
     df = _per_case({"dice": [1.0, 0.0, 0.9], "jaccard": [1.0, 0.0, 0.8], "hd95": [0.0, float("nan"), 2.0],
                     "asd": [0.0, float("nan"), 1.0]}, empty={("c1", "foreground")})

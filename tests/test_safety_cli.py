@@ -21,7 +21,7 @@ import pytest
 from conftest import run_cli
 from raw_fakes import phantom_ct, write_image
 from textseg_cli.data.io import read_nifti, write_nifti
-from textseg_cli.safety import LOCK, MANIFEST
+from textseg_cli.storage.outputs import LOCK, MANIFEST
 
 TINY = ["--device", "cpu", "--set", "method.backbone.n_filters=2", "--set", "train.batch_labeled=1",
         "--set", "train.batch_unlabeled=1"]
@@ -125,7 +125,7 @@ def test_temporary_checkpoint_of_a_killed_write_is_removed_on_the_next_run(run, 
 
 
 def test_a_failed_training_leaves_no_folder_that_demands_force(data, tmp_path, monkeypatch):
-    from textseg_cli.engine import trainer
+    from textseg_cli.engine import loop as trainer
 
     def crash(self):
         raise RuntimeError("simulated crash before the first checkpoint")
@@ -336,7 +336,7 @@ def test_resume_with_fewer_iterations_than_done_is_refused(run, tmp_path):
 def test_process_group_is_closed_after_a_barrier_on_success_and_error(monkeypatch, tmp_path):
     import torch.distributed as tdist
 
-    from textseg_cli.engine.ddp_exit import shutdown_process_group
+    from textseg_cli.engine.distributed import shutdown_process_group
 
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     calls = []

@@ -10,7 +10,7 @@ from textseg_cli.data.io import write_nifti
 from textseg_cli.data.prep.slices import organ_prompt, prep_slices, remap, restack_labels, select_classes
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError, DataError
-from textseg_cli.evaluation import evaluate_folders
+from textseg_cli.evaluation.folders import evaluate_folders
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from textseg_cli.methods.base import Batch, StepContext, build_method, list_methods
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.registry import build_method, list_methods
 
 ITERATIONS = 30
 COMMON_SETS = ["val.at_start=true", "method.backbone.n_filters=4", "optim.name=adam", "optim.lr=0.003",

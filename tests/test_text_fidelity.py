@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from textseg_cli.engine.config import build_config
+from textseg_cli.runs.config import build_config
 from textseg_cli.errors import ConfigError
-from textseg_cli.methods.base import build_method
+from textseg_cli.methods.registry import build_method
 from textseg_cli.methods.clip_weights import run_uses_random_clip
 from textseg_cli.models.registry import build_model
 from textseg_cli.models.tgcnet.clip_backbone import TINY_CLIP
@@ -69,9 +69,9 @@ def test_evaluation_rows_of_a_random_clip_run_say_so(tmp_path, monkeypatch):
     from test_eval_2d import Sign2D, _folder
 
     from textseg_cli.data.prepared import load_prepared
-    from textseg_cli.engine.checkpoint import save_checkpoint
-    from textseg_cli.engine.config import save_config
-    from textseg_cli.inference import run_eval
+    from textseg_cli.runs.checkpoint import save_checkpoint
+    from textseg_cli.runs.config import save_config
+    from textseg_cli.evaluation.folders import run as run_eval
     from textseg_cli.methods import base
     from textseg_cli.reports.compare import compare_results
 

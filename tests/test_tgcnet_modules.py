@@ -204,7 +204,8 @@ def test_true_text_beats_shuffled_text_through_textseg_train(tmp_path):
     import numpy as np
 
     from textseg_cli.data.prepared import load_prepared
-    from textseg_cli.engine import load_run, train
+    from textseg_cli.runs.load import load_run
+    from textseg_cli.engine.setup import train
 
     _synthetic_with_shuffled_texts(tmp_path)
     ds = load_prepared(tmp_path / "true")
@@ -268,7 +269,7 @@ def test_train_cli_ablation_flags_reach_the_model(tmp_path, one_thread):
     assert code == 0, out
     method = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["method"]
     assert (method["sse"], method["vlcm"], method["clip_finetune"], method["date"]) == ("off", "none", "qv", "main-only")
-    from textseg_cli.engine import load_run
+    from textseg_cli.runs.load import load_run
 
     net = load_run(run, "last").method.net
     assert net.sse.mode == "off" and net.vlcm.mode == "none" and net.clip.finetune == "qv"

@@ -16,7 +16,7 @@ import torch
 from parity_helpers import official_commit, official_module
 from textseg_cli.data.augment import random_rot_flip
 from textseg_cli.inference.sliding_window import sliding_window_inference
-from textseg_cli.methods.base import build_method
+from textseg_cli.methods.registry import build_method
 from textseg_cli.metrics.postprocess import lcc_per_class
 
 ROTFLIP = [("UA-MT", "dataloaders.la_heart"), ("DTC", "dataloaders.la_heart"), ("MC-Net", "dataloaders.dataset"),

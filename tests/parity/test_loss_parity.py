@@ -14,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parity_helpers import official_commit, official_module
-from textseg_cli.methods.base import Batch, StepContext, build_method
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.registry import build_method
 
 IT, TOTAL = 2999, 6000  # ramp index (t // 150) 19, or 20 where the script increments first
 PATCH = (16, 16, 16)

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from _text_helpers import (assert_close, assert_grads_close, keep_float64, load_mapped, official_imports,
                            official_repo, vnet_key)
 
-from textseg_cli.engine.config import build_config
+from textseg_cli.runs.config import build_config
 from textseg_cli.inference.predict import predict_case
-from textseg_cli.methods.base import Batch, StepContext, build_method
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.registry import build_method
 from textseg_cli.metrics.postprocess import largest_connected_component
 from textseg_cli.text.embeddings import save_embeddings
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+
 import click
 import typer
 
 from textseg_cli import __version__
-from textseg_cli.cli.usage import CLICK_ERRORS, HELP_OPTIONS, USAGE_ERRORS, hoist_debug, usage_line
+from textseg_cli.cli.usage import (
+    CLICK_ERRORS,
+    HELP_OPTIONS,
+    USAGE_ERRORS,
+    hoist_debug,
+    usage_line,
+)
 from textseg_cli.console import console, err_console
 from textseg_cli.errors import TextsegError
 

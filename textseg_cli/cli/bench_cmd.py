@@ -7,7 +7,15 @@ from typing import List, Optional
 
 import typer
 
+from textseg_cli.bench.benchmark import (
+    print_benchmark,
+    print_ratios,
+    run_benchmark,
+)
 from textseg_cli.cli import app
+from textseg_cli.console import err_console
+from textseg_cli.errors import ConfigError
+from textseg_cli.inference.predict import parse_int_list
 
 
 @app.command("bench")
@@ -43,10 +51,6 @@ def bench(
 
     2D methods take 2D sizes, e.g. tgcnet: --patch 224,224 --volume none --batch 8+0 --channels 3.
     """
-    from textseg_cli.bench import print_benchmark, print_ratios, run_benchmark
-    from textseg_cli.console import err_console
-    from textseg_cli.errors import ConfigError
-    from textseg_cli.inference.predict import parse_int_list
 
     parts = batch.replace(",", "+").split("+")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) < 1:

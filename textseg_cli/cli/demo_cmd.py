@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from textseg_cli.cli import app
+from textseg_cli.experiments.demo import run_demo
 
 
 @app.command("demo")
@@ -22,7 +23,6 @@ def demo(
                                   "fp32), fp32 or bf16; validation and evaluation follow it."),
 ) -> None:
     """Run prep synthetic → describe → encode → train → eval → table on the bundled synthetic data."""
-    from textseg_cli.pipeline import run_demo
 
     run_demo(out=out, force=force, iterations=iterations, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
              seed=seed, device=device, precision=precision)

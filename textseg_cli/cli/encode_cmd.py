@@ -9,6 +9,7 @@ import typer
 
 from textseg_cli.cli import app
 from textseg_cli.console import console
+from textseg_cli.text.encode import encode
 
 
 @app.command("encode")
@@ -49,7 +50,6 @@ def encode_cmd(
                                                help="Extra folder of prompt files (searched first)."),
 ) -> None:
     """Encode texts into embeddings that training loads (no text model needed at train time)."""
-    from textseg_cli.text.encode import encode
 
     class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     res = encode(encoder, dataset, model=model, pretrained=pretrained, descriptions=descriptions,

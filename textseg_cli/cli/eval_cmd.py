@@ -10,6 +10,12 @@ import typer
 from textseg_cli.cli import app
 from textseg_cli.console import console, err_console
 from textseg_cli.errors import ConfigError
+from textseg_cli.evaluation.folders import (
+    check_empty_policy,
+    evaluate_folders,
+)
+from textseg_cli.evaluation.run import evaluate_run
+from textseg_cli.reports.compare import compare_results
 
 _RUN_SPLITS = ("val", "test")
 
@@ -33,13 +39,6 @@ def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc,
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
     if inference not in (None, "sliding", "whole"):
         raise ConfigError(f"--inference {inference!r}: expected sliding or whole")
-    try:
-        from textseg_cli.inference.run_eval import evaluate_run
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("textseg_cli"):
-            raise
-        raise ConfigError("evaluating a run folder needs textseg_cli.inference.run_eval, which this installation "
-                          "lacks; evaluate saved predictions with --pred/--labels instead") from None
     if split == "test":
         warn_test_split()
     evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
@@ -127,7 +126,6 @@ def eval_command(
     textseg eval --compare "MC-Net=RUN_S1/eval/val-best" "MC-Net=RUN_S2/eval/val-best" ... --group-by method
     textseg eval RUN_DIR --eval-size 224 --overlays 6        (2D: mDice / mIoU)
     """
-    from textseg_cli.evaluation import check_empty_policy
 
     targets = list(targets or [])
     check_empty_policy(empty_policy)
@@ -169,8 +167,6 @@ def eval_command(
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:
-    from textseg_cli.evaluation import evaluate_folders
-
     if kw["split"] == "test":
         warn_test_split()
     kw["checkpoint_rule"] = kw.pop("checkpoint")
@@ -181,8 +177,6 @@ def _folder_mode(pred: Path, labels: Path, **kw) -> None:
 
 def _compare_mode(targets: list[Path], table: Optional[str], out: Optional[Path], force: bool, std: bool,
                   class_name: Optional[str], layout: str = "auto", group_by: Optional[str] = None) -> None:
-    from textseg_cli.reports.compare import compare_results
-
     text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name, layout=layout,
                            group_by=group_by)
     console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -7,8 +7,11 @@ from typing import List, Optional
 
 import typer
 
+from textseg_cli.api import experiment_table, run_experiment
 from textseg_cli.cli import app
 from textseg_cli.console import console
+from textseg_cli.errors import ConfigError
+from textseg_cli.experiments.presets import write_preset
 
 experiment_app = typer.Typer(help="Method x labeled x seed grids: run them (restartable, multi-GPU, Slurm), "
                                   "tabulate mean ± SD over seeds, write the papers' presets.",
@@ -47,7 +50,6 @@ def run_command(
     textseg experiment run exp.yaml --gpus 0,1,2,3
     textseg experiment run exp.yaml --launcher slurm --slurm-partition gpu --slurm-time 720
     """
-    from textseg_cli.api import run_experiment
 
     result = run_experiment(spec, dry_run=dry_run, fail_fast=fail_fast, gpus=gpus, launcher=launcher,
                             only=only or (), estimate_time=estimate, slurm_partition=slurm_partition,
@@ -72,7 +74,6 @@ def table_command(
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
 ) -> None:
     """Rows = method x labeled count; cells = mean ± SD over seeds of the per-run means over cases."""
-    from textseg_cli.api import experiment_table
 
     text = experiment_table(spec, table=table, published=published, out=out, force=force, reference=reference)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -93,12 +94,8 @@ def preset_command(
     method's official patch, stride, schedule and evaluation."""
     import tempfile
 
-    from textseg_cli.errors import ConfigError
-    from textseg_cli.experiments.presets import write_preset
 
     if dry_run:
-        from textseg_cli.api import run_experiment
-
         with tempfile.TemporaryDirectory() as tmp:
             # paths as `preset --out NAME.yaml` here would write them
             path = write_preset(name, Path(tmp) / f"{name}.yaml", data=str(Path(data or f"prepared/{name}").resolve()),

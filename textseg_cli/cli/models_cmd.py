@@ -8,6 +8,9 @@ import typer
 
 from textseg_cli.cli import app
 from textseg_cli.console import console
+from textseg_cli.methods.fidelity import fidelity_rows
+from textseg_cli.methods.registry import list_methods
+from textseg_cli.runs.listing import list_models
 
 
 @app.command("models")
@@ -25,12 +28,8 @@ def models_command(
     """
     from rich.table import Table
 
-    from textseg_cli.engine.listing import list_models
 
     if fidelity:
-        from textseg_cli.fidelity import fidelity_rows
-        from textseg_cli.methods.base import list_methods
-
         table = Table(title="Fidelity ledger (docs/fidelity.md): default = official code, paper variants as switches")
         for col in ("method", "official code", "commit", "ledger"):
             table.add_column(col, overflow="fold")

@@ -8,8 +8,15 @@ from typing import Optional, Tuple
 import typer
 
 from textseg_cli.cli import prep_app
-from textseg_cli.cli.prep_msd import CROP_HELP, PRESET_HELP, SPLIT_FILE_HELP, WINDOW_HELP, _report
+from textseg_cli.cli.prep_msd import (
+    CROP_HELP,
+    PRESET_HELP,
+    SPLIT_FILE_HELP,
+    WINDOW_HELP,
+    _report,
+)
 from textseg_cli.cli.prep_pancreas import LABEL_GEOMETRY_HELP
+from textseg_cli.data.prep.custom import prep_custom
 
 
 @prep_app.command("custom")
@@ -48,7 +55,6 @@ def prep_custom_cmd(
     """Prepare your own NIfTI / NRRD / MHA image and label folders.
 
     Same windowing, resampling, cropping, normalisation and split options as the benchmark preparers."""
-    from textseg_cli.data.prep.custom import prep_custom
 
     ds = prep_custom(images, out, labels=labels, modality=modality,
                      classes=classes.split(",") if classes else None, name=name, spacing=spacing, window=window,

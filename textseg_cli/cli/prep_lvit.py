@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 
 from textseg_cli.cli import prep_app
+from textseg_cli.console import console
+from textseg_cli.data.prep.lvit import prep_lvit
+from textseg_cli.storage.outputs import discard_on_failure
 
 
 @prep_app.command("lvit")
@@ -28,9 +31,6 @@ def prep_lvit_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
     """Prepare an LViT-layout data set: 2D images with masks and one description per image."""
-    from textseg_cli.console import console
-    from textseg_cli.safety import discard_on_failure
-    from textseg_cli.data.prep.lvit import prep_lvit
 
     with discard_on_failure(out):  # a failed run leaves nothing that would demand --force
         ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name,

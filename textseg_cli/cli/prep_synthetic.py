@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from textseg_cli.cli import prep_app
+from textseg_cli.console import console
+from textseg_cli.data.prep import synthetic as syn
 from textseg_cli.errors import ConfigError
 
 
@@ -43,9 +45,6 @@ def prep_synthetic_cmd(
 ) -> None:
     """Generate a deterministic CT-like synthetic data set (organ with texture and noise inside a body with
     spine, aorta and organ-like distractor blobs; HU windowed to [0, 1], then z-scored)."""
-    from textseg_cli.console import console
-    from textseg_cli.data.prep import synthetic as syn
-
     size_t = parse_size(size, "--size")
     if dim == 2:
         if patch is not None:

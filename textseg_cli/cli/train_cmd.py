@@ -9,6 +9,11 @@ import typer
 
 from textseg_cli.cli import app
 from textseg_cli.console import console
+from textseg_cli.data.prepared import load_prepared
+from textseg_cli.engine.setup import train
+from textseg_cli.errors import ConfigError
+from textseg_cli.methods.text_addon import text_flag_sets
+from textseg_cli.runs.config import build_config, dump_config
 
 _TEXT = "Text-guided methods"
 _TGC = "TGC-Net ablations (tgcnet)"
@@ -89,7 +94,6 @@ def train_command(
     Checkpoints are selected on the validation split only. Ctrl-C saves a checkpoint; continue with
     --resume. Multi-GPU: torchrun --nproc_per_node=N $(which textseg) train ... (batch sizes are per process).
     """
-    from textseg_cli.methods.text_addon import text_flag_sets
 
     emb = str(text_embeddings.resolve()) if text_embeddings else None
     sets = text_flag_sets(method, text_embeddings=emb, text=text,
@@ -101,10 +105,6 @@ def train_command(
     if precision is not None:
         sets.append(f"train.precision={precision}")
     if print_config:
-        from textseg_cli.data.prepared import load_prepared
-        from textseg_cli.engine.config import build_config, dump_config
-        from textseg_cli.errors import ConfigError
-
         if method is None or data is None:
             raise ConfigError("--print-config needs --method and --data")
         ds = load_prepared(data)
@@ -114,7 +114,6 @@ def train_command(
         cfg["data"]["root"] = str(data.resolve())
         console.print(dump_config(cfg), highlight=False, markup=False, soft_wrap=True)
         return
-    from textseg_cli.engine import train
 
     train(method, data, labeled=labeled, iterations=iterations, out=out, seed=seed, device=device,
           val_every=val_every, resume=resume, deterministic=deterministic, force=force, sets=sets or [],

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from textseg_cli.errors import DataError
-from textseg_cli.utils import atomic_path
+from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.storage.files import atomic_path
 
 
 @dataclass
@@ -88,8 +88,6 @@ def apply_nan_policy(array: np.ndarray, policy: str, case_id: str, path: str | P
 
     known: NaN/Inf voxels counted in the file itself (a reader may already have turned them into 0)."""
     if policy not in NAN_POLICIES:
-        from textseg_cli.errors import ConfigError
-
         raise ConfigError(f"{option} {policy!r}: expected refuse or zero")
     n = max(count_nonfinite(array), int(known))
     if not n:
@@ -164,3 +162,44 @@ def sitk_to_volume(img) -> Volume:
     else:
         arr = np.ascontiguousarray(np.transpose(arr, tuple(range(arr.ndim - 1, -1, -1))))
     return Volume(arr, tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
+
+
+
+@dataclass
+class InputImage:
+    name: str  # output file stem
+    array: np.ndarray  # float32 (C, *spatial)
+    spacing: tuple[float, ...]  # from the affine's column norms, so the input affine is reproduced exactly
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+
+def read_input_image(path: Path, dim: int, name: str | None = None) -> InputImage:
+    """Read a NIfTI image (channels last when 4D/3D-for-2D) with the geometry to write its mask back."""
+    vol = read_nifti(path, dtype=np.float32)
+    arr = vol.array
+    if arr.ndim == dim:
+        arr = arr[None]
+    elif arr.ndim == dim + 1:
+        arr = np.moveaxis(arr, -1, 0)
+    else:
+        raise DataError(f"image has shape {arr.shape}; expected {dim}D (or {dim}D with channels last)", path)
+    if name is None:
+        name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
+    return InputImage(name, np.ascontiguousarray(arr, dtype=np.float32), *nifti_geometry(path))
+
+
+def nifti_geometry(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(spacing, origin, direction) from a NIfTI affine's columns, so `write_nifti` reproduces it exactly."""
+    import nibabel as nib
+
+    aff = np.asarray(nib.load(str(path)).affine, dtype=float)
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    spacing[spacing == 0] = 1.0
+    direction = aff[:3, :3] / spacing[None, :]
+    return (tuple(float(s) for s in spacing), tuple(float(v) for v in aff[:3, 3]),
+            tuple(float(v) for v in direction.ravel()))
+
+
+def write_mask(path: Path, mask: np.ndarray, like: InputImage) -> None:
+    write_nifti(path, mask.astype(np.uint8, copy=False), like.spacing, like.origin, like.direction)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from textseg_cli.methods.base import Batch
+from textseg_cli.data.batch import Batch
+from textseg_cli.errors import ConfigError
 
 
 def _pinned(batch: Batch) -> Batch:
@@ -82,8 +83,6 @@ def prefetch_depth(setting: Any, device: torch.device) -> int:
     try:
         value = int(setting)
     except (TypeError, ValueError):
-        from textseg_cli.errors import ConfigError
-
         raise ConfigError(f"train.prefetch {setting!r}: expected auto, true, false or a number of batches") from None
     return max(0, value)
 

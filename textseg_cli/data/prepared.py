@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from textseg_cli.data.io import read_nifti
 from textseg_cli.errors import DataError
-from textseg_cli.utils import read_json
+from textseg_cli.storage.files import read_json
 
 FORMAT = "textseg-prepared/1"
 REQUIRED_KEYS = ("format", "name", "dim", "modality", "channel_names", "class_names", "cases", "splits",
@@ -104,8 +105,6 @@ class PreparedDataset:
         return None if rel is None else self.root / rel
 
     def load_case(self, case_id: str, with_label: bool = True) -> Case:
-        from textseg_cli.data.io import read_nifti
-
         entry = self._entry(case_id)
         vol = read_nifti(self.root / entry["image"], dtype=np.float32)
         img = vol.array

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from textseg_cli.errors import DataError
+from textseg_cli.errors import ConfigError, DataError
 
 
 def zscore(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -60,8 +60,6 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 
 def parse_window(spec) -> tuple[float, float] | None:
     """A preset name, (level, width), or the text 'L W' / 'L,W' -> (level, width); None/'none' -> None."""
-    from textseg_cli.errors import ConfigError
-
     if spec is None:
         return None
     if isinstance(spec, str):

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from textseg_cli.data.augment import random_rot_flip
+from textseg_cli.data.augment_lvit import random_generator
+from textseg_cli.data.batch import Batch
 from textseg_cli.data.prepared import PreparedDataset
 from textseg_cli.errors import ConfigError, DataError
-from textseg_cli.methods.base import Batch
 
 
 def pad_to(image: np.ndarray, label: np.ndarray | None, min_size: Sequence[int]):
@@ -40,7 +41,6 @@ def pad_to(image: np.ndarray, label: np.ndarray | None, min_size: Sequence[int])
 
 class CaseCycle:
     """Endless sequence of case indices: shuffled passes over 0..n-1."""
-
     def __init__(self, n: int):
         self.n = n
         self.order: list[int] = []
@@ -122,8 +122,6 @@ class TwoStreamSampler:
                     img = np.flip(img, axis=ax + 1)
                     lab = np.flip(lab, axis=ax) if lab is not None else None
         if self.augment.lvit:
-            from textseg_cli.data.augment_lvit import random_generator
-
             img, lab = random_generator(img, lab, self.rng)
         return img, lab
 

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from textseg_cli.data.prep.writer import PreparedWriter
+from textseg_cli.errors import ConfigError
+
 REGIONS = ("upper left", "upper right", "lower left", "lower right")
 _NUMBER = {1: "one lesion", 2: "two lesions", 3: "three lesions", 4: "four lesions"}
 
@@ -81,9 +84,6 @@ def prep_synthetic_2d(out: str | Path, n_cases: int = 64, size: int = 64, seed: 
     `n_cases` counts all cases; the last `n_val` + `n_test` form the val and test splits.
     Returns the `PreparedDataset`.
     """
-    from textseg_cli.data.prep.writer import PreparedWriter
-    from textseg_cli.errors import ConfigError
-
     if size < 16 or size % 2:
         raise ConfigError(f"--size {size}: expected an even size of at least 16")
     n_train = n_cases - n_val - n_test

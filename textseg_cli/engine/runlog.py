@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from textseg_cli.utils import atomic_path
+from textseg_cli.storage.files import atomic_path
 
 
 class RunLog:

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.storage.files import atomic_write_json
 
 
 def resolve_epochs(cfg: dict[str, Any], n_labeled: int) -> int:
@@ -39,7 +40,6 @@ def resolve_epochs(cfg: dict[str, Any], n_labeled: int) -> int:
 
 class StopRules:
     """Decisions of the training loop beyond its length; validations are counted in units of `val.every`."""
-
     def __init__(self, cfg: dict[str, Any]):
         tr, val = cfg["train"], cfg["val"]
         self.every = int(val.get("every") or 0)
@@ -95,7 +95,6 @@ def write_summary(run_dir, result, stop: StopRules, max_iterations: int) -> None
     """RUN/training.json: how the run ended (completed, early stopping, time budget) and its best epoch."""
     from pathlib import Path
 
-    from textseg_cli.utils import atomic_write_json
 
     ended = ("completed" if result.iteration >= max_iterations else
              "early_stopping" if (stop.reason or "").startswith("early") else

@@ -7,17 +7,28 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from textseg_cli.bench.benchmark import run_benchmark
+from textseg_cli.console import console
+from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.experiments.launch import parse_gpus, run_on_gpus, run_with_submitit
 from textseg_cli.experiments.runner import Outcome, run_sequential, run_state
-from textseg_cli.experiments.spec import (SPEC_COPY, Experiment, Run, commands, frozen_copy, load_experiment,
-                                          resolved_config, run_lcc)
+from textseg_cli.experiments.spec import (
+    SPEC_COPY,
+    Experiment,
+    Run,
+    commands,
+    frozen_copy,
+    load_experiment,
+    resolved_config,
+    run_lcc,
+)
+from textseg_cli.storage.files import atomic_write_text
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
 
 def _dataset(exp: Experiment, required: bool):
-    from textseg_cli.data.prepared import load_prepared
-
     if exp.data is None or not (exp.data / "dataset.json").exists():
         if required:
             raise DataError("prepared data not found (the experiment's `data:`)", exp.data or exp.path)
@@ -55,7 +66,6 @@ def estimate(exp: Experiment, rows: list[dict], ds=None, device: str | None = No
     checkpointing are not timed."""
     import torch
 
-    from textseg_cli.bench import run_benchmark
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = "cuda" if dev.startswith("cuda") else "cpu"
@@ -107,7 +117,6 @@ def _hours(s: float) -> str:
 
 
 def print_plan(exp: Experiment, rows: list[dict], est: dict | None, gpus: int = 1) -> None:
-    from textseg_cli.console import console
 
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -146,7 +155,6 @@ def print_plan(exp: Experiment, rows: list[dict], est: dict | None, gpus: int = 
 
 
 def write_frozen_copy(exp: Experiment) -> Path:
-    from textseg_cli.utils import atomic_write_text
 
     path = exp.out / SPEC_COPY
     text = yaml.safe_dump(frozen_copy(exp), sort_keys=False, allow_unicode=True)
@@ -167,8 +175,6 @@ def run_experiment(spec: str | Path, *, dry_run: bool = False, fail_fast: bool =
     `gpus` ("0,1,2,3"): one run per GPU at a time, each in its own process seeing only that GPU.
     `launcher` "slurm" submits each run as a Slurm job through submitit; "submitit-local" runs the same
     jobs on this machine (submitit's local executor). Returns the Outcome (the plan rows when dry_run)."""
-    from textseg_cli.console import console
-
     log = log or (lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
@@ -191,14 +197,10 @@ def run_experiment(spec: str | Path, *, dry_run: bool = False, fail_fast: bool =
         return rows
     write_frozen_copy(exp)
     if launcher != "local":
-        from textseg_cli.experiments.launch import run_with_submitit
-
         outcome = run_with_submitit(exp, runs, launcher, partition=slurm_partition, time_min=slurm_time_min,
                                     gpus_per_run=slurm_gpus, cpus_per_run=slurm_cpus, wait=wait,
                                     fail_fast=fail_fast, log=log)
     elif gpus:
-        from textseg_cli.experiments.launch import parse_gpus, run_on_gpus
-
         outcome = run_on_gpus(exp, runs, parse_gpus(gpus), fail_fast=fail_fast, log=log)
     else:
         outcome = run_sequential(exp, runs, fail_fast=fail_fast, quiet=quiet, log=log)

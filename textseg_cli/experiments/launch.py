@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from textseg_cli.errors import ConfigError
-from textseg_cli.experiments.runner import Outcome, run_state
+from textseg_cli.experiments.runner import Outcome, execute_run, run_state
 from textseg_cli.experiments.spec import SPEC_COPY, Experiment, Run
 
 
@@ -109,8 +109,6 @@ def run_with_submitit(exp: Experiment, runs: Sequence[Run], launcher: str, *, pa
                       time_min: int = 24 * 60, gpus_per_run: int = 1, cpus_per_run: int | None = None,
                       wait: bool = True, fail_fast: bool = False, log: Callable[[str], None] = print) -> Outcome:
     """Submit each unfinished run as a job calling `execute_run`; with `wait`, collect their outcomes."""
-    from textseg_cli.experiments.runner import execute_run
-
     out = Outcome()
     todo = []
     for r in runs:

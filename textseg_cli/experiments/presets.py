@@ -15,7 +15,9 @@ import yaml
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.inference.protocol import PROTOCOL_LCC
-
+from textseg_cli.methods.registry import list_methods
+from textseg_cli.storage.files import atomic_write_text
+from textseg_cli.storage.outputs import guard_output_file
 
 _DISPLAY = {"sup": "V-Net (sup.)", "uamt": "UA-MT", "dtc": "DTC", "urpc": "URPC", "cps": "CPS", "mcnet": "MC-Net",
             "mcnet+": "MC-Net+", "mcf": "MCF", "mlrp": "MLRP", "bcp": "BCP", "vclipseg": "VCLIPSeg",
@@ -37,8 +39,6 @@ SEEDS = [1337, 1338, 1339]
 
 def preset_spec(name: str, data: str | None = None, out_dir: str | None = None) -> dict:
     """The experiment mapping of a preset (methods not registered in this installation are left out)."""
-    from textseg_cli.methods.base import list_methods
-
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
@@ -64,8 +64,6 @@ def preset_spec(name: str, data: str | None = None, out_dir: str | None = None) 
 
 def write_preset(name: str, out: str | Path, data: str | None = None, force: bool = False,
                  out_dir: str | None = None) -> Path:
-    from textseg_cli.utils import atomic_write_text, guard_output_file
-
     spec = preset_spec(name, data, out_dir)
     out = Path(out)
     guard_output_file(out, force)

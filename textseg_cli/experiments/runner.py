@@ -1,4 +1,4 @@
-"""Running an experiment: each run = `api.train` (or its resume) + `api.evaluate_run`, restartable.
+"""Running an experiment: each run = `engine.setup.train` (or its resume) + `evaluation.run.evaluate_run`, restartable.
 
 State of a run (OUT/status/<id>__<run>.json plus the run folder):
 - done: finished and evaluated with the current budget → skipped;
@@ -19,9 +19,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from textseg_cli.engine.setup import train
 from textseg_cli.errors import TextsegError
+from textseg_cli.evaluation.run import evaluate_run
 from textseg_cli.experiments.spec import Experiment, Run, load_experiment, run_lcc
-from textseg_cli.utils import atomic_write_json, read_json
+from textseg_cli.runs.config import load_config
+from textseg_cli.storage.files import atomic_write_json, read_json
 
 
 class RunFailed(TextsegError):
@@ -69,9 +72,6 @@ def _write_status(exp: Experiment, run: Run, **fields) -> dict:
 def run_one(exp: Experiment, run: Run, *, launcher: str = "local", quiet: bool = False) -> str:
     """Train (or resume) and evaluate one run; returns "skipped" or "done". KeyboardInterrupt marks it
     interrupted and propagates; any other error marks it failed and raises RunFailed."""
-    from textseg_cli import api
-    from textseg_cli.engine.config import load_config
-
     state = run_state(exp, run)
     if state == "done":
         return "skipped"
@@ -81,15 +81,15 @@ def run_one(exp: Experiment, run: Run, *, launcher: str = "local", quiet: bool =
                   cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
         if state == "partial":
-            api.train(out=run.dir, resume=True, iterations=run.iterations, device=exp.device, quiet=quiet,
+            train(out=run.dir, resume=True, iterations=run.iterations, device=exp.device, quiet=quiet,
                       threads=exp.threads)
         else:
-            api.train(run.entry.method, exp.data, labeled=run.labeled, iterations=run.iterations, out=run.dir,
+            train(run.entry.method, exp.data, labeled=run.labeled, iterations=run.iterations, out=run.dir,
                       seed=run.seed, device=exp.device, force=run.dir.exists(), sets=run.entry.sets,
                       config=run.entry.config or None, quiet=quiet, threads=exp.threads)
         cfg = load_config(run.dir / "config.yaml")
         lcc = run_lcc(exp, run, cfg)
-        api.evaluate_run(run.dir, split=exp.eval["split"], checkpoint=exp.checkpoint(),
+        evaluate_run(run.dir, split=exp.eval["split"], checkpoint=exp.checkpoint(),
                          inference=exp.eval["inference"], out=exp.eval_dir(run), lcc=lcc,
                          spacing_mm=bool(exp.eval["spacing_mm"]), empty_policy=exp.eval["empty_policy"], force=True,
                          device=exp.device, name=run.entry.name)

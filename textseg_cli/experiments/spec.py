@@ -38,6 +38,9 @@ from typing import Any
 import yaml
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.evaluation.folders import check_empty_policy
+from textseg_cli.methods.registry import list_methods
+from textseg_cli.runs.config import build_config
 
 CHECKPOINT_RULES = {"best-on-val": "best", "best": "best", "last": "last"}
 LCC_MODES = ("protocol", "on", "off")
@@ -143,8 +146,6 @@ def _lcc(value: Any, where: str, path: Path) -> bool | None:
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file (or an experiment folder holding its copy)."""
-    from textseg_cli.methods.base import list_methods
-
     path = Path(path)
     if path.is_dir():
         path = path / SPEC_COPY
@@ -193,7 +194,6 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"eval.lcc {ev['lcc']!r}: expected protocol, on or off", path)
     if ev["inference"] not in (None, "sliding", "whole"):
         raise ConfigError(f"eval.inference {ev['inference']!r}: expected sliding or whole", path)
-    from textseg_cli.evaluation import check_empty_policy
 
     check_empty_policy(ev["empty_policy"])
 
@@ -246,8 +246,6 @@ def frozen_copy(exp: Experiment) -> dict:
 
 def resolved_config(exp: Experiment, run: Run, dataset=None) -> dict:
     """The config `textseg train` resolves for this run (with the prepared data's name/patch when present)."""
-    from textseg_cli.engine.config import build_config
-
     name = dataset.name if dataset is not None else exp.dataset
     dim = dataset.dim if dataset is not None else int(exp.raw.get("dim") or 3)
     patch = (list(dataset.patch_size) if dataset.patch_size else None) if dataset is not None else exp.raw.get("patch")

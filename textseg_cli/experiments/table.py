@@ -15,10 +15,21 @@ import pandas as pd
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.experiments.runner import read_status
 from textseg_cli.experiments.spec import Experiment, MethodEntry, load_experiment
-from textseg_cli.reports.compare import load_result, paired_wilcoxon
-from textseg_cli.reports.latex import latex_escape, latex_table, mark_latex, mark_markdown, rank_marks
+from textseg_cli.metrics.case import EMPTY_POLICIES
+from textseg_cli.reports.latex import (
+    latex_escape,
+    latex_table,
+    mark_latex,
+    mark_markdown,
+    rank_marks,
+)
+from textseg_cli.reports.results import load_result, paired_wilcoxon
 from textseg_cli.reports.summary import case_level, headline
 from textseg_cli.reports.tables import COLUMNS, check_table_format
+from textseg_cli.runs.config import load_config, packaged_config
+from textseg_cli.storage.files import atomic_write_text
+from textseg_cli.storage.outputs import guard_output_file
+from textseg_cli.text.embeddings import load_embeddings
 
 
 @dataclass
@@ -44,8 +55,6 @@ class GridRow:
 
 
 def _published(entry: MethodEntry, profile: str | None, labeled: str) -> dict | None:
-    from textseg_cli.engine.config import packaged_config
-
     block = (packaged_config(entry.method).get("published") or {}).get(str(profile or "").lower()) or {}
     numbers = block.get(str(labeled)) or block.get(labeled.rstrip("%") + "%") if isinstance(block, dict) else None
     if not isinstance(numbers, dict) or numbers.get("dice") is None:
@@ -121,8 +130,6 @@ def _text_encoder(cfg: dict) -> str:
     emb = text.get("embeddings") or m.get("text_embeddings")
     if emb:
         try:
-            from textseg_cli.text.embeddings import load_embeddings
-
             info = load_embeddings(emb)
             settings = getattr(info, "settings", None) or (info.get("settings") if isinstance(info, dict) else {})
             return "random" if str((settings or {}).get("pretrained")).lower() == "none" else "real"
@@ -134,8 +141,6 @@ def _text_encoder(cfg: dict) -> str:
 
 
 def notes(exp: Experiment, rows: list[GridRow]) -> list[str]:
-    from textseg_cli.engine.config import load_config
-    from textseg_cli.metrics.case import EMPTY_POLICIES
 
     n_seeds = sorted({len(r.seeds) for r in rows})
     its, enc = {}, {}
@@ -279,8 +284,6 @@ def experiment_table(spec: str | Path, table: str = "md", published: bool = Fals
     """The results table of an experiment (its file or its folder): md, csv (one row per seed plus one
     mean row per method × labeled) or latex (paste-ready). `reference`: the Wilcoxon reference method (name
     or id; default the file's `reference:`, else its first method)."""
-    from textseg_cli.utils import atomic_write_text, guard_output_file
-
     try:
         check_table_format(table)
     except ValueError as exc:

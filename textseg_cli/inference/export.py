@@ -7,7 +7,7 @@ Writes to `OUT` (default `RUN/export/`):
                            (1, K, *patch) softmax probabilities; load with `torch.jit.load(path)` (no textseg)
     model.pt2              (--format torch-export) the same as a `torch.export` program (TorchScript's successor
                            in PyTorch); load with `torch.export.load(path).module()`
-    weights.pt             `method.state_dict()`; load with `textseg_cli.engine.load_run(RUN)` or
+    weights.pt             `method.state_dict()`; load with `textseg_cli.runs.load.load_run(RUN)` or
                            `build_method(name, config, in_channels, num_classes, dim=...)` + `load_state_dict`
     export.json            method class, decoder, patch/stride, class and channel names, the preprocessing
                            chain to apply first (dataset.json `preprocessing`), and the load-back check
@@ -23,6 +23,10 @@ import torch
 import torch.nn as nn
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.inference.predict import _spatial_tuple, inference_settings
+from textseg_cli.runs.load import load_run
+from textseg_cli.storage.files import atomic_path, atomic_write_json
+from textseg_cli.storage.outputs import prepare_output_dir
 
 FORMATS = ("torchscript", "torch-export")
 
@@ -41,9 +45,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "t
                atol: float = 1e-4) -> dict[str, Any]:
     """Export a run (see module docstring); returns the export.json record. The traced model is loaded back
     and compared with the method on a fixed seeded input; a difference above `atol` is an error."""
-    from textseg_cli.engine.runs import load_run
-    from textseg_cli.inference.predict import _spatial_tuple, inference_settings
-    from textseg_cli.utils import atomic_path, atomic_write_json, prepare_output_dir
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")

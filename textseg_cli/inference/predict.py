@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from textseg_cli.console import console, progress
+from textseg_cli.data.io import NAN_POLICIES, apply_nan_policy, read_input_image
+from textseg_cli.data.prepared import load_prepared
+from textseg_cli.data.preprocessing import zscore
 from textseg_cli.errors import ConfigError, DataError, TextsegError
+from textseg_cli.inference import replay
 from textseg_cli.inference.fusion import fused_for_inference
-from textseg_cli.inference.sliding_window import sliding_window_inference, whole_volume_inference
-from textseg_cli.precision import PRECISIONS, inference_request, resolve_precision  # noqa: F401 (re-export)
+from textseg_cli.inference.sliding_window import (
+    sliding_window_inference,
+    whole_volume_inference,
+)
+from textseg_cli.runs.load import load_run
+from textseg_cli.runtime.device import resolve_device
+from textseg_cli.runtime.precision import (  # noqa: F401 (re-export)
+    PRECISIONS,
+    inference_request,
+    resolve_precision,
+)
+from textseg_cli.storage.files import atomic_write_json
+from textseg_cli.storage.outputs import prepare_output_dir
 
 INFERENCE_MODES = ("sliding", "whole")
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None`/"auto" → CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from textseg_cli.engine.checks import device_from
-
-    dev = device_from(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available")
-    return dev
 
 
 def _spatial_tuple(value: Any, ndim: int, key: str) -> tuple[int, ...]:
@@ -50,7 +53,7 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
     `method.predict_proba`), `out_device` (where probabilities accumulate; "cpu" saves GPU memory on
     large volumes; default: the compute device), `max_voxels` and `multiple` (whole-volume mode),
     `precision` ("auto" = bf16 autocast on CUDA and on CPUs with bf16 units, else float32; "fp32"; or
-    "bf16" — see `textseg_cli.precision`; on CPUs with AVX512-BF16/AMX about 2-3x faster, masks differ on
+    "bf16" — see `textseg_cli.runtime.precision`; on CPUs with AVX512-BF16/AMX about 2-3x faster, masks differ on
     ~0.01 % of voxels), `channels_last` (default
     True: channels-last(-3d) memory format, faster with cuDNN and oneDNN) and `fuse_bn` (default True:
     predict with a cached copy whose BatchNorms are folded into the preceding convs, ~8 % faster on CPU;
@@ -120,54 +123,10 @@ def probs_to_mask(probs: torch.Tensor) -> np.ndarray:
 # --- geometry-preserving image I/O --------------------------------------------------------------------
 
 
-@dataclass
-class InputImage:
-    name: str  # output file stem
-    array: np.ndarray  # float32 (C, *spatial)
-    spacing: tuple[float, ...]  # from the affine's column norms, so the input affine is reproduced exactly
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-
-def read_input_image(path: Path, dim: int, name: str | None = None) -> InputImage:
-    """Read a NIfTI image (channels last when 4D/3D-for-2D) with the geometry to write its mask back."""
-    from textseg_cli.data.io import read_nifti
-
-    vol = read_nifti(path, dtype=np.float32)
-    arr = vol.array
-    if arr.ndim == dim:
-        arr = arr[None]
-    elif arr.ndim == dim + 1:
-        arr = np.moveaxis(arr, -1, 0)
-    else:
-        raise DataError(f"image has shape {arr.shape}; expected {dim}D (or {dim}D with channels last)", path)
-    if name is None:
-        name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
-    return InputImage(name, np.ascontiguousarray(arr, dtype=np.float32), *nifti_geometry(path))
-
-
-def nifti_geometry(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """(spacing, origin, direction) from a NIfTI affine's columns, so `write_nifti` reproduces it exactly."""
-    import nibabel as nib
-
-    aff = np.asarray(nib.load(str(path)).affine, dtype=float)
-    spacing = np.linalg.norm(aff[:3, :3], axis=0)
-    spacing[spacing == 0] = 1.0
-    direction = aff[:3, :3] / spacing[None, :]
-    return (tuple(float(s) for s in spacing), tuple(float(v) for v in aff[:3, 3]),
-            tuple(float(v) for v in direction.ravel()))
-
-
-def write_mask(path: Path, mask: np.ndarray, like: InputImage) -> None:
-    from textseg_cli.data.io import write_nifti
-
-    write_nifti(path, mask.astype(np.uint8, copy=False), like.spacing, like.origin, like.direction)
-
-
 def inference_settings(config: dict[str, Any], inference: str | None = None, decoder: int | str | None = None,
                        **overrides: Any) -> dict[str, Any]:
     """The run's `inference` section with command-line choices applied (None keeps the run's value);
-    `precision` is the run's inference request (`textseg_cli.precision.inference_request`)."""
+    `precision` is the run's inference request (`textseg_cli.runtime.precision.inference_request`)."""
     cfg = dict(config.get("inference") or {})
     cfg["precision"] = inference_request(config, overrides.pop("precision", None))
     if cfg.get("patch_size") is None and (config.get("data") or {}).get("patch_size") is not None:
@@ -208,11 +167,6 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     "zero" replaces them by 0) does not stop the others: the good masks and predict.json are written,
     then a DataError lists the failed files.
     """
-    from textseg_cli.console import console, progress
-    from textseg_cli.engine.runs import load_run
-    from textseg_cli.inference import replay
-    from textseg_cli.utils import atomic_write_json, prepare_output_dir
-
     images, out = Path(images), Path(out)
     if not images.exists():
         raise DataError("image file or folder not found", images)
@@ -226,8 +180,6 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                                  precision=precision)
     dim = int(getattr(run.method, "dim", 3))
     if images.is_dir() and (images / "dataset.json").exists():
-        from textseg_cli.data.prepared import load_prepared
-
         ds = load_prepared(images)
         inputs = [(cid, [ds.image_path(cid)]) for cid in ds.case_ids]
         chain, steps = replay.Processing(normalize="none"), "none (a prepared folder)"
@@ -243,7 +195,6 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     if dim != 3 and not identity:
         raise replay.ReplayError("replaying preprocessing is implemented for 3D data sets; pass --preprocessed "
                                  "with images prepared like the training data", run.dataset.root / "dataset.json")
-    from textseg_cli.data.io import NAN_POLICIES, apply_nan_policy
 
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"--nan-policy {nan_policy!r}: expected refuse or zero")
@@ -268,8 +219,6 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                     for note in raw.warnings:
                         console.print(f"[yellow]warning:[/] {note}", highlight=False)
                 if normalize == "zscore":
-                    from textseg_cli.data.preprocessing import zscore
-
                     arr = np.stack([zscore(c) for c in arr])
                 probs = predict_case(run.method, arr, inf_cfg, dev)
             except TextsegError as exc:  # one bad file must not cost the others

@@ -16,8 +16,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from textseg_cli.data.prep.steps import Processing, apply_processing, load_files
+from textseg_cli.data.io import nifti_geometry, write_nifti
+from textseg_cli.data.prep.custom import EXTENSIONS, _stem, match_cases
+from textseg_cli.data.prep.steps import (
+    Processing,
+    apply_processing,
+    load_files,
+    sitk_array,
+)
+from textseg_cli.data.preprocessing import _to_sitk, resampled_shape
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.storage.files import atomic_path
 
 # Steps that say where the data came from; a new image has nothing of them to replay.
 SOURCE_STEPS = ("read", "generate")
@@ -70,7 +79,6 @@ def replay_processing(steps: Sequence[dict[str, Any]], where: Any = None) -> Pro
 @dataclass
 class RawInput:
     """One new image after the replayed chain, with what it takes to map results back to its grid."""
-
     name: str
     files: list[Path]
     array: np.ndarray  # (C, x, y, z) float32, as the network sees it
@@ -114,8 +122,6 @@ def resample_to_grid(arr: np.ndarray, spacing: Sequence[float], shape: Sequence[
     (what `preprocessing.resample` keeps), nearest neighbour for labels, linear for probabilities."""
     import SimpleITK as sitk
 
-    from textseg_cli.data.preprocessing import _to_sitk
-    from textseg_cli.data.prep.steps import sitk_array
 
     src = _to_sitk(arr, spacing)
     ref = sitk.Image([int(s) for s in shape], src.GetPixelID())
@@ -133,8 +139,6 @@ def load_raw(name: str, files: Sequence[Path], proc: Processing, nan_policy: str
     done = apply_processing(name, loaded, proc)
     shape = tuple(int(n) for n in loaded.image.shape[1:])
     if proc.target_spacing is not None:
-        from textseg_cli.data.preprocessing import resampled_shape
-
         rs = tuple(resampled_shape(shape, loaded.spacing, proc.target_spacing))
     else:
         rs = shape
@@ -156,12 +160,7 @@ def write_like(path: Path, array: np.ndarray, ref_file: Path, channels: bool = F
 
     NIfTI inputs take their affine through nibabel (exact even for oblique, flipped affines); other
     formats copy SimpleITK's header of the input."""
-    from textseg_cli.utils import atomic_path
-
     if ref_file.name.lower().endswith(NIFTI):
-        from textseg_cli.data.io import write_nifti
-        from textseg_cli.inference.predict import nifti_geometry
-
         spacing, origin, direction = nifti_geometry(ref_file)
         out = np.moveaxis(array, 0, -1) if channels else array
         write_nifti(path, np.ascontiguousarray(out), spacing, origin, direction)
@@ -186,8 +185,6 @@ def write_like(path: Path, array: np.ndarray, ref_file: Path, channels: bool = F
 def list_raw_inputs(images: Path) -> list[tuple[str, list[Path]]]:
     """(name, [channel files]) for a single image file or a folder of NIfTI/NRRD/MHA files (nnU-Net
     channel files `case_0000`, `case_0001` ... form one image)."""
-    from textseg_cli.data.prep.custom import EXTENSIONS, _stem, match_cases
-
     if images.is_file():
         stem = _stem(images)
         if stem is None:

@@ -8,31 +8,13 @@ EMA teachers included), its training step and its losses, and how it predicts at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-
-
-@dataclass
-class Batch:
-    """One two-stream batch. Spatial dims are (x, y, z) for 3D and (x, y) for 2D."""
-
-    image_l: torch.Tensor  # (Bl, C, *spatial) float
-    label_l: torch.Tensor  # (Bl, *spatial) long class indices
-    image_u: torch.Tensor  # (Bu, C, *spatial) float; Bu may be 0
-    ids_l: Sequence[str] = ()
-    ids_u: Sequence[str] = ()
-    text_l: Sequence[str] | None = None  # per-case texts (2D referring data sets)
-    text_u: Sequence[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
-        mv = lambda t: t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return Batch(mv(self.image_l), mv(self.label_l), mv(self.image_u), self.ids_l, self.ids_u, self.text_l,
-                     self.text_u, {k: mv(v) for k, v in self.extra.items()})
 
 
 @dataclass
@@ -90,7 +72,6 @@ class Method(nn.Module):
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         """Hook for EMA teachers and the like."""
-
     def label_targets(self, label: Any) -> dict[str, Any] | None:
         """Maps derived from one labeled patch's label (numpy, (*spatial)), made by the sampler when the
         patch is drawn instead of inside the step (e.g. DTC's signed distance, a CPU transform that would
@@ -113,9 +94,6 @@ class Method(nn.Module):
         return {n: m for n, m in self.named_children()}
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
 def decoder_index(decoder: int | str | None, default: Any, n: int) -> int | str:
     """An index 0..n-1 or "mean"; strings of digits accepted (shared by the multi-decoder methods)."""
     decoder = default if decoder is None else decoder
@@ -128,58 +106,3 @@ def decoder_index(decoder: int | str | None, default: Any, n: int) -> int | str:
     if not 0 <= int(decoder) < n:
         raise ConfigError(f"decoder {decoder}: this network has decoders 0..{n - 1}")
     return int(decoder)
-
-
-def register_method(name: str):
-    def deco(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return deco
-
-
-def _import_all() -> None:
-    import importlib
-
-    for mod in _METHOD_MODULES:
-        importlib.import_module(mod)
-
-
-# Modules that call @register_method; add new ones here.
-_METHOD_MODULES: list[str] = [
-    "textseg_cli.methods.sup",
-    "textseg_cli.methods.mcnet",
-    "textseg_cli.methods.uamt",
-    "textseg_cli.methods.dtc",
-    "textseg_cli.methods.urpc",
-    "textseg_cli.methods.mcf",
-    "textseg_cli.methods.bcp",
-    "textseg_cli.methods.mlrp",
-    "textseg_cli.methods.cps",
-    "textseg_cli.methods.unet2d",
-    "textseg_cli.methods.lvit_unet",
-    "textseg_cli.methods.tgcnet",
-    "textseg_cli.methods.text_semiseg",
-    "textseg_cli.methods.vclipseg",
-    "textseg_cli.methods.llm_segnet",
-]
-
-
-def list_methods() -> dict[str, type[Method]]:
-    _import_all()
-    return dict(sorted(METHODS.items()))
-
-
-def build_method(name: str, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3,
-                 **context: Any) -> Method:
-    methods = list_methods()
-    if name not in methods:
-        raise ConfigError(f"unknown method '{name}'; available: {', '.join(methods)}")
-    method = methods[name](cfg, in_channels, num_classes, dim=dim, **context)
-    addon = (cfg.get("method") or {}).get("text_addon") if isinstance(cfg, dict) else None
-    if addon:  # "+Text" (`textseg train --text tmr+csa`): TMR/CSA around a V-Net method
-        from textseg_cli.methods.text_addon import with_text_addon
-
-        method = with_text_addon(method, addon)
-    return method

@@ -8,7 +8,6 @@
 2. Self-training (the rest, 15,000): at the switch the student's weights are copied into the teacher, which
    then follows the student by EMA (decay 0.99). Teacher pseudo-labels of the unlabeled halves u_a, u_b are
    p_1 ≥ 0.5 reduced to their largest connected component. Two mixed images, one cuboid M (0 inside):
-
        X_in  = M ⊙ l_a + (1−M) ⊙ u_a     target M ⊙ y_a + (1−M) ⊙ ŷ_a
        X_out = M ⊙ u_b + (1−M) ⊙ l_b     target M ⊙ ŷ_b + (1−M) ⊙ y_b
 
@@ -29,11 +28,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import one_hot
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
-from textseg_cli.methods.ssl_common import (backbone_kwargs, copy_weights, cuboid_mask, ema_update, make_teacher, mix,
-                                            threshold_pseudo_label)
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.losses import one_hot
+from textseg_cli.methods.registry import register_method
+from textseg_cli.methods.ssl_common import (
+    backbone_kwargs,
+    copy_weights,
+    cuboid_mask,
+    ema_update,
+    make_teacher,
+    mix,
+    threshold_pseudo_label,
+)
 from textseg_cli.models.vnet import VNet
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.text.embeddings import read_meta
 
 RANDOM_WORDS = ("none", "random")
 RANDOM_LABEL = "random CLIP"
@@ -39,8 +40,6 @@ def run_uses_random_clip(cfg: dict[str, Any]) -> bool:
     text = hp.get("text") or {}
     if text.get("embeddings"):
         try:
-            from textseg_cli.text.embeddings import read_meta
-
             meta = read_meta(text["embeddings"])
         except (OSError, ValueError, DataError):  # a moved file: the run config alone cannot tell
             return False

@@ -21,9 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from textseg_cli.losses import dice_loss
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.losses import dice_loss
+from textseg_cli.methods.registry import register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs, ramped_weight
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
 from textseg_cli.models.vnet import VNet
 
 

@@ -20,9 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from textseg_cli.losses import dice_loss, one_hot
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
-from textseg_cli.methods.ssl_common import backbone_kwargs, normalized_sdf, ramped_weight
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.losses import dice_loss, one_hot
+from textseg_cli.methods.registry import register_method
+from textseg_cli.methods.ssl_common import (
+    backbone_kwargs,
+    normalized_sdf,
+    ramped_weight,
+)
 from textseg_cli.models.vnet import VNetDecoder, VNetEncoder
 
 

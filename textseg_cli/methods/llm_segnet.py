@@ -23,13 +23,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import consistency_weight, dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
+from textseg_cli.methods.base import Method, StepContext, decoder_index
+from textseg_cli.methods.losses import consistency_weight, dice_loss
+from textseg_cli.methods.registry import register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs, cuboid_mask, mix
 from textseg_cli.methods.text_addon import load_method_embeddings
 from textseg_cli.methods.text_losses import usl_loss
 from textseg_cli.models.text_fusion import TextInjection
+from textseg_cli.models.unet3d import UNet3DDeepSup
+from textseg_cli.models.vnet import VNet
 
 BACKBONES = ("vnet", "unet3d")
 
@@ -42,13 +46,9 @@ class InjectedNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         if backbone == "vnet":
-            from textseg_cli.models.vnet import VNet
-
             self.net = VNet(in_channels, num_classes, **backbone_kwargs(hp))
             channels = int(self.net.encoder.channels[-1])
         elif backbone == "unet3d":
-            from textseg_cli.models.unet3d import UNet3DDeepSup
-
             self.net = UNet3DDeepSup(in_channels, num_classes, **dict(hp.get("backbone_unet3d") or {}))
             channels = int(self.net.down[-1].block[0].out_channels)
             # only the full-resolution output is used: the other deep-supervision heads are neither

@@ -13,8 +13,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.registry import register_method
 from textseg_cli.models.registry import build_model
 
 

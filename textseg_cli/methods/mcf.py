@@ -26,11 +26,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import dice_loss, one_hot
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Method, StepContext
 from textseg_cli.methods.distributed import global_mean
-from textseg_cli.methods.ssl_common import backbone_kwargs, masked_mean, ramped_weight, sharpen_softmax
+from textseg_cli.methods.losses import dice_loss, one_hot
+from textseg_cli.methods.registry import register_method
+from textseg_cli.methods.ssl_common import (
+    backbone_kwargs,
+    masked_mean,
+    ramped_weight,
+    sharpen_softmax,
+)
 from textseg_cli.models.resnet3d import ResVNet
 from textseg_cli.models.vnet import VNet
 

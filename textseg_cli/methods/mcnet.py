@@ -18,9 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import consistency_weight, dice_loss, mse, sharpen
-from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
+from textseg_cli.methods.base import Method, StepContext, decoder_index
+from textseg_cli.methods.losses import consistency_weight, dice_loss, mse, sharpen
+from textseg_cli.methods.registry import register_method
 from textseg_cli.models.registry import build_model
 
 

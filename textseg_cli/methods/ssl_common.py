@@ -9,7 +9,7 @@ Each lives here once, with its own tests (tests/test_ssl_common.py):
 - Pseudo-labels: `threshold_pseudo_label` (optionally largest connected component), `sharpen_softmax`.
 - `masked_mean`.
 
-Dice losses, ramp-ups and MC-Net's two-class sharpening live in `textseg_cli.losses` (the `dice_loss` of
+Dice losses, ramp-ups and MC-Net's two-class sharpening live in `textseg_cli.methods.losses` (the `dice_loss` of
 the UA-MT/DTC/MCF code is `losses.dice_loss(..., squared=True)`); the largest connected component in
 `textseg_cli.metrics.postprocess`.
 """
@@ -22,6 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+
+from textseg_cli.methods.losses import consistency_weight
+from textseg_cli.metrics.postprocess import lcc_batch
 
 # ----------------------------------------------------------------------------------------------------------
 # EMA teachers
@@ -167,8 +170,6 @@ def threshold_pseudo_label(probs: torch.Tensor, threshold: float = 0.5, lcc: boo
         conf, labels = probs.max(dim=1)
         labels = torch.where(conf >= threshold, labels, torch.zeros_like(labels))
     if lcc:
-        from textseg_cli.metrics.postprocess import lcc_batch
-
         labels = lcc_batch(labels)
     return labels
 
@@ -198,8 +199,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-16) ->
 def ramped_weight(hparams: dict, step: int, weight: float, rampup: float, per: int = 150) -> float:
     """`method.consistency.{weight, rampup, per}` (defaults: the published values given) applied as
     `losses.consistency_weight(step, weight, rampup, per)`."""
-    from textseg_cli.losses import consistency_weight
-
     cons = hparams.get("consistency") or {}
     return consistency_weight(step, float(cons.get("weight", weight)), float(cons.get("rampup", rampup)),
                               int(cons.get("per", per)))

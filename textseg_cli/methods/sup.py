@@ -6,8 +6,10 @@ from typing import Any
 
 import torch
 
-from textseg_cli.losses import ce_dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.losses import ce_dice_loss
+from textseg_cli.methods.registry import register_method
 from textseg_cli.models.registry import build_model
 
 

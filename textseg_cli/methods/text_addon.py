@@ -22,10 +22,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.methods.base import Batch, Method, StepContext
+from textseg_cli.methods.base import Method, StepContext
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss
 from textseg_cli.models.text_fusion import TMR, RepeatTextFusion, TMROfficial
+from textseg_cli.models.tgcnet.clip_backbone import FINETUNE_MODES
+from textseg_cli.models.tgcnet.date import DATE_MODES
+from textseg_cli.models.tgcnet.sse import SSE_MODES
+from textseg_cli.models.tgcnet.vlcm import VLCM_MODES
+from textseg_cli.models.vnet import VNetEncoder
+from textseg_cli.text.coop import CoOpTextEncoder
+from textseg_cli.text.embeddings import load_embeddings
+from textseg_cli.text.encoders import load_open_clip
+from textseg_cli.text.prompts import load_prompts
 
 ENCODE_HINTS = {
     "clip": "textseg encode --encoder clip --dataset {dataset} --data PREPARED_DIR",
@@ -42,7 +52,6 @@ def text_hparams(hp: dict[str, Any]) -> dict[str, Any]:
 def load_method_embeddings(hp: dict[str, Any], method_label: str, encoder: str, dataset: str | None,
                            rows: int | None = None) -> torch.Tensor:
     """The frozen embedding matrix named by `method.text.embeddings`; a clear error when it is missing."""
-    from textseg_cli.text.embeddings import load_embeddings
 
     path = text_hparams(hp).get("embeddings")
     if not path:
@@ -56,8 +65,6 @@ def load_method_embeddings(hp: dict[str, Any], method_label: str, encoder: str, 
 
 def cached_clip(model: str, pretrained: str | None):
     """(open_clip model, tokenizer), loaded once per process: the tower is frozen, so CoOp encoders may share it."""
-    from textseg_cli.text.encoders import load_open_clip
-
     key = (model, str(pretrained))
     if key not in _CLIP_CACHE:
         clip, tokenizer, _ = load_open_clip(model, pretrained, "cpu")
@@ -67,8 +74,6 @@ def cached_clip(model: str, pretrained: str | None):
 
 def prompt_class_names(context: dict[str, Any], num_classes: int) -> list[str]:
     """Class names for prompts: the data set's prompt file ("left atrium"), else dataset.json's names."""
-    from textseg_cli.text.prompts import load_prompts
-
     names = None
     if context.get("dataset_name"):
         try:
@@ -101,8 +106,6 @@ class TextSource(nn.Module):
                 raise ConfigError("text source 'file' needs an embedding matrix")
             self.register_buffer("embeddings", embeddings.float().clone())
         elif kind == "coop":
-            from textseg_cli.text.coop import CoOpTextEncoder
-
             clip, tokenizer = cached_clip(clip_model, clip_pretrained)
             self.coop = CoOpTextEncoder(clip, tokenizer, list(class_names or []), n_ctx=n_ctx, init_std=init_std)
         else:
@@ -218,7 +221,6 @@ def parse_addon(spec: str) -> set[str]:
 class TextEncoder(nn.Module):
     """A V-Net encoder whose bottleneck passes a text-fusion module; records the fused bottleneck of
     gradient-carrying forwards while `recording` (for CSA)."""
-
     def __init__(self, inner: nn.Module, fusion: nn.Module | None, text_fn: Callable[[], torch.Tensor]):
         super().__init__()
         self.inner = inner
@@ -240,8 +242,6 @@ class TextEncoder(nn.Module):
 
 def _vnet_networks(method: Method) -> tuple[list[nn.Module], list[nn.Module]]:
     """(students, teachers): the method's child networks with a V-Net encoder; teachers take no gradient."""
-    from textseg_cli.models.vnet import VNetEncoder
-
     students, teachers = [], []
     for _, child in method.named_children():
         enc = getattr(child, "encoder", None)
@@ -368,11 +368,6 @@ FLAG_METHODS = {
 
 
 def _flag_choices() -> dict[str, tuple[str, ...]]:
-    from textseg_cli.models.tgcnet.clip_backbone import FINETUNE_MODES
-    from textseg_cli.models.tgcnet.date import DATE_MODES
-    from textseg_cli.models.tgcnet.sse import SSE_MODES
-    from textseg_cli.models.tgcnet.vlcm import VLCM_MODES
-
     return {"tmr": ("paper", "official", "off"), "text_fusion": ("tmr", "repeat"), "unsup_loss": ("usl", "mse", "nll"),
             "sse": SSE_MODES, "clip_finetune": FINETUNE_MODES, "date": DATE_MODES + ("auto",), "vlcm": VLCM_MODES}
 

@@ -32,10 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import consistency_weight, dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
+from textseg_cli.methods.base import Method, StepContext, decoder_index
 from textseg_cli.methods.distributed import global_mean
+from textseg_cli.methods.losses import consistency_weight, dice_loss
+from textseg_cli.methods.registry import register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs, threshold_pseudo_label
 from textseg_cli.methods.text_addon import build_fusion, build_text_source, tmr_setting
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss, dca_mix

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from textseg_cli.console import err_console
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import ce_dice_loss, dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Method, StepContext
 from textseg_cli.methods.clip_weights import is_random, require_clip_weights
+from textseg_cli.methods.losses import ce_dice_loss, dice_loss
+from textseg_cli.methods.registry import register_method
 from textseg_cli.models.registry import build_model
 from textseg_cli.models.tgcnet.clip_backbone import TINY_CLIP
+from textseg_cli.text.describe import load_aux_texts
 
 CLIP_PRESETS = {"tiny": TINY_CLIP}
 
@@ -43,7 +46,6 @@ def _load_aux(data_root: str | None, path: str | None) -> dict[str, str]:
         if path:
             raise ConfigError("auxiliary prompts file not found", path)
         return {}
-    from textseg_cli.text.describe import load_aux_texts
 
     return load_aux_texts(p)
 
@@ -51,7 +53,6 @@ def _load_aux(data_root: str | None, path: str | None) -> dict[str, str]:
 class _SharedSlot:
     """Holds the current case's text. Shared, not copied, by `copy.deepcopy`: inference may predict with
     a deep copy of the method (e.g. BatchNorm folded into convs) made before the text was set."""
-
     def __init__(self):
         self.value: tuple[str, str | None] | None = None
 

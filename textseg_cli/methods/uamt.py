@@ -19,10 +19,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from textseg_cli.losses import dice_loss, sigmoid_rampup
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
-from textseg_cli.methods.ssl_common import (backbone_kwargs, ema_update, entropy_of_mean, make_teacher, noisy,
-                                            ramped_weight)
+from textseg_cli.data.batch import Batch
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.losses import dice_loss, sigmoid_rampup
+from textseg_cli.methods.registry import register_method
+from textseg_cli.methods.ssl_common import (
+    backbone_kwargs,
+    ema_update,
+    entropy_of_mean,
+    make_teacher,
+    noisy,
+    ramped_weight,
+)
 from textseg_cli.models.vnet import VNet
 
 

@@ -3,7 +3,7 @@ row is reproduced exactly (its network, loss and protocol) by `lvit-unet` (metho
 
 from __future__ import annotations
 
-from textseg_cli.methods.base import register_method
+from textseg_cli.methods.registry import register_method
 from textseg_cli.methods.sup import SupervisedOnly
 
 

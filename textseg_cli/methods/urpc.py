@@ -19,9 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, register_method
+from textseg_cli.methods.base import Method, StepContext
+from textseg_cli.methods.losses import dice_loss
+from textseg_cli.methods.registry import register_method
 from textseg_cli.methods.ssl_common import ramped_weight
 from textseg_cli.models.unet3d import UNet3DDeepSup
 

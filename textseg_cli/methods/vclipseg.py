@@ -29,12 +29,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.losses import consistency_weight, dice_loss
-from textseg_cli.methods.base import Batch, Method, StepContext, decoder_index, register_method
+from textseg_cli.methods.base import Method, StepContext, decoder_index
+from textseg_cli.methods.losses import consistency_weight, dice_loss
+from textseg_cli.methods.registry import register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs
 from textseg_cli.methods.text_addon import load_method_embeddings
-from textseg_cli.methods.text_losses import ProjectionHead, dlb_fused, dlb_weights, vtcm_loss
+from textseg_cli.methods.text_losses import (
+    ProjectionHead,
+    dlb_fused,
+    dlb_weights,
+    vtcm_loss,
+)
 from textseg_cli.models.registry import build_model
 from textseg_cli.models.text_fusion import VWPM
 

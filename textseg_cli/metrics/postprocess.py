@@ -56,7 +56,6 @@ def lcc_batch(t):
 
 def lcc_batch_device(t):
     """`lcc_batch` in torch ops on the tensor's own device; equal to the scipy path voxel for voxel."""
-    import torch
 
     t = t.detach()
     out = t.clone()

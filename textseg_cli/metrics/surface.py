@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+from scipy.ndimage import (
+    binary_erosion,
+    distance_transform_edt,
+    generate_binary_structure,
+)
 
 
 @dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from textseg_cli.errors import DataError
+from textseg_cli.console import err_console
+from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.storage.files import atomic_path
 
 _SKIP = {"iteration", "lr", "it_per_s", "time_s", "val_seconds", "val_best"}
 
@@ -28,13 +30,10 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
     try:
         import matplotlib
     except ImportError:
-        from textseg_cli.errors import ConfigError
-
         raise ConfigError("plots need matplotlib: pip install 'textseg-cli[plot]'") from None
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
 
-    from textseg_cli.utils import atomic_path
 
     runs = [Path(r) for r in run_dirs]
     if not runs:
@@ -91,6 +90,5 @@ def write_run_curves(run_dir: Path) -> None:
     try:
         plot_curves([run_dir], Path(run_dir) / "curves.png")
     except Exception as exc:  # a full disk or a broken font cache must not stop training
-        from textseg_cli.console import err_console
 
         err_console.print(f"[yellow]warning:[/] curves.png not written ({type(exc).__name__}: {exc})")

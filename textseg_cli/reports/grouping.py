@@ -9,7 +9,9 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from textseg_cli.reports.results import _n_cases, _settings, paired_wilcoxon
 from textseg_cli.reports.summary import METRICS, case_level, headline
 from textseg_cli.reports.tables import ResultRow
 
@@ -21,17 +23,13 @@ def _seed(res, index: int):
     run_dir = res.meta.get("run_dir")
     if run_dir:
         try:
-            from textseg_cli.engine.config import load_config
-
-            return int(load_config(Path(run_dir) / "config.yaml")["seed"])
+            return int(yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))["seed"])
         except Exception:
             pass
     return f"run{index}"
 
 
 def grouped_rows(results: Sequence, class_name: str | None = None) -> list[ResultRow]:
-    from textseg_cli.reports.compare import _n_cases, _settings, paired_wilcoxon
-
     groups: dict[tuple, list] = {}
     for res in results:
         groups.setdefault((res.name, res.meta.get("labeled")), []).append(res)

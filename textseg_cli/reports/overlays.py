@@ -18,6 +18,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from textseg_cli.console import progress
+from textseg_cli.data.prepared import load_prepared
+from textseg_cli.errors import ConfigError
+from textseg_cli.metrics import dice
+from textseg_cli.storage.files import atomic_path
+from textseg_cli.storage.outputs import guard_output_file
+
 REFERENCE_COLOUR = (0, 255, 0)
 PREDICTION_COLOUR = (255, 0, 0)
 TEXT_COLOUR = (255, 255, 255)
@@ -211,8 +218,6 @@ def render_case(image, reference=None, prediction=None, text=None, title=None, d
 
 def save_png(picture, path: str | Path, force: bool = False) -> Path:
     """Write a PIL image atomically (refused if it exists, unless force)."""
-    from textseg_cli.utils import atomic_path, guard_output_file
-
     path = guard_output_file(path, force)
     with atomic_path(path, suffix=".png") as tmp:
         picture.save(tmp, format="PNG")
@@ -227,7 +232,6 @@ def overlay_tap(pairs: Iterable[tuple], n: int, out_dir: str | Path, image_of: C
     black). PNGs go to `out_dir/<case>.png`, titled with the case id and its Dice; their paths are
     appended to `written`.
     """
-    from textseg_cli.metrics import dice
 
     count = 0
     for item in pairs:
@@ -261,10 +265,6 @@ def prepared_overlays(data: str | Path, out: str | Path | None = None, n: int = 
     """Overlay PNGs (image, label contour, text) of `n` cases of a prepared folder for a visual check
     of preprocessing. Cases are spread evenly over the list (all cases, or one split, or `case_ids`);
     PNGs go to `out` (default `<data>/overlays/`), one `<case>.png` each. Returns their paths."""
-    from textseg_cli.console import progress
-    from textseg_cli.data.prepared import load_prepared
-    from textseg_cli.errors import ConfigError
-
     if n < 1:
         raise ConfigError(f"--n {n}: expected at least 1 case")
     ds = load_prepared(data)
@@ -272,7 +272,6 @@ def prepared_overlays(data: str | Path, out: str | Path | None = None, n: int = 
     chosen = spread(ids, n)
     out_dir = Path(out) if out is not None else Path(data) / "overlays"
     for cid in chosen:  # fail before drawing anything
-        from textseg_cli.utils import guard_output_file
 
         guard_output_file(out_dir / f"{cid}.png", force)
     paths = []

@@ -16,9 +16,14 @@ from typing import Sequence
 
 import pandas as pd
 
-from textseg_cli.reports.compare import EvalResult, build_rows
 from textseg_cli.reports.latex import latex_table
-from textseg_cli.reports.tables import ResultRow, check_table_format, footnotes, latex_escape
+from textseg_cli.reports.results import EvalResult, build_rows
+from textseg_cli.reports.tables import (
+    ResultRow,
+    check_table_format,
+    footnotes,
+    latex_escape,
+)
 
 METRICS_2D = (("dice", "Dice (%)"), ("jaccard", "mIoU (%)"))
 

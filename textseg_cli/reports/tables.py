@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from textseg_cli.reports.latex import latex_escape, latex_table, mark_latex, mark_markdown, rank_marks  # noqa: F401
+from textseg_cli.metrics.case import EMPTY_POLICIES
+from textseg_cli.reports.latex import (  # noqa: F401
+    latex_escape,
+    latex_table,
+    mark_latex,
+    mark_markdown,
+    rank_marks,
+)
 
 TABLE_FORMATS = ("csv", "md", "latex")
 TABLE_SUFFIX = {"csv": ".csv", "md": ".md", "latex": ".tex"}
@@ -161,7 +168,6 @@ def render_latex(rows: list[ResultRow], notes: list[str], std: bool = False, cap
                  label: str = "tab:results") -> str:
     """A `table` float (caption, label, booktabs, notes wrapped below); needs reports.latex.PREAMBLE.
     SD (with `std`) is set as a subscript to keep the columns narrow."""
-
     def fmt(text: str, mark=None) -> str:
         value, sep, sd = text.partition(" ± ")
         tex = latex_escape(value) + (rf"$_{{\pm {latex_escape(sd)}}}$" if sep else "")
@@ -184,8 +190,6 @@ def _count_of(value) -> int:
 
 def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
     """The settings every reader needs to compare numbers across papers, stated once or per row."""
-    from textseg_cli.metrics.case import EMPTY_POLICIES
-
     def describe(key: str, fmt) -> str:
         values = {r.method: r.settings.get(key) for r in rows}
         distinct = list(dict.fromkeys(values.values()))

@@ -20,11 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from textseg_cli import __version__
-from textseg_cli.console import err_console
+from textseg_cli.console import err_console, progress
+from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError
-from textseg_cli.text.llm import DEFAULT_API_KEY_ENV, LLMClient, LLMError, LLMSettings, is_local_url
+from textseg_cli.storage.files import atomic_write_json, read_json
+from textseg_cli.storage.outputs import check_out_path
+from textseg_cli.text.llm import (
+    DEFAULT_API_KEY_ENV,
+    LLMClient,
+    LLMError,
+    LLMSettings,
+    is_local_url,
+)
 from textseg_cli.text.prompts import PromptSet, load_aux_template, load_prompts
-from textseg_cli.utils import atomic_write_json, read_json
 
 OFFLINE = "offline"
 AUTO = "auto"
@@ -221,8 +229,6 @@ def _finish(record: dict[str, Any], out: str | Path | None, force: bool, cached:
 
 def write_json_once(path: str | Path, obj: dict[str, Any], force: bool) -> bool:
     """Write `obj`; an existing identical file is left alone, a different one needs `force`."""
-    from textseg_cli.safety import check_out_path
-
     path = check_out_path(path)
     if path.exists() and not force:
         try:
@@ -308,9 +314,6 @@ def describe_per_case(data_dir: str | Path, llm: str | None = AUTO, *, base_url:
     with the primary texts, skipped cases (no text) and provenance. With an LLM each request is
     cached by (model, template, input text); offline the rule of `aux_prompt.yaml` is applied.
     """
-    from textseg_cli.console import progress
-    from textseg_cli.data.prepared import load_prepared
-
     if on_short not in ON_SHORT:
         raise ConfigError(f"--on-short must be one of {ON_SHORT}, got {on_short!r}")
     ds = load_prepared(data_dir, check_files=False)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from textseg_cli.errors import DataError
-from textseg_cli.utils import atomic_path, atomic_write_json
+from textseg_cli.storage.files import atomic_path, atomic_write_json
 
 FORMAT = "textseg-embeddings/1"
 META_KEY = "textseg_meta"

@@ -21,9 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from textseg_cli import __version__
+from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError, OutputExistsError
-from textseg_cli.text.embeddings import load_embeddings, save_embeddings, sidecar_path, tensor_path
-from textseg_cli.text.encoders import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED
+from textseg_cli.storage.outputs import check_out_path
+from textseg_cli.text.describe import load_descriptions
+from textseg_cli.text.embeddings import (
+    load_embeddings,
+    save_embeddings,
+    sidecar_path,
+    tensor_path,
+)
+from textseg_cli.text.encoders import (
+    DEFAULT_BERT,
+    DEFAULT_CLIP,
+    DEFAULT_CLIP_PRETRAINED,
+    BertTextEncoder,
+    ClipTextEncoder,
+)
 from textseg_cli.text.prompts import GENERIC, list_datasets, load_prompts
 
 ENCODERS = ("bert", "clip")
@@ -67,8 +81,6 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
         raise ConfigError("--pretrained applies to --encoder clip only (BERT weights come with --model)")
     data_name = None
     if data is not None:
-        from textseg_cli.data.prepared import load_prepared
-
         prepared = load_prepared(data, check_files=False)
         data_name = prepared.name
         if class_names is None:
@@ -90,8 +102,6 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
         if texts is not None:
             texts, source = list(texts), {"kind": "given"}
         elif descriptions is not None:
-            from textseg_cli.text.describe import load_descriptions
-
             dpath = Path(descriptions)
             texts, provenance = load_descriptions(dpath)
             source = {"kind": "descriptions_file", "path": str(dpath.resolve()), "sha256": _file_sha256(dpath)}
@@ -118,8 +128,6 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
             except Exception:  # noqa: BLE001 - a broken cache file is simply recomputed
                 pass
     else:
-        from textseg_cli.safety import check_out_path
-
         path = tensor_path(check_out_path(out))
         for p in (path, sidecar_path(path)):
             if p.exists() and not force:
@@ -128,7 +136,6 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
     if encoder == "clip":
         import torch
 
-        from textseg_cli.text.encoders import ClipTextEncoder
 
         random_init = str(pretrained).strip().lower() in ("", "none", "random")
         # random weights from a fixed seed: the same texts give the same embeddings on every run
@@ -140,8 +147,6 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
         if random_init:
             settings["random_init_seed"] = RANDOM_CLIP_SEED
     else:
-        from textseg_cli.text.encoders import BertTextEncoder
-
         enc = BertTextEncoder(model, device, batch_size=batch_size)
         tensors = enc.encode(texts, pooling=pooling, tokens=tokens, normalize=normalize)
     meta = {**settings, **enc.info(), "dataset": ps.name, "prompt_file": str(ps.path), "source": source,

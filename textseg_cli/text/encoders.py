@@ -20,24 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.runtime.device import resolve_device
 
 DEFAULT_BERT = "bert-base-uncased"
 DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None → CUDA when available, else CPU; anything else as torch understands it."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a valid device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} requested but CUDA is not available")
-    return dev
 
 
 def _is_path_like(name: str) -> bool:

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError, TextsegError
-from textseg_cli.utils import atomic_write_json
+from textseg_cli.storage.files import atomic_write_json
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from textseg_cli.data.prep import runner
-from textseg_cli.data.prep.steps import Processing, load_files, make_splits, parse_spacing
+from textseg_cli.data.prep.steps import (
+    Processing,
+    load_files,
+    make_splits,
+    parse_spacing,
+)
 from textseg_cli.errors import ConfigError, DataError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")

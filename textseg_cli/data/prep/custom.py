@@ -12,9 +12,15 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from textseg_cli.data.io import NAN_POLICIES
 from textseg_cli.data.prep import runner
-from textseg_cli.data.prep.steps import (default_patch_size, load_files, make_folds, make_splits,
-                                         processing_from_options)
+from textseg_cli.data.prep.steps import (
+    default_patch_size,
+    load_files,
+    make_folds,
+    make_splits,
+    processing_from_options,
+)
 from textseg_cli.errors import ConfigError, DataError
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -102,7 +108,6 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
                                    crop_margin=crop_margin, body_threshold=body_threshold, normalize=normalize)
     if proc.crop == "label" and unlabeled:
         raise ConfigError(f"--crop label needs a label for every case; {unlabeled[:5]} have none")
-    from textseg_cli.data.io import NAN_POLICIES
 
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"--nan-policy {nan_policy!r}: expected refuse or zero")

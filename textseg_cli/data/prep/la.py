@@ -25,8 +25,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from textseg_cli.console import err_console
+from textseg_cli.data.io import read_h5
 from textseg_cli.data.prep import runner
-from textseg_cli.data.prep.steps import Loaded, Processing, check_label_values, load_files
+from textseg_cli.data.prep.steps import (
+    Loaded,
+    Processing,
+    check_label_values,
+    load_files,
+)
+from textseg_cli.data.preprocessing import bbox, crop, expand_box, zscore
 from textseg_cli.data.splits import carve_validation
 from textseg_cli.errors import ConfigError, DataError
 
@@ -81,8 +88,6 @@ def _content_hash(image: np.ndarray, label: np.ndarray | None) -> str:
 
 def load_h5_case(case_id: str, path: str) -> Loaded:
     """Read a preprocessed case unchanged; check shapes, finite intensities and 0/1 labels."""
-    from textseg_cli.data.io import read_h5
-
     arrays = read_h5(path, ("image", "label"))
     image, label = arrays["image"], arrays["label"]
     if image.ndim != 3:
@@ -101,7 +106,6 @@ def crop_box_xy(label: np.ndarray, rng: np.random.Generator, min_size: int = PAT
                 margin: tuple[int, int] = CROP_MARGIN) -> list[tuple[int, int]]:
     """The standard LA crop: label bounding box in x and y, grown to `min_size`, plus a random margin of
     margin[0]..margin[1] voxels on each side (clipped to the volume); z is kept whole."""
-    from textseg_cli.data.preprocessing import bbox, expand_box
 
     box = bbox(label)
     grown = expand_box(box[:2], label.shape[:2], (0, 0), (min_size, min_size))
@@ -119,8 +123,6 @@ def case_rng(seed: int, case_id: str) -> np.random.Generator:
 
 def load_raw_case(case_id: str, image_path: str, label_path: str, seed: int) -> Loaded:
     """Read lgemri/laendo, check geometry and label values, z-score the whole volume, crop x/y."""
-    from textseg_cli.data.preprocessing import crop, zscore
-
     loaded = load_files(case_id, [image_path], label_path)  # checks size, spacing, origin, direction
     if loaded.image.shape[0] != 1:
         raise DataError(f"case '{case_id}': expected a single-channel image, got {loaded.image.shape[0]}", image_path)

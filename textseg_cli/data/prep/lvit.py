@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from textseg_cli.console import err_console, progress
 from textseg_cli.data.names import canonical_name
+from textseg_cli.data.prep.writer import PreparedWriter, volume_qc
 from textseg_cli.errors import DataError
 
 SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
@@ -40,8 +42,6 @@ class _Item:
 
 
 def _warn(msg: str) -> None:
-    from textseg_cli.console import err_console
-
     err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
@@ -255,9 +255,6 @@ def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = Fa
     antialiasing, intensities / 255, masks bilinear then > 0); it needs `resize` (LViT: 224).
     Returns the `PreparedDataset`.
     """
-    from textseg_cli.console import progress
-    from textseg_cli.data.prep.writer import PreparedWriter, volume_qc
-
     if resize is not None and resize < 8:
         raise DataError(f"--resize {resize}: expected a size of at least 8 pixels")
     if protocol not in ("textseg", "lvit"):

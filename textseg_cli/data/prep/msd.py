@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from textseg_cli.data.prep import runner
-from textseg_cli.data.prep.steps import default_patch_size, load_files, make_splits, processing_from_options
+from textseg_cli.data.prep.steps import (
+    default_patch_size,
+    load_files,
+    make_splits,
+    processing_from_options,
+)
 from textseg_cli.errors import ConfigError, DataError
-from textseg_cli.utils import read_json
+from textseg_cli.storage.files import read_json
 
 
 def read_task(src: Path) -> dict[str, Any]:

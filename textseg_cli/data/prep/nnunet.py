@@ -19,12 +19,18 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from textseg_cli.console import err_console
+from textseg_cli.data.io import write_nifti
+from textseg_cli.data.prep.custom import prep_custom
+from textseg_cli.data.prepared import load_prepared
+from textseg_cli.data.splits import labeled_subset
 from textseg_cli.errors import ConfigError, DataError
-from textseg_cli.utils import atomic_write_json, read_json
+from textseg_cli.storage.files import atomic_write_json, read_json
+from textseg_cli.storage.outputs import prepare_output_dir
 
 
 def read_nnunet_spec(src: Path) -> dict[str, Any]:
@@ -57,8 +63,6 @@ def prep_nnunet(src: str | Path, out: str | Path, *, splits_final: str | Path | 
                 **options: Any):
     """Prepare an nnU-Net v2 raw folder (names intact). `splits_final` (default: `src/splits_final.json` when
     present) supplies the folds; other `options` are those of `prep_custom` (spacing, window, crop, ...)."""
-    from textseg_cli.data.prep.custom import prep_custom
-
     src = Path(src)
     spec = read_nnunet_spec(src)
     classes = class_names_from_labels(spec["labels"], src / "dataset.json")
@@ -83,8 +87,6 @@ def prep_nnunet(src: str | Path, out: str | Path, *, splits_final: str | Path | 
                          folds=folds, **options)
     n = spec.get("numTraining")
     if n is not None and int(n) != len(ds.case_ids):
-        from textseg_cli.console import err_console
-
         err_console.print(f"[yellow]warning:[/] dataset.json says numTraining {n}; {len(ds.case_ids)} cases found")
     return ds
 
@@ -102,10 +104,6 @@ def export_data(prepared: str | Path, out: str | Path, fmt: str = "nnunet", labe
     plus splits.val; splits_final.json holds textseg's folds (`prep custom --folds`) or its one train/val
     split. Test cases go to imagesTs/ with their labels in labelsTs/ (nnU-Net ignores those; `textseg eval`
     scores its predictions against them). Image-only cases are left out: nnU-Net trains fully supervised."""
-    from textseg_cli.data.io import write_nifti
-    from textseg_cli.data.prepared import load_prepared
-    from textseg_cli.data.splits import labeled_subset
-    from textseg_cli.utils import prepare_output_dir
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")

@@ -18,8 +18,18 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from textseg_cli.data.io import read_h5
 from textseg_cli.data.prep import runner
-from textseg_cli.data.prep.steps import Loaded, Processing, load_sitk_case, parse_spacing, read_sitk_image, window_setting
+from textseg_cli.data.prep.dicom import dicom_folders, read_dicom_series
+from textseg_cli.data.prep.steps import (
+    Loaded,
+    Processing,
+    load_files,
+    load_sitk_case,
+    parse_spacing,
+    read_sitk_image,
+    window_setting,
+)
 from textseg_cli.data.splits import carve_validation
 from textseg_cli.errors import ConfigError, DataError
 
@@ -50,8 +60,6 @@ def standard_split() -> dict[str, list[str]]:
 
 def discover(src: Path, labels: Path | None = None, layout: str = "auto") -> tuple[str, dict[str, dict[str, Any]]]:
     """Find cases: {number: {"image": path, "label": path|None}} and the layout used."""
-    from textseg_cli.data.prep.dicom import dicom_folders
-
     if layout not in LAYOUTS:
         raise ConfigError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     found: dict[str, dict[str, Path]] = {"dicom": {}, "nifti": {}, "h5": {}}
@@ -88,8 +96,6 @@ def discover(src: Path, labels: Path | None = None, layout: str = "auto") -> tup
 
 
 def load_dicom(case_id: str, folder: str, label: str | None, label_geometry: str) -> Loaded:
-    from textseg_cli.data.prep.dicom import read_dicom_series
-
     if label is None:
         raise DataError(f"case '{case_id}': no label file label{case_id[-4:]}.nii.gz found (use --labels DIR)")
     img = read_dicom_series(folder, case_id)
@@ -98,8 +104,6 @@ def load_dicom(case_id: str, folder: str, label: str | None, label_geometry: str
 
 
 def load_nifti(case_id: str, image: str, label: str | None, label_geometry: str) -> Loaded:
-    from textseg_cli.data.prep.steps import load_files
-
     if label is None:
         raise DataError(f"case '{case_id}': no label file label{case_id[-4:]}.nii.gz found (use --labels DIR)", image)
     return load_files(case_id, [image], label, label_geometry=label_geometry)
@@ -108,7 +112,6 @@ def load_nifti(case_id: str, image: str, label: str | None, label_geometry: str)
 def load_h5(case_id: str, path: str, spacing: Sequence[float]) -> Loaded:
     import numpy as np
 
-    from textseg_cli.data.io import read_h5
 
     d = read_h5(path)
     img, lab = np.asarray(d["image"], dtype=np.float32), np.asarray(d["label"])

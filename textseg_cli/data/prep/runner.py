@@ -20,10 +20,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from textseg_cli.console import console, progress
-from textseg_cli.data.prep.steps import Loaded, Processing, apply_processing, check_label_values
+from textseg_cli.data.io import write_nifti
+from textseg_cli.data.prep.steps import (
+    Loaded,
+    Processing,
+    apply_processing,
+    check_label_values,
+)
 from textseg_cli.data.prep.writer import PreparedWriter, volume_qc
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
-from textseg_cli.utils import atomic_path, atomic_write_json
+from textseg_cli.storage.files import atomic_path, atomic_write_json
+from textseg_cli.storage.outputs import check_out_path
 
 STATE_DIR = ".prep"
 
@@ -79,8 +86,6 @@ def _ras(origin, direction) -> tuple[tuple[float, ...], tuple[float, ...] | None
 
 def process_case(task: CaseTask) -> dict[str, Any]:
     """Load, check, process and write one case; return its record (also saved under .prep/)."""
-    from textseg_cli.data.io import write_nifti
-
     cid = task.case_id
     loaded = task.load(**task.load_args)
     warnings = list(loaded.warnings)
@@ -150,8 +155,6 @@ def _finished_record(out: Path, cid: str, expected_hash: str) -> dict[str, Any] 
 
 def open_output(out: str | Path, *, force: bool, src, **writer_kw: Any) -> PreparedWriter:
     """A PreparedWriter that resumes an earlier run of a preparer (or starts fresh with force)."""
-    from textseg_cli.safety import check_out_path
-
     out = check_out_path(out)
     if not force and out.exists() and any(out.iterdir()) and not (out / STATE_DIR).is_dir():
         raise OutputExistsError(out)  # a foreign non-empty folder is never written into
@@ -256,7 +259,6 @@ def check_channels(writer: PreparedWriter, report: RunReport) -> None:
 
 class PrepFailed(DataError):
     """Some cases failed; the finished ones are valid and kept, dataset.json is not written."""
-
 
 def finish(writer: PreparedWriter, report: RunReport, *, splits: dict[str, list[str]], preprocessing: list[dict],
            source: dict[str, Any], drop_failed: bool = False, warnings: Sequence[str] = (), **finish_kw: Any):

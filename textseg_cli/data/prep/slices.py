@@ -17,6 +17,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from textseg_cli.console import progress
+from textseg_cli.data.prep.writer import PreparedWriter
+from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError, DataError
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -101,10 +104,6 @@ def prep_slices(src: str | Path, out: str | Path, *, axis: str = "axial", classe
     and test volumes keep every slice, so they can be re-stacked and scored per volume). template: the
     text template ({modality}, {classes}). Returns the `PreparedDataset`.
     """
-    from textseg_cli.console import progress
-    from textseg_cli.data.prepared import load_prepared
-    from textseg_cli.data.prep.writer import PreparedWriter
-
     if axis not in AXES:
         raise ConfigError(f"--axis {axis!r}: expected one of {', '.join(AXES)}")
     if not 0.0 <= float(skip_empty_ratio) <= 1.0:

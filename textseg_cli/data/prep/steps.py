@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from textseg_cli.data import preprocessing as pp
+from textseg_cli.data.io import apply_nan_policy, check_complete, read_sitk
 from textseg_cli.errors import ConfigError, DataError
 
 CROP_MODES = ("none", "nonzero", "body", "label")
@@ -128,8 +129,6 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], tuple[f
 
     4D files (MSD multi-modal) become channels; vector images too.
     """
-    from textseg_cli.data.io import read_sitk
-
     vol = read_sitk(path)
     arr = vol.array
     spacing, origin, direction = vol.spacing, vol.origin, vol.direction
@@ -352,7 +351,6 @@ def read_sitk_image(path: str | Path, case_id: str | None = None):
     path = Path(path)
     if not path.exists():
         raise DataError(f"case '{case_id}': file not found" if case_id else "file not found", path)
-    from textseg_cli.data.io import check_complete
 
     try:
         nonfinite = check_complete(path)
@@ -440,7 +438,6 @@ def load_sitk_case(case_id: str, channels: Sequence, label, *, label_path: Any =
                     warnings.append(f"{exc} -> label resampled onto the image grid (--label-geometry resample)")
         lab = sitk_array(label)
     image = np.stack([sitk_array(ch).astype(np.float32) for ch in channels])
-    from textseg_cli.data.io import apply_nan_policy
 
     image, note = apply_nan_policy(image, nan_policy, case_id, image_path, known=nonfinite)
     warnings += [note] if note else []

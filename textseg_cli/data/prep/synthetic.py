@@ -16,7 +16,9 @@ import numpy as np
 
 from textseg_cli.console import progress
 from textseg_cli.data import synthetic as gen
+from textseg_cli.data.prep.writer import PreparedWriter, volume_qc
 from textseg_cli.data.preprocessing import apply_window, zscore
+from textseg_cli.data.synthetic2d import prep_synthetic_2d
 from textseg_cli.errors import ConfigError
 
 WINDOW = (40.0, 400.0)  # level, width in HU: HU [-160, 240] -> [0, 1]
@@ -39,11 +41,6 @@ def _check_counts(n_cases: int, n_val: int, n_test: int) -> int:
 
 def prep_synthetic_2d_given(out, force: bool = False, size: Sequence[int] | None = None, **given):
     """Delegate to the 2D generator, passing only the settings the user gave (it has its own defaults)."""
-    try:
-        from textseg_cli.data.synthetic2d import prep_synthetic_2d
-    except ImportError:
-        raise ConfigError("2D synthetic data is not available in this installation (textseg_cli.data.synthetic2d "
-                          "is missing); use --dim 3") from None
     if given.pop("n_classes", 1) not in (None, 1):
         raise ConfigError("--classes 2 is only available for 3D synthetic data")
     kw = {k: v for k, v in given.items() if v is not None}
@@ -64,8 +61,6 @@ def prep_synthetic(out: str | Path, n_cases: int = 20, size: Sequence[int] | Non
     n_classes: 1 (liver-like organ) or 2 (plus a kidney-like organ). dim=2 delegates to the 2D generator
     (`textseg_cli.data.synthetic2d`). Case i depends only on (seed, i).
     """
-    from textseg_cli.data.prep.writer import PreparedWriter, volume_qc
-
     n_train = _check_counts(n_cases, n_val, n_test)
     if dim == 2:
         return prep_synthetic_2d_given(out, force, None if size is None or tuple(size) == DEFAULT_SIZE else size,

@@ -12,15 +12,14 @@ from textseg_cli import __version__
 from textseg_cli.data.io import write_nifti
 from textseg_cli.data.prepared import FORMAT, load_prepared
 from textseg_cli.errors import ConfigError
-from textseg_cli.safety import seal
-from textseg_cli.utils import atomic_write_json, prepare_output_dir
+from textseg_cli.storage.files import atomic_path, atomic_write_json
+from textseg_cli.storage.outputs import prepare_output_dir, seal
 
 
 class PreparedWriter:
     """Collects cases and writes a prepared folder.
 
     Usage::
-
         w = PreparedWriter(out, name="la", dim=3, modality="MR", channel_names=["LGE-MRI"],
                            class_names=["background", "left atrium"], force=force, src=src)
         w.add_case("ID", image, label, spacing)
@@ -105,8 +104,6 @@ class PreparedWriter:
             "extra": extra or {},
         }
         if self.qc_rows:
-            from textseg_cli.utils import atomic_path
-
             with atomic_path(self.out / "qc.csv") as tmp:
                 pd.DataFrame(self.qc_rows).to_csv(tmp, index=False)
         atomic_write_json(self.out / "dataset.json", spec)

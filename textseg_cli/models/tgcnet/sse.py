@@ -20,7 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
-from textseg_cli.models.tgcnet.msdeform_attn import DeformableEncoderLayer, reference_points, sine_position_2d
+from textseg_cli.models.tgcnet.msdeform_attn import (
+    DeformableEncoderLayer,
+    reference_points,
+    sine_position_2d,
+)
 
 SSE_MODES = ("on", "off", "cnn-only", "no-deform")
 USES_CLIP_IMAGE = ("on", "off", "no-deform")  # modes that read CLIP's dense image features

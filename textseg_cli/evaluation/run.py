@@ -8,8 +8,29 @@ from typing import Iterator
 
 import numpy as np
 
+from textseg_cli.console import err_console
+from textseg_cli.data.io import read_input_image, write_mask
+from textseg_cli.data.prep.slices import restack_pairs, slice_info
 from textseg_cli.errors import DataError
+from textseg_cli.evaluation.folders import (
+    check_eval_size,
+    evaluate_pairs,
+    overlay_pairs,
+    scoring_meta,
+    write_evaluation,
+)
+from textseg_cli.inference.predict import (
+    checkpoint_rule,
+    inference_settings,
+    predict_case,
+    probs_to_mask,
+)
+from textseg_cli.inference.protocol import resolve_lcc
 from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
+from textseg_cli.runs.load import load_run
+from textseg_cli.runtime.device import resolve_device
+from textseg_cli.runtime.precision import resolve_precision
+from textseg_cli.storage.outputs import prepare_output_dir, run_lock
 
 
 def _labeled_counts(run) -> tuple[int | None, int | None]:
@@ -48,8 +69,6 @@ def method_uses_text(method) -> bool:
 def mask_from_probs(probs, dim: int, threshold: float = 0.5) -> np.ndarray:
     """Class-index mask from probabilities (K, *spatial). 2D binary tasks: foreground where its
     probability exceeds `threshold` (0.5 equals argmax; ties go to background); otherwise argmax."""
-    from textseg_cli.inference.predict import probs_to_mask
-
     if dim == 2 and probs.shape[0] == 2:
         return (probs[1] > threshold).to(device="cpu").numpy().astype(np.uint8)
     return probs_to_mask(probs)
@@ -63,7 +82,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
-    the image's geometry) and, through `textseg_cli.evaluation.write_evaluation`, `per_case.csv`,
+    the image's geometry) and, through `textseg_cli.evaluation.folders.write_evaluation`, `per_case.csv`,
     `summary.csv`, `meta.json` (+ `table`). `out` defaults to `RUN_DIR/eval/<split>-<checkpoint>-<mode>[-decN]`.
     `inference` ("sliding" or "whole") defaults to the run's `inference.mode` (sliding for the 3D methods,
     whole images for the 2D ones).
@@ -74,20 +93,11 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     methods that read it (`set_case_text`); `eval_size=224` scores at 224×224 (LViT); `per_volume`
     re-stacks the slices of a `textseg prep slices` folder and scores volumes; `overlays=N` writes N
     overlay PNGs to `out/overlays/`. `precision` (auto | fp32 | bf16) defaults to the run's rule
-    (`textseg_cli.precision.inference_request`); meta.json records what ran.
+    (`textseg_cli.runtime.precision.inference_request`); meta.json records what ran.
     `lcc` None follows the method's evaluation protocol (`inference.protocol.resolve_lcc`: on for DTC, BCP and
     Text-SemiSeg runs, as their official test scripts); True/False force it.
     `name`: the display name tables show for this run (default: the method).
     """
-    from textseg_cli.console import err_console
-    from textseg_cli.engine.runs import load_run
-    from textseg_cli.evaluation import (check_eval_size, evaluate_pairs, overlay_pairs, scoring_meta,
-                                        write_evaluation)
-    from textseg_cli.inference.protocol import resolve_lcc
-    from textseg_cli.inference.predict import (checkpoint_rule, inference_settings, predict_case, read_input_image,
-                                               resolve_device, write_mask)
-    from textseg_cli.precision import resolve_precision
-    from textseg_cli.utils import prepare_output_dir
 
     run_dir = Path(run_dir)
     if split == "test":
@@ -100,8 +110,6 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     inf_cfg = inference_settings(run.config, inference, decoder, precision=precision)
     ds = run.dataset
     if per_volume:
-        from textseg_cli.data.prep.slices import restack_pairs, slice_info
-
         if slice_info(ds) is None:
             raise DataError("--per-volume needs a run trained on a slices folder (`textseg prep slices`)",
                             ds.root / "dataset.json")
@@ -180,7 +188,6 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
 @functools.wraps(_evaluate_run)
 def evaluate_run(run_dir: str | Path, *args, **kwargs):
     # eval writing into the run folder (its default --out) holds the run's lock, as train does
-    from textseg_cli.safety import run_lock
 
     out = kwargs.get("out")
     run = Path(run_dir)

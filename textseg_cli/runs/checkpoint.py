@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from textseg_cli.errors import DataError
-from textseg_cli.utils import atomic_path
+from textseg_cli.storage.files import atomic_path
 
 FORMAT = "textseg-checkpoint/1"
 

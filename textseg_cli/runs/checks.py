@@ -6,24 +6,11 @@ folder is created (issue 14.11).
 
 from __future__ import annotations
 
-import re
 from typing import Any
-
-import torch
 
 from textseg_cli.errors import ConfigError
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 MIN_PATCH = 16  # the 3D/2D backbones downsample 4 times; a smaller side cannot pass the bottleneck
-
-
-def device_from(device: str | torch.device, option: str = "--device") -> torch.device:
-    """torch.device(device), with an unknown name as a one-line usage error."""
-    if isinstance(device, torch.device):
-        return device
-    if not _DEVICE.match(str(device)):
-        raise ConfigError(f"{option} {device!r}: expected auto, cpu, cuda or cuda:N")
-    return torch.device(device)
 
 
 def check_run_config(cfg: dict[str, Any], reference: dict[str, Any]) -> None:

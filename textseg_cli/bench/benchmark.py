@@ -23,8 +23,26 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from textseg_cli.bench.reference import (
+    reference_sliding_window,
+    reference_train_step,
+)
+from textseg_cli.console import console
+from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
-from textseg_cli.utils import cpu_model
+from textseg_cli.inference.predict import predict_case
+from textseg_cli.inference.sliding_window import window_starts
+from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.registry import build_method, list_methods
+from textseg_cli.runs.config import build_config
+from textseg_cli.runtime.environment import cpu_model
+from textseg_cli.runtime.precision import (
+    channels_last,
+    resolve_precision,
+    to_channels_last,
+)
+from textseg_cli.storage.files import atomic_write_json
+from textseg_cli.storage.outputs import guard_output_file
 
 # The sliding-window strides the papers use for these patch sizes (LA; Pancreas-CT).
 LITERATURE_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {
@@ -41,8 +59,6 @@ def default_stride(patch: Sequence[int]) -> tuple[int, ...]:
 def method_config(name: str, patch: Sequence[int], sets: Sequence[str] = ()) -> dict[str, Any]:
     """The run config `textseg train` would resolve for `name` (packaged defaults, no data-set profile
     unless `sets` names one with data.profile=...)."""
-    from textseg_cli.engine.config import build_config
-
     return build_config(name, None, len(patch), [int(p) for p in patch], sets=list(sets))
 
 
@@ -91,7 +107,6 @@ def _case_text(i: int) -> str:
 
 
 def _random_batch(in_channels: int, num_classes: int, patch: tuple[int, ...], n_l: int, n_u: int, dev: torch.device):
-    from textseg_cli.methods.base import Batch
 
     gen = torch.Generator().manual_seed(0)
     return Batch(image_l=torch.rand((n_l, in_channels) + patch, generator=gen),
@@ -106,10 +121,6 @@ def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: 
     """Median seconds per step of `method`: textseg's step under `prec` (channels-last and bf16 autocast as
     resolved), or with `reference` the papers' step (fp32, contiguous; `bench_reference.reference_train_step`).
     Keys get a "ref_" prefix for the reference."""
-    from textseg_cli.bench_reference import reference_train_step
-    from textseg_cli.methods.base import StepContext
-    from textseg_cli.precision import channels_last, resolve_precision, to_channels_last
-
     prec = prec if prec is not None else resolve_precision("fp32", dev)
     method.to(dev)
     if dev.type == "cuda":
@@ -153,10 +164,6 @@ def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: 
 
 def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_size: int, dev: torch.device,
                      repeats: int, modes: Sequence[str], precision: str, reference: bool = False) -> dict[str, Any]:
-    from textseg_cli.inference.predict import predict_case
-    from textseg_cli.inference.sliding_window import window_starts
-    from textseg_cli.precision import resolve_precision
-
     image = torch.rand((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1))
     method.eval()
     if callable(getattr(method, "set_case_text", None)):
@@ -191,7 +198,6 @@ def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_si
 def _bench_reference_sliding(method, volume: tuple[int, ...], patch, stride, dev: torch.device,
                              repeats: int) -> dict[str, Any]:
     """The papers' window loop (`bench_reference.reference_sliding_window`) on the same random volume."""
-    from textseg_cli.bench_reference import reference_sliding_window
 
     image = torch.rand((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1)).numpy()
     if callable(getattr(method, "set_case_text", None)):
@@ -217,16 +223,13 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
     of `batch` = (labeled, unlabeled) patches per timed run. Inference: one `volume` with sliding windows
     (`stride` defaults to the literature's for LA/Pancreas patches, else half the patch) and whole-volume.
     Memory: CUDA peak allocated by torch; on CPU the process's peak resident set size. `precision`
-    (auto | fp32 | bf16, `textseg_cli.precision`) applies to training and inference. `reference` also
-    times the papers' training step and sliding-window loop (`textseg_cli.bench_reference`) on a fresh
+    (auto | fp32 | bf16, `textseg_cli.runtime.precision`) applies to training and inference. `reference` also
+    times the papers' training step and sliding-window loop (`textseg_cli.bench.reference`) on a fresh
     copy of the method built from the same seed, and reports textseg's speed-ups over them
     (`*_speedup_vs_reference`); sliding windows are then also timed at fp32 when `precision` resolves to bf16.
     `sets` are `--set` config overrides (e.g. method.clip_model=tiny). `feature_cache` ("both", "on",
     "off") applies to methods that cache frozen-encoder features; each variant is a freshly built method.
     """
-    from textseg_cli.methods.base import build_method, list_methods
-    from textseg_cli.precision import resolve_precision
-    from textseg_cli.utils import atomic_write_json, guard_output_file
 
     if method not in list_methods():
         raise ConfigError(f"unknown method '{method}'; available: {', '.join(list_methods()) or 'none registered'}")
@@ -317,7 +320,6 @@ def print_benchmark(report: dict[str, Any]) -> None:
     """Print a benchmark report as a Rich table: one row per measure, one column per device (medians)."""
     from rich.table import Table
 
-    from textseg_cli.console import console
 
     b = report["batch"]
     title = (f"{report['method']}: patch {report['patch']}, batch {b['labeled']}+{b['unlabeled']}, "

@@ -7,6 +7,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.methods.registry import list_methods
+from textseg_cli.models.registry import (
+    MODEL_DOCS,
+    MODELS,
+    _import_all,
+    build_model,
+    count_parameters,
+)
+from textseg_cli.runs.config import build_config
+from textseg_cli.text.embeddings import save_embeddings
 
 # Widths of the placeholder text embeddings used only to count parameters (CLIP ViT-B/32, BERT-base).
 _LISTING_TEXT = {"clip": (None, 512), "bert": (15, 768)}
@@ -14,8 +24,6 @@ _LISTING_TEXT = {"clip": (None, 512), "bert": (15, 768)}
 
 def _parts(module) -> dict[str, int]:
     """Parameter counts of the module's direct children (encoder/decoder, student/teacher, ...)."""
-    from textseg_cli.models.registry import count_parameters
-
     out = {}
     for name, child in module.named_children():
         n = count_parameters(child)
@@ -44,10 +52,6 @@ def list_models(in_channels: int = 1, num_classes: int = 2,
     Returns {"dim", "patch_size", "models": [...], "methods": [...]}, each row {name, description, total,
     trainable, parts} or {name, error} when it cannot be built here (e.g. it needs text embeddings).
     """
-    from textseg_cli.engine.config import build_config
-    from textseg_cli.methods.base import list_methods
-    from textseg_cli.models.registry import MODEL_DOCS, MODELS, _import_all, build_model, count_parameters
-
     if isinstance(patch_size, str):
         try:
             patch_size = [int(v) for v in patch_size.replace("x", ",").split(",") if v.strip()]
@@ -106,7 +110,6 @@ def _listing_text(cfg: dict[str, Any], cls, num_classes: int, tmp: Path) -> None
     """Counts do not depend on text values: give text methods random-weight CLIP and placeholder embeddings."""
     import torch
 
-    from textseg_cli.text.embeddings import save_embeddings
 
     text = cfg.get("method", {}).get("text")
     if not isinstance(text, dict):

@@ -23,9 +23,22 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from textseg_cli import __version__
+from textseg_cli.console import console, err_console, progress
+from textseg_cli.data import load_prepared
+from textseg_cli.data.io import read_nifti
+from textseg_cli.data.prep.slices import restack_pairs
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.metrics.case import EMPTY_POLICIES, evaluate_case
 from textseg_cli.metrics.postprocess import lcc_per_class
+from textseg_cli.reports.display import summary_table
+from textseg_cli.reports.overlays import overlay_tap
+from textseg_cli.reports.results import EvalResult, build_rows
+from textseg_cli.reports.summary import both_masks_empty, one_mask_empty, summarize
+from textseg_cli.reports.table2d import render_table_2d
+from textseg_cli.reports.tables import TABLE_SUFFIX, check_table_format, render_table
+from textseg_cli.storage.files import atomic_path, atomic_write_json, atomic_write_text
+from textseg_cli.storage.outputs import check_out_path, guard_output_file
 
 EVAL_FORMAT = "textseg-eval/1"
 PER_CASE_COLUMNS = ["case", "class", "class_name", "dice", "jaccard", "hd95", "asd", "pred_empty", "ref_empty",
@@ -101,8 +114,6 @@ def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[f
     Returns one row per (case, foreground class) with PER_CASE_COLUMNS; `df.attrs` records the
     settings (empty_policy, lcc, distance_unit, num_classes, class_names).
     """
-    from textseg_cli.console import progress
-
     check_empty_policy(empty_policy)
     names = foreground_names(class_names, num_classes)
     rows: list[dict[str, Any]] = []
@@ -137,9 +148,6 @@ def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[f
 def build_meta(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """meta.json content: the caller's facts (name, checkpoint_rule, labeled, unlabeled, n_train,
     split, ...) plus the settings the metrics were computed with (taken from `df.attrs`)."""
-    from textseg_cli import __version__
-    from textseg_cli.reports.summary import both_masks_empty, one_mask_empty
-
     out: dict[str, Any] = {"format": EVAL_FORMAT}
     out.update(meta or {})
     for alias, key in _META_ALIASES.items():  # accept other spellings without losing the original key
@@ -164,8 +172,6 @@ def build_meta(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str
 
 
 def output_paths(out_dir: str | Path, table: str | None = None) -> dict[str, Path]:
-    from textseg_cli.reports.tables import TABLE_SUFFIX, check_table_format
-
     out_dir = Path(out_dir)
     paths = {k: out_dir / v for k, v in OUTPUT_FILES.items()}
     if table:
@@ -178,8 +184,6 @@ def output_paths(out_dir: str | Path, table: str | None = None) -> dict[str, Pat
 
 def guard_outputs(out_dir: str | Path, table: str | None = None, force: bool = False) -> dict[str, Path]:
     """Refuse (OutputExistsError) if an evaluation was already written there, unless force."""
-    from textseg_cli.utils import guard_output_file
-
     paths = output_paths(out_dir, table)
     for p in paths.values():
         guard_output_file(p, force)
@@ -188,8 +192,6 @@ def guard_outputs(out_dir: str | Path, table: str | None = None, force: bool = F
 
 def _remove_stale_tables(out_dir: Path, keep: Path | None) -> None:
     """A forced re-evaluation must not leave a results table of the previous one beside the new CSVs."""
-    from textseg_cli.reports.tables import TABLE_SUFFIX
-
     try:
         previous = json.loads((out_dir / OUTPUT_FILES["meta"]).read_text(encoding="utf-8")).get("format")
     except (OSError, ValueError, AttributeError):
@@ -209,12 +211,6 @@ def write_evaluation(df: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]
     Existing files are refused unless `force` (then only these files are replaced). Returns
     {"per_case", "summary", "meta"[, "table"]} → path.
     """
-    from textseg_cli.console import console
-    from textseg_cli.reports.compare import EvalResult, build_rows
-    from textseg_cli.reports.display import summary_table
-    from textseg_cli.reports.summary import summarize
-    from textseg_cli.reports.tables import render_table
-    from textseg_cli.utils import atomic_path, atomic_write_json, atomic_write_text
 
     paths = guard_outputs(out_dir, table, force)
     _remove_stale_tables(Path(out_dir), keep=paths.get("table"))
@@ -227,8 +223,6 @@ def write_evaluation(df: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]
     if table:
         result = EvalResult(full_meta["name"], summary, df, full_meta, Path(out_dir))
         if full_meta.get("dim") == 2:
-            from textseg_cli.reports.table2d import render_table_2d
-
             text = render_table_2d([result], table, std=True)
         else:
             text = render_table(build_rows([result]), table, std=True)
@@ -262,15 +256,11 @@ def scoring_meta(dim: int | None, dataset: str | None, per_volume: bool = False,
 
 
 def read_first_mask(refs: dict[str, Path], cases: Sequence[str]) -> np.ndarray:
-    from textseg_cli.data.io import read_nifti
-
     return read_nifti(refs[cases[0]]).array
 
 
 def overlay_pairs(pairs, n: int, out_dir: Path, ds=None, force: bool = False, written: list | None = None):
     """Pass pairs through, drawing overlays of the first `n` (image and text from a prepared `ds`)."""
-    from textseg_cli.reports.overlays import overlay_tap
-
     def image_of(cid: str):
         if ds is None or cid not in ds.case_ids:
             return None, None
@@ -308,8 +298,6 @@ def scan_masks(folder: str | Path, what: str) -> dict[str, Path]:
 def _references(labels_dir: Path, split: str | None, num_classes: int | None):
     """(case → label path, num_classes, class names, source description) for a folder or prepared set."""
     if (labels_dir / "dataset.json").exists():
-        from textseg_cli.data import load_prepared
-
         ds = load_prepared(labels_dir)
         if num_classes is not None and num_classes != ds.num_classes:
             raise ConfigError(f"--num-classes {num_classes} contradicts the {ds.num_classes} classes of "
@@ -330,7 +318,6 @@ def _references(labels_dir: Path, split: str | None, num_classes: int | None):
 
 
 def _folder_pairs(cases: Sequence[str], preds: dict[str, Path], refs: dict[str, Path], num_classes: int):
-    from textseg_cli.data.io import read_nifti
 
     for cid in cases:
         ref, pred = read_nifti(refs[cid]), read_nifti(preds[cid])
@@ -402,8 +389,6 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
     to `<out_dir>/overlays/` (with the image and text when labels is a prepared folder); `uses_text`
     marks the method as text-guided in 2D tables (✓/✗).
     """
-    from textseg_cli.console import err_console
-
     pred_dir, labels_dir = Path(pred_dir), Path(labels_dir)
     check_empty_policy(empty_policy)
     if not labels_dir.is_dir():
@@ -419,7 +404,6 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
         raise ConfigError("--per-volume needs --labels to be a slices folder made by `textseg prep slices`")
     if write:
         out_dir = Path(out_dir) if out_dir is not None else default_out_dir(pred_dir, name)
-        from textseg_cli.safety import check_out_path
 
         check_out_path(out_dir, inputs=[pred_dir, labels_dir])
         paths = guard_outputs(out_dir, table, force)  # fail before the work, not after
@@ -445,8 +429,6 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str 
         pairs = overlay_pairs(pairs, overlays, Path(out_dir) / "overlays", ds, force, written)
     dim = ds.dim if ds is not None else None
     if per_volume:
-        from textseg_cli.data.prep.slices import restack_pairs
-
         pairs, dim = restack_pairs(pairs, ds), 3
     df = evaluate_pairs(pairs, num_classes, class_names, spacing_mm=spacing_mm, empty_policy=empty_policy, lcc=lcc,
                         total=None if per_volume else len(cases), show_progress=show,

@@ -363,3 +363,23 @@ def refuse_existing_run(run_dir: str | Path, force: bool) -> None:
     run_dir = check_out_path(run_dir)
     if not force and run_dir.exists() and any(p.name not in _OWN for p in run_dir.iterdir()):
         raise OutputExistsError(run_dir)
+
+
+
+def prepare_output_dir(path: str | Path, force: bool = False, allow_existing: bool = False, *,
+                       command: str = "output", inputs=(), sources=()) -> Path:
+    """Create an output folder; refuse a non-empty existing one unless force.
+
+    force replaces only what textseg wrote there (textseg_cli.storage.outputs.claim_output_dir): a folder holding
+    anything else, an input of the command (`inputs`: out may not be or contain them; `sources`: nor sit
+    inside them) or a symlinked --out is refused.
+    """
+    return claim_output_dir(path, command, force=force, allow_existing=allow_existing, inputs=inputs,
+                            sources=sources)
+
+
+def guard_output_file(path: str | Path, force: bool = False) -> Path:
+    path = check_out_path(path)  # a symlinked output is refused, not written through
+    if path.exists() and not force:
+        raise OutputExistsError(path)
+    return path

@@ -17,6 +17,8 @@ import yaml
 
 from textseg_cli.data.names import canonical_name
 from textseg_cli.errors import ConfigError
+from textseg_cli.runtime.precision import inference_request
+from textseg_cli.storage.files import atomic_write_text
 
 SCHEDULES = ("constant", "poly", "step", "linear", "cosine_restarts")
 INFERENCE_MODES = ("sliding", "whole")
@@ -189,7 +191,6 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
     for sect in (inf, val):
         if sect.get("mode") is not None and sect["mode"] not in INFERENCE_MODES:
             raise ConfigError(f"mode {sect['mode']!r}: expected sliding or whole")
-    from textseg_cli.precision import inference_request
 
     inference_request(cfg)  # names train.precision / inference.precision when either is not auto|fp32|bf16
     if str(val.get("split")) == "test":
@@ -200,7 +201,6 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
 
 class _NoAliasDumper(yaml.SafeDumper):
     """Write shared values in full (no &id001 anchors) so the saved config reads like the packaged ones."""
-
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
@@ -210,8 +210,6 @@ def dump_config(cfg: dict[str, Any]) -> str:
 
 
 def save_config(cfg: dict[str, Any], path: str | Path) -> None:
-    from textseg_cli.utils import atomic_write_text
-
     atomic_write_text(path, dump_config(cfg))
 
 

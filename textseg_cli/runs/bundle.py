@@ -18,7 +18,8 @@ from typing import Any
 
 from textseg_cli.data.prepared import PreparedDataset, load_prepared
 from textseg_cli.errors import DataError
-from textseg_cli.utils import atomic_write_json, read_json
+from textseg_cli.storage.files import atomic_write_json, read_json
+from textseg_cli.text.embeddings import sidecar_path, tensor_path
 
 SNAPSHOT = "prepared.json"
 TEXT_DIR = "text"
@@ -40,8 +41,6 @@ def _text_files(cfg: dict[str, Any], ds: PreparedDataset) -> dict[tuple[str, ...
 
 def snapshot_run_inputs(run_dir: Path, cfg: dict[str, Any], ds: PreparedDataset) -> None:
     """Copy the data set's record and the method's text inputs into the run folder."""
-    from textseg_cli.text.embeddings import sidecar_path, tensor_path
-
     atomic_write_json(run_dir / SNAPSHOT, ds.spec)
     for key, src in _text_files(cfg, ds).items():
         files = [tensor_path(src), sidecar_path(tensor_path(src))] if key[-1] == "embeddings" else [src]
@@ -56,8 +55,6 @@ def localize_config(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     hp = cfg.get("method") or {}
     text = hp.get("text") or {}
     if text.get("embeddings"):
-        from textseg_cli.text.embeddings import tensor_path
-
         copy = run_dir / TEXT_DIR / tensor_path(text["embeddings"]).name
         if copy.is_file():
             text["embeddings"] = str(copy)

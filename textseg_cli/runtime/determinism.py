@@ -9,7 +9,11 @@ the atomic-add order of these ops. The list is written to `env.json` of determin
 
 from __future__ import annotations
 
+import os
+import random
 from typing import Any
+
+import numpy as np
 
 # op (as PyTorch names its CUDA kernel in the warning) → where textseg uses it. Source: the table in the
 # documentation of torch.use_deterministic_algorithms (PyTorch 2.x), checked against our models.
@@ -29,8 +33,6 @@ CUDA_NONDETERMINISTIC_OPS: dict[str, str] = {
 
 def set_deterministic() -> None:
     """Deterministic kernels wherever PyTorch has them; a warning (not an error) where it has none."""
-    import os
-
     import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -47,3 +49,17 @@ def determinism_record(deterministic: bool) -> dict[str, Any]:
 
     return {"deterministic_warn_only": bool(torch.is_deterministic_algorithms_warn_only_enabled()),
             "cuda_nondeterministic_ops": dict(CUDA_NONDETERMINISTIC_OPS)}
+
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; optionally switch torch to deterministic kernels."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        set_deterministic()

@@ -7,12 +7,7 @@ atomic checkpoints (last + best), a CSV log, Ctrl-C handling, non-finite loss de
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import math
-import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,27 +20,39 @@ import torch.nn as nn
 
 from textseg_cli.console import console, err_console, progress
 from textseg_cli.data.prefetch import with_prefetch
-from textseg_cli.data.prepared import PreparedDataset, load_prepared
+from textseg_cli.data.prepared import PreparedDataset
 from textseg_cli.data.sampling import Augment, TwoStreamSampler, load_training_cases
-from textseg_cli.data.splits import apply_fold, labeled_subset
-from textseg_cli.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from textseg_cli.engine.config import build_config, load_config, save_config
-from textseg_cli.engine.determinism import determinism_record
+from textseg_cli.data.splits import labeled_subset
+from textseg_cli.engine.distributed import (
+    Dist,
+    any_rank,
+    from_main,
+    gather_objects,
+    wrap_for_training,
+)
 from textseg_cli.engine.optim import build_optimizer, build_scheduler
 from textseg_cli.engine.runlog import RunLog, progress_line
-from textseg_cli.engine.bundle import snapshot_run_inputs
-from textseg_cli.engine.stopping import StopRules, resolve_epochs, write_summary
-from textseg_cli.engine.runs import build_run_method
+from textseg_cli.engine.stopping import StopRules, resolve_epochs
 from textseg_cli.errors import ConfigError, DataError, TextsegError
+from textseg_cli.evaluation.validation import validate
 from textseg_cli.inference.fusion import release_inference_copy
-from textseg_cli.methods.base import Method, StepContext, list_methods
+from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.registry import list_methods
 from textseg_cli.reports.curves import write_run_curves
-from textseg_cli.engine.checks import check_run_config, device_from
-from textseg_cli.engine.ddp_exit import shutdown_process_group
-from textseg_cli.precision import (channels_last, inference_request, resolve_precision, to_channels_last,
-                                  training_request)
-from textseg_cli.safety import guarded_run_dir, refuse_existing_run
-from textseg_cli.utils import atomic_write_json, environment_info, seed_everything
+from textseg_cli.runs.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from textseg_cli.runs.load import build_run_method
+from textseg_cli.runtime.determinism import seed_everything
+from textseg_cli.runtime.precision import (
+    channels_last,
+    resolve_precision,
+    to_channels_last,
+    training_request,
+)
 
 
 class NonFiniteLossError(TextsegError):
@@ -61,104 +68,6 @@ class TrainResult:
     val_history: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     stop_reason: str | None = None  # early stopping / time budget (engine/stopping.py)
-
-
-# --- devices and processes --------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _dist_from_env() -> Dist:
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1:
-        return Dist()
-    return Dist(ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(device: str | None, dist: Dist) -> torch.device:
-    if device in (None, "", "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = device_from(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-        if dist.enabled:
-            dev = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(dev)
-    return dev
-
-
-class _StepModule(nn.Module):
-    """Routes `training_step` through `forward` so DistributedDataParallel can sync its gradients."""
-
-    def __init__(self, method: Method):
-        super().__init__()
-        self.method = method
-
-    def forward(self, batch, ctx):
-        return self.method.training_step(batch, ctx)
-
-
-# --- validation ---------------------------------------------------------------------------------------
-
-def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> list[float]:
-    """Hard Dice of foreground classes 1..K-1 (NaN when both masks are empty)."""
-    out = []
-    for c in range(1, num_classes):
-        p, r = pred == c, ref == c
-        denom = int(p.sum()) + int(r.sum())
-        out.append(float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom)
-    return out
-
-
-def validate(method: Method, cases: list[tuple[str, np.ndarray, np.ndarray]], cfg: dict[str, Any],
-             device: torch.device, num_classes: int, class_names: list[str],
-             texts: dict[str, str | None] | None = None) -> dict[str, float]:
-    """Mean Dice over validation cases, predicted exactly as `textseg eval` does (`predict_case` with the
-    run's inference settings); methods that read a per-case text get it through `set_case_text`."""
-    from textseg_cli.inference.predict import predict_case  # lazy: inference imports the engine's pieces
-
-    inf, val = dict(cfg["inference"]), cfg["val"]
-    inf["mode"] = val.get("mode") or inf["mode"]
-    inf["stride"] = val.get("stride") or inf["stride"]
-    inf["precision"] = inference_request(cfg)  # auto follows training: train.amp=false validates in fp32
-    set_text = getattr(method, "set_case_text", None)
-
-    per_case = []
-    for cid, image, label in cases:
-        if callable(set_text):
-            set_text((texts or {}).get(cid), case_id=cid)
-        pred = predict_case(method, image, inf, device).argmax(0).cpu()
-        per_case.append(dice_per_class(pred, torch.from_numpy(label.astype(np.int64)), num_classes))
-    arr = np.array(per_case, dtype=float)  # (cases, K-1)
-    with np.errstate(all="ignore"), _warnings_off():
-        per_class = np.nanmean(arr, axis=0) if arr.size else np.array([])
-    res = {"val_dice": float(np.nanmean(per_class)) if per_class.size and not np.all(np.isnan(per_class)) else 0.0}
-    if num_classes > 2:
-        for c, v in enumerate(per_class, start=1):
-            res[f"val_dice_{class_names[c]}"] = float(v)
-    return res
-
-
-@contextlib.contextmanager
-def _warnings_off():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 # --- the trainer --------------------------------------------------------------------------------------
@@ -213,12 +122,8 @@ class Trainer:
         self.log = RunLog(run_dir / "log.csv", tb) if dist.main else None
         if resume_from is not None:
             self._resume(resume_from)
-        self.step_module: nn.Module = _StepModule(self.method)
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.step_module = DDP(self.step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=bool(tr["ddp_find_unused_parameters"]))
+        self.step_module: nn.Module = wrap_for_training(self.method, dist, device,
+                                                        bool(tr["ddp_find_unused_parameters"]))
 
     # --- setup helpers ---------------------------------------------------------------------------
     def _val_ids(self, train_ids: list[str]) -> list[str]:
@@ -290,14 +195,7 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------------
     def _gather_rng(self) -> list[dict[str, Any]]:
-        mine = {**capture_rng(), "sampler": self.sampler.state_dict()}
-        if not self.dist.enabled:
-            return [mine]
-        import torch.distributed as tdist
-
-        allr: list[Any] = [None] * self.dist.world_size
-        tdist.all_gather_object(allr, mine)
-        return allr
+        return gather_objects(self.dist, {**capture_rng(), "sampler": self.sampler.state_dict()})
 
     def save(self, name: str = "last") -> None:
         """Collective under DDP (all ranks gather RNG states); only rank 0 writes."""
@@ -342,13 +240,7 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def _all_any(self, flag: bool) -> bool:
-        if not self.dist.enabled:
-            return flag
-        import torch.distributed as tdist
-
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return any_rank(self.dist, flag, self.device)
 
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
@@ -474,14 +366,7 @@ class Trainer:
         return True
 
     def _from_main(self, flag: bool) -> bool:
-        """Rank 0's value of `flag` on every rank (only rank 0 validates)."""
-        if not self.dist.enabled:
-            return flag
-        import torch.distributed as tdist
-
-        box = [flag]
-        tdist.broadcast_object_list(box, src=0)
-        return bool(box[0])
+        return from_main(self.dist, flag)
 
     def _step(self) -> dict[str, float]:
         ctx = StepContext(self.iteration, self.max_iterations, self.device,
@@ -563,147 +448,5 @@ def _fmt(terms: dict[str, float]) -> str:
 
 # --- entry point --------------------------------------------------------------------------------------
 
-def train(method: str | None = None, data: str | Path | None = None, *, labeled: str | int | None = None,
-          iterations: int | None = None, out: str | Path | None = None, seed: int | None = None,
-          device: str | None = None, val_every: int | None = None, resume: bool = False,
-          deterministic: bool = False, force: bool = False, sets: list[str] | tuple[str, ...] = (),
-          config: str | Path | dict | None = None, quiet: bool = False, threads: int | None = None) -> TrainResult:
-    """Train `method` on a prepared data folder; the Python API of `textseg train`.
-
-    labeled: count ("8") or percentage ("10%") of splits.train taken from its head; the rest is
-    unlabeled (labels never read). out: the run folder (default runs/<data>/<method>_<labeled>L_s<seed>).
-    sets: overrides such as ["optim.lr=0.005", "train.batch_labeled=1"]. resume: continue RUN=out from
-    checkpoints/last.pt (only `iterations` and `device` may change). Under `torchrun` each process trains
-    with DistributedDataParallel and only rank 0 writes. threads: CPU threads for torch (default: torch's
-    choice, all cores); set it when several runs share a CPU, or they slow each other down many times over.
-    """
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads {threads}: expected at least 1")
-        torch.set_num_threads(int(threads))
-    dist = _dist_from_env()
-    t0 = time.perf_counter()
-    if resume:
-        if out is None:
-            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        ignored = [f for f, v in (("--labeled", labeled), ("--seed", seed), ("--val-every", val_every),
-                                  ("--set", list(sets)), ("--config", config), ("--data", data)) if v]
-        if ignored:
-            raise ConfigError(f"{', '.join(ignored)} cannot change a resumed run (only --iterations and --device "
-                              "can); start a new run instead")
-        run_dir = Path(out)
-        cfg = load_config(run_dir / "config.yaml")
-        if method is not None and method != cfg["method"]["name"]:
-            raise ConfigError(f"--method {method} differs from the run's method {cfg['method']['name']}")
-        if iterations is not None:
-            cfg["train"]["iterations"] = int(iterations)
-        ds = load_prepared(cfg["data"]["root"], check_files=False)
-        last = run_dir / "checkpoints" / "last.pt"
-        if not last.exists():
-            raise DataError("no checkpoint to resume from", last)
-    else:
-        if method is None or data is None:
-            raise ConfigError("--method and --data are required (or --resume --out RUN_DIR)")
-        ds = load_prepared(data, check_files=False)  # the trainer checks the files it will read
-        flags = {"data.labeled": None if labeled is None else str(labeled), "train.iterations": iterations,
-                 "seed": seed, "val.every": val_every, "deterministic": True if deterministic else None}
-        cfg = build_config(method, ds.name, ds.dim, ds.patch_size, user_config=config, flags=flags, sets=sets)
-        check_run_config(cfg, build_config(method, ds.name, ds.dim, ds.patch_size))
-        cfg["data"]["root"] = str(Path(data).resolve())
-        if out is None:
-            lab = str(cfg["data"]["labeled"] or "all").replace("%", "pct")
-            fold = "" if cfg["data"].get("fold") is None else f"_f{cfg['data']['fold']}"
-            out = Path("runs") / ds.name / f"{method.replace('+', '_plus')}_{lab}L_s{cfg['seed']}{fold}"
-        run_dir = Path(out)
-        # every rank checks, so a refused folder fails everywhere instead of hanging the others
-        refuse_existing_run(run_dir, force)
-        last = None
-    apply_fold(ds, cfg["data"].get("fold"))  # `train --fold k`: fold k's train/val replace the splits
-
-    if iterations is not None:  # an explicit --iterations sets the length, also of an epoch-based config
-        cfg["train"]["epochs"] = None
-    dev = resolve_device(device, dist)
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        if not tdist.is_initialized():
-            tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                     timeout=_dt.timedelta(hours=2))
-    guard, ok = contextlib.ExitStack(), True
-    try:
-        if dist.main:  # lock (+ claim a new folder); a failed new run leaves nothing behind
-            guard.enter_context(guarded_run_dir(run_dir, "train", new=not resume, force=force,
-                                                sources=[] if resume else [cfg["data"]["root"]]))
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            tdist.barrier()
-        trainer = Trainer(cfg, ds, run_dir, dev, dist, resume_from=last, quiet=quiet)
-        if dist.main:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            snapshot_run_inputs(run_dir, cfg, ds)  # RUN/prepared.json + RUN/text/: the run predicts after a move
-            _write_env(run_dir, cfg, dev, dist, resume, precision=_precision_record(trainer, cfg, dev))
-            atomic_write_json(run_dir / "cases.json", {
-                "labeled": trainer.labeled_ids, "unlabeled": trainer.unlabeled_ids,
-                "unused_unlabeled": trainer.unused_ids, "val_split": cfg["val"]["split"], "val": trainer.val_ids})
-            if not quiet:
-                _print_header(trainer, cfg, dev, dist)
-        result = trainer.run()
-        if dist.main:
-            write_summary(run_dir, result, trainer.stop, trainer.max_iterations)
-        result.seconds = time.perf_counter() - t0
-        if dist.main and not quiet:
-            best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f} at iteration {result.best_iteration}"
-            console.print(f"done: {result.iteration} iterations in {result.seconds:.1f} s; best validation Dice {best}; "
-                          f"run folder {run_dir}" + (f"; {result.stop_reason}" if result.stop_reason else ""),
-                          highlight=False)
-        return result
-    except BaseException as exc:
-        ok = False
-        guard.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    finally:
-        guard.close()
-        if dist.enabled:
-            shutdown_process_group(ok)
 
 
-def _precision_record(tr: Trainer, cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
-    return {"train": tr.precision.record(), "validation": resolve_precision(inference_request(cfg), dev).record()}
-
-
-def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool,
-               precision: dict[str, Any] | None = None) -> None:
-    import json
-
-    path = run_dir / "env.json"
-    env = json.loads(path.read_text(encoding="utf-8")) if (resume and path.exists()) else {"sessions": []}
-    info = environment_info()
-    info.update({"device": str(dev), "world_size": dist.world_size, "seed": cfg["seed"],
-                 "deterministic": cfg["deterministic"], "resumed": resume, "argv": sys.argv,
-                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                 "torch_threads": torch.get_num_threads()})
-    if precision is not None:
-        info["precision"] = precision
-    info.update(determinism_record(bool(cfg["deterministic"])))
-    if dev.type == "cuda":
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    env["sessions"].append(info)
-    env.update({k: v for k, v in info.items() if k != "argv"})
-    atomic_write_json(path, env)
-
-
-def _print_header(tr: Trainer, cfg: dict[str, Any], dev: torch.device, dist: Dist) -> None:
-    from textseg_cli.models.registry import count_parameters
-
-    d, t = cfg["data"], cfg["train"]
-    console.print(
-        f"[bold]{cfg['method']['name']}[/] on {tr.ds.name}: {len(tr.labeled_ids)} labeled, "
-        f"{len(tr.unlabeled_ids)} unlabeled, {len(tr.val_ids)} validation cases; patch {d['patch_size']}, "
-        f"batch {t['batch_labeled']}+{t['batch_unlabeled'] if tr.unlabeled_ids else 0}"
-        f"{f' ×{dist.world_size} processes' if dist.enabled else ''}; {t['iterations']} iterations on {dev}"
-        f"{' (bf16)' if tr.amp else ''}; {count_parameters(tr.method, trainable_only=True):,} trainable parameters; "
-        f"run folder {tr.run_dir}", highlight=False)
-    if tr.iteration:
-        console.print(f"resuming at iteration {tr.iteration}", highlight=False)

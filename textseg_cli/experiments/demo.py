@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from textseg_cli.console import console
-from textseg_cli.utils import prepare_output_dir
+from textseg_cli.data.prep.synthetic import prep_synthetic
+from textseg_cli.engine.setup import train
+from textseg_cli.evaluation.run import evaluate_run
+from textseg_cli.methods.registry import list_methods
+from textseg_cli.reports.compare import compare_results
+from textseg_cli.runtime.precision import check_precision
+from textseg_cli.storage.outputs import prepare_output_dir
+from textseg_cli.text.describe import describe
+from textseg_cli.text.encode import encode
 
 
 def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int = 300,
@@ -22,8 +30,6 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int
     `precision` (auto, fp32, bf16; default the config's auto) is the training precision; validation and
     the evaluation follow it.
     """
-    from textseg_cli import api
-    from textseg_cli.precision import check_precision
 
     if precision is not None:
         check_precision(precision, "--precision")  # a typo fails before the folder exists
@@ -32,17 +38,17 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int
 
     console.rule("[bold]1/6 prep synthetic")
     data = out / "data"
-    api.prep_synthetic(data, seed=seed)
+    prep_synthetic(data, seed=seed)
     paths["data"] = data
 
     console.rule("[bold]2/6 describe (offline bundled descriptions)")
     desc = out / "text" / "descriptions.json"
-    api.describe(dataset="synthetic", llm="offline", out=desc)
+    describe(dataset="synthetic", llm="offline", out=desc)
     paths["descriptions"] = desc
 
     console.rule("[bold]3/6 encode (CLIP class prompts, offline weights)")
     emb = out / "text" / "clip_classes.safetensors"
-    api.encode(encoder="clip", dataset="synthetic", pretrained="none", out=emb)
+    encode(encoder="clip", dataset="synthetic", pretrained="none", out=emb)
     paths["clip_embeddings"] = emb
 
     evals = []
@@ -52,24 +58,22 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, iterations: int
         sets = [f"method.text.embeddings={emb}"] if _reads_embeddings(method) else []
         if precision is not None:
             sets.append(f"train.precision={precision}")
-        api.train(method=method, data=data, out=run_dir, iterations=iterations, labeled="4", seed=seed,
+        train(method=method, data=data, out=run_dir, iterations=iterations, labeled="4", seed=seed,
                   device=device, sets=sets)
         paths[f"run_{method}"] = run_dir
 
         console.rule(f"[bold]5/6 eval {method} (validation split, best-on-val checkpoint)")
         ev = out / "eval" / method
-        api.evaluate_run(run_dir, split="val", out=ev, table="md")
+        evaluate_run(run_dir, split="val", out=ev, table="md")
         evals.append(ev)
 
     console.rule("[bold]6/6 table")
     table = out / "results.md"
-    api.compare_results(evals, table="md", out=table)
+    compare_results(evals, table="md", out=table)
     console.print(table.read_text(encoding="utf-8"), soft_wrap=True, markup=False, highlight=False)
     paths["table"] = table
     return paths
 
 
 def _reads_embeddings(method: str) -> bool:
-    from textseg_cli.methods import list_methods
-
     return getattr(list_methods()[method], "embedding_encoder", None) == "clip"

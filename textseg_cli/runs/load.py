@@ -21,10 +21,13 @@ import torch
 
 from textseg_cli.console import err_console
 from textseg_cli.data.prepared import PreparedDataset
-from textseg_cli.engine.checkpoint import load_checkpoint
-from textseg_cli.engine.config import load_config
+from textseg_cli.data.splits import apply_fold
 from textseg_cli.errors import DataError
-from textseg_cli.methods.base import Method, build_method
+from textseg_cli.methods.base import Method
+from textseg_cli.methods.registry import build_method
+from textseg_cli.runs.bundle import localize_config, run_dataset
+from textseg_cli.runs.checkpoint import load_checkpoint
+from textseg_cli.runs.config import load_config
 
 
 def method_context(cfg: dict[str, Any], ds: PreparedDataset) -> dict[str, Any]:
@@ -71,8 +74,6 @@ def load_run(run_dir: str | Path, checkpoint: str | Path = "best", device: str |
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError("run folder not found", run_dir)
-    from textseg_cli.data.splits import apply_fold
-    from textseg_cli.engine.bundle import localize_config, run_dataset
 
     cfg = localize_config(load_config(run_dir / "config.yaml"), run_dir)  # text inputs: the run's own copies
     ds = run_dataset(cfg, run_dir, data_root)  # the data folder, else the run's RUN/prepared.json
