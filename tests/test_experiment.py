@@ -17,8 +17,8 @@ import yaml
 
 from conftest import run_cli
 from textseg_cli.errors import ConfigError
-from textseg_cli.experiments.presets import _DISPLAY
 from textseg_cli.experiments.spec import load_experiment
+from textseg_cli.methods.registry import display_name
 
 
 def _spec(tmp_path: Path, data: Path, name: str = "exp", **over) -> Path:
@@ -202,7 +202,7 @@ def _fake_results(tmp_path: Path, methods=_EIGHT, labeled=(8, 16), seeds=(1, 2, 
     from textseg_cli.evaluation.folders import write_evaluation
 
     spec = {"name": "LA Table 1 (8 -> 16 labeled)", "dataset": "la", "labeled": list(labeled), "seeds": list(seeds),
-            "methods": [{"method": m, "name": _DISPLAY.get(m, m) + ("_x" if m == "mcnet+" else "")} for m in methods]}
+            "methods": [{"method": m, "name": display_name(m) + ("_x" if m == "mcnet+" else "")} for m in methods]}
     path = tmp_path / "la.yaml"
     path.write_text(yaml.safe_dump(spec))
     exp = load_experiment(path)

@@ -233,7 +233,7 @@ def test_resolve_epochs_and_refusals():
 
 @pytest.fixture(scope="module")
 def tiny_2d(tmp_path_factory):
-    from textseg_cli.data.synthetic2d import prep_synthetic_2d
+    from textseg_cli.data.prep.synthetic2d import prep_synthetic_2d
 
     root = tmp_path_factory.mktemp("lvit") / "s2d"
     prep_synthetic_2d(root, n_cases=8, size=16, seed=3, n_val=2, n_test=0)

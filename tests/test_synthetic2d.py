@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from textseg_cli.data.prepared import load_prepared
-from textseg_cli.data.synthetic2d import REGIONS, lesion_mask, prep_synthetic_2d, region_slices, regions_from_text
+from textseg_cli.data.prep.synthetic2d import REGIONS, lesion_mask, prep_synthetic_2d, region_slices, regions_from_text
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -11,9 +11,10 @@ from textseg_cli.runs.config import build_config
 from textseg_cli.errors import ConfigError
 from textseg_cli.data.batch import Batch
 from textseg_cli.methods.base import StepContext
+from textseg_cli.methods.flags import text_flag_sets
 from textseg_cli.methods.registry import build_method
 from textseg_cli.methods.ssl_common import threshold_pseudo_label
-from textseg_cli.methods.text_addon import TextAddon, text_flag_sets
+from textseg_cli.methods.text_addon import TextAddon
 from textseg_cli.methods.text_losses import csa_loss, dca_mix
 from textseg_cli.text.embeddings import save_embeddings
 

@@ -183,7 +183,7 @@ def _synthetic_with_shuffled_texts(tmp_path):
     import random
     import shutil
 
-    from textseg_cli.data.synthetic2d import prep_synthetic_2d
+    from textseg_cli.data.prep.synthetic2d import prep_synthetic_2d
 
     prep_synthetic_2d(tmp_path / "true", n_cases=132, size=32, seed=0, n_val=12, n_test=0)
     shutil.copytree(tmp_path / "true", tmp_path / "shuf")

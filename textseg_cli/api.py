@@ -15,8 +15,8 @@ from textseg_cli.data.prep.nnunet import export_data, prep_nnunet  # noqa: F401 
 from textseg_cli.data.prep.pancreas import prep_pancreas  # noqa: F401  (textseg prep pancreas)
 from textseg_cli.data.prep.slices import prep_slices, restack_pairs  # noqa: F401  (textseg prep slices)
 from textseg_cli.data.prep.synthetic import prep_synthetic  # noqa: F401  (textseg prep synthetic)
+from textseg_cli.data.prep.synthetic2d import prep_synthetic_2d  # noqa: F401  (textseg prep synthetic --dim 2)
 from textseg_cli.data.prepared import PreparedDataset, load_prepared  # noqa: F401
-from textseg_cli.data.synthetic2d import prep_synthetic_2d  # noqa: F401  (textseg prep synthetic --dim 2)
 from textseg_cli.evaluation.folders import (  # noqa: F401  (textseg eval)
     evaluate_folders,
     evaluate_pairs,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from rich.table import Table
 
 from textseg_cli.bench.reference import (
     reference_sliding_window,
@@ -318,7 +319,6 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
 
 def print_benchmark(report: dict[str, Any]) -> None:
     """Print a benchmark report as a Rich table: one row per measure, one column per device (medians)."""
-    from rich.table import Table
 
 
     b = report["batch"]

@@ -9,7 +9,6 @@ import sys
 import click
 import typer
 
-from textseg_cli import __version__
 from textseg_cli.cli.usage import (
     CLICK_ERRORS,
     HELP_OPTIONS,
@@ -35,6 +34,9 @@ app.add_typer(prep_app, name="prep")
 
 
 def _version(value: bool) -> None:
+    from textseg_cli import (
+        __version__,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
     if value:
         console.print(f"textseg {__version__}")
         raise typer.Exit()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from textseg_cli.bench.benchmark import (
-    print_benchmark,
-    print_ratios,
-    run_benchmark,
-)
 from textseg_cli.cli import app
 from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError
-from textseg_cli.inference.predict import parse_int_list
 
 
 @app.command("bench")
@@ -51,6 +47,14 @@ def bench(
 
     2D methods take 2D sizes, e.g. tgcnet: --patch 224,224 --volume none --batch 8+0 --channels 3.
     """
+    from textseg_cli.bench.benchmark import (  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+        print_benchmark,
+        print_ratios,
+        run_benchmark,
+    )
+    from textseg_cli.inference.predict import (
+        parse_int_list,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     parts = batch.replace(",", "+").split("+")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) < 1:
@@ -64,9 +68,6 @@ def bench(
         in_channels=channels, sets=sets or [], feature_cache=feature_cache, json_out=json_out,
         force=force, log=lambda msg: err_console.print(msg, highlight=False, markup=False), reference=reference)
     if as_json:
-        import json
-        import sys
-
         sys.stdout.write(json.dumps(report) + "\n")
         print_ratios(report, err_console)
     else:

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from textseg_cli.cli import app
-from textseg_cli.experiments.demo import run_demo
 
 
 @app.command("demo")
@@ -23,6 +22,9 @@ def demo(
                                   "fp32), fp32 or bf16; validation and evaluation follow it."),
 ) -> None:
     """Run prep synthetic → describe → encode → train → eval → table on the bundled synthetic data."""
+    from textseg_cli.experiments.demo import (
+        run_demo,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     run_demo(out=out, force=force, iterations=iterations, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
              seed=seed, device=device, precision=precision)

@@ -10,7 +10,6 @@ import typer
 from textseg_cli.cli import app
 from textseg_cli.console import console
 from textseg_cli.errors import ConfigError
-from textseg_cli.text.describe import describe, describe_per_case, resolve_llm
 
 
 @app.command("describe")
@@ -55,6 +54,11 @@ def describe_cmd(
     Replies are cached: running the same command again sends no request (use --refresh to ask
     again). Without an API key, or with --llm offline, the bundled descriptions are used.
     """
+    from textseg_cli.text.describe import (  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+        describe,
+        describe_per_case,
+        resolve_llm,
+    )
 
     common = dict(base_url=base_url, api_key_env=api_key_env, force=force, refresh=refresh, max_tokens=max_tokens,
                   seed=seed, retries=retries, on_short=on_short, backoff=backoff, timeout=timeout,

@@ -9,7 +9,6 @@ import typer
 
 from textseg_cli.cli import app
 from textseg_cli.console import console
-from textseg_cli.text.encode import encode
 
 
 @app.command("encode")
@@ -50,6 +49,9 @@ def encode_cmd(
                                                help="Extra folder of prompt files (searched first)."),
 ) -> None:
     """Encode texts into embeddings that training loads (no text model needed at train time)."""
+    from textseg_cli.text.encode import (
+        encode,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     res = encode(encoder, dataset, model=model, pretrained=pretrained, descriptions=descriptions,

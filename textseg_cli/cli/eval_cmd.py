@@ -10,12 +10,6 @@ import typer
 from textseg_cli.cli import app
 from textseg_cli.console import console, err_console
 from textseg_cli.errors import ConfigError
-from textseg_cli.evaluation.folders import (
-    check_empty_policy,
-    evaluate_folders,
-)
-from textseg_cli.evaluation.run import evaluate_run
-from textseg_cli.reports.compare import compare_results
 
 _RUN_SPLITS = ("val", "test")
 
@@ -34,6 +28,9 @@ def _forbid(mode: str, **given) -> None:
 
 def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc, spacing_mm, empty_policy, table,
               force, device, name=None, **extra) -> None:
+    from textseg_cli.evaluation.run import (
+        evaluate_run,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
     split = split or "val"
     if split not in _RUN_SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
@@ -126,6 +123,9 @@ def eval_command(
     textseg eval --compare "MC-Net=RUN_S1/eval/val-best" "MC-Net=RUN_S2/eval/val-best" ... --group-by method
     textseg eval RUN_DIR --eval-size 224 --overlays 6        (2D: mDice / mIoU)
     """
+    from textseg_cli.evaluation.folders import (
+        check_empty_policy,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     targets = list(targets or [])
     check_empty_policy(empty_policy)
@@ -167,6 +167,9 @@ def eval_command(
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:
+    from textseg_cli.evaluation.folders import (
+        evaluate_folders,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
     if kw["split"] == "test":
         warn_test_split()
     kw["checkpoint_rule"] = kw.pop("checkpoint")
@@ -177,6 +180,9 @@ def _folder_mode(pred: Path, labels: Path, **kw) -> None:
 
 def _compare_mode(targets: list[Path], table: Optional[str], out: Optional[Path], force: bool, std: bool,
                   class_name: Optional[str], layout: str = "auto", group_by: Optional[str] = None) -> None:
+    from textseg_cli.reports.compare import (
+        compare_results,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
     text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name, layout=layout,
                            group_by=group_by)
     console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from textseg_cli.api import experiment_table, run_experiment
 from textseg_cli.cli import app
 from textseg_cli.console import console
 from textseg_cli.errors import ConfigError
-from textseg_cli.experiments.presets import write_preset
 
 experiment_app = typer.Typer(help="Method x labeled x seed grids: run them (restartable, multi-GPU, Slurm), "
                                   "tabulate mean ± SD over seeds, write the papers' presets.",
@@ -50,6 +49,9 @@ def run_command(
     textseg experiment run exp.yaml --gpus 0,1,2,3
     textseg experiment run exp.yaml --launcher slurm --slurm-partition gpu --slurm-time 720
     """
+    from textseg_cli.experiments.experiment import (
+        run_experiment,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     result = run_experiment(spec, dry_run=dry_run, fail_fast=fail_fast, gpus=gpus, launcher=launcher,
                             only=only or (), estimate_time=estimate, slurm_partition=slurm_partition,
@@ -74,6 +76,9 @@ def table_command(
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
 ) -> None:
     """Rows = method x labeled count; cells = mean ± SD over seeds of the per-run means over cases."""
+    from textseg_cli.experiments.table import (
+        experiment_table,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     text = experiment_table(spec, table=table, published=published, out=out, force=force, reference=reference)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -92,7 +97,12 @@ def preset_command(
 ) -> None:
     """Write the grid of a paper's table: its methods, 10 % and 20 % labeled (LA: 8 and 16), 3 seeds, each
     method's official patch, stride, schedule and evaluation."""
-    import tempfile
+    from textseg_cli.experiments.experiment import (
+        run_experiment,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
+    from textseg_cli.experiments.presets import (
+        write_preset,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
 
     if dry_run:

@@ -9,7 +9,6 @@ import typer
 
 from textseg_cli.cli import app
 from textseg_cli.console import console
-from textseg_cli.data.prep.nnunet import export_data
 
 
 @app.command("export-data")
@@ -22,6 +21,9 @@ def export_data_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
     """Write the same cases and train/val split for nnU-Net (fully supervised baseline) or MSD tools."""
+    from textseg_cli.data.prep.nnunet import (
+        export_data,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     export_data(prepared, out, fmt=fmt, labeled=labeled, force=force)
     console.print(f"wrote {fmt} layout to {out}")

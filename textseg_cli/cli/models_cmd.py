@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from textseg_cli.cli import app
 from textseg_cli.console import console
-from textseg_cli.methods.fidelity import fidelity_rows
-from textseg_cli.methods.registry import list_methods
-from textseg_cli.runs.listing import list_models
 
 
 @app.command("models")
@@ -26,7 +24,15 @@ def models_command(
 
     A method built for one dimensionality only (tgcnet: 2D) is counted at its own default size.
     """
-    from rich.table import Table
+    from textseg_cli.methods.fidelity import (
+        fidelity_rows,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
+    from textseg_cli.methods.registry import (
+        list_methods,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
+    from textseg_cli.runs.listing import (
+        list_models,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
 
     if fidelity:

@@ -8,7 +8,6 @@ import typer
 
 from textseg_cli.cli import prep_app
 from textseg_cli.console import console
-from textseg_cli.data.prepared import load_prepared
 
 
 @prep_app.command("check")
@@ -18,6 +17,9 @@ def prep_check_cmd(
                                   "matching shapes, label values within the classes."),
 ) -> None:
     """Validate a prepared data set; errors name the file or case at fault."""
+    from textseg_cli.data.prepared import (
+        load_prepared,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     ds = load_prepared(data)
     if contents:

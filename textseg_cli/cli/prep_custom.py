@@ -16,7 +16,6 @@ from textseg_cli.cli.prep_msd import (
     _report,
 )
 from textseg_cli.cli.prep_pancreas import LABEL_GEOMETRY_HELP
-from textseg_cli.data.prep.custom import prep_custom
 
 
 @prep_app.command("custom")
@@ -55,6 +54,9 @@ def prep_custom_cmd(
     """Prepare your own NIfTI / NRRD / MHA image and label folders.
 
     Same windowing, resampling, cropping, normalisation and split options as the benchmark preparers."""
+    from textseg_cli.data.prep.custom import (
+        prep_custom,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     ds = prep_custom(images, out, labels=labels, modality=modality,
                      classes=classes.split(",") if classes else None, name=name, spacing=spacing, window=window,

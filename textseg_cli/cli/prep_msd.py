@@ -10,7 +10,6 @@ import typer
 from textseg_cli.cli import prep_app
 from textseg_cli.cli.prep_pancreas import LABEL_GEOMETRY_HELP
 from textseg_cli.console import console
-from textseg_cli.data.prep.msd import prep_lung, prep_msd
 
 WINDOW_HELP = "Explicit window LEVEL WIDTH (e.g. -600 1500), scaled to [0, 1]."
 PRESET_HELP = "Named window: abdomen, lung, brain, bone, mediastinum, or none."
@@ -49,6 +48,9 @@ def prep_msd_cmd(
     drop_failed: bool = typer.Option(False, "--drop-failed", help="Write the data set without cases that failed."),
 ) -> None:
     """Prepare any Medical Segmentation Decathlon task; class names come from its dataset.json."""
+    from textseg_cli.data.prep.msd import (
+        prep_msd,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     ds = prep_msd(src, out, channels=channels.split(",") if channels else None, name=name, spacing=spacing,
                   window=window, window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin,
@@ -80,6 +82,9 @@ def prep_lung_cmd(
     """Prepare MSD Task06_Lung (63 CT, tumour) with a seeded 48/15 split.
 
     Optional resampling → crop to the body → lung window (-600/1500) to [0, 1] → z-score."""
+    from textseg_cli.data.prep.msd import (
+        prep_lung,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     ds = prep_lung(src, out, spacing=spacing, window=window, window_preset=window_preset, crop=crop,
                    crop_margin=crop_margin, normalize=normalize, split=split, split_file=split_file, seed=seed,

@@ -9,7 +9,6 @@ import typer
 
 from textseg_cli.cli import prep_app
 from textseg_cli.cli.prep_msd import CROP_HELP, PRESET_HELP, WINDOW_HELP, _report
-from textseg_cli.data.prep.nnunet import prep_nnunet
 
 
 @prep_app.command("nnunet")
@@ -32,6 +31,9 @@ def prep_nnunet_cmd(
     force: bool = typer.Option(False, "--force", help="Redo every case (default: resume, skipping finished cases)."),
 ) -> None:
     """Prepare an nnU-Net v2 raw data set, keeping its class and channel names and splits_final.json folds."""
+    from textseg_cli.data.prep.nnunet import (
+        prep_nnunet,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
 
     ds = prep_nnunet(src, out, splits_final=splits_final, name=name, spacing=spacing, window=window,
                      window_preset=window_preset, crop=crop, normalize=normalize, split=split, seed=seed,

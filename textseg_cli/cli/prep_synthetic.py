@@ -8,7 +8,6 @@ import typer
 
 from textseg_cli.cli import prep_app
 from textseg_cli.console import console
-from textseg_cli.data.prep import synthetic as syn
 from textseg_cli.errors import ConfigError
 
 
@@ -45,6 +44,9 @@ def prep_synthetic_cmd(
 ) -> None:
     """Generate a deterministic CT-like synthetic data set (organ with texture and noise inside a body with
     spine, aorta and organ-like distractor blobs; HU windowed to [0, 1], then z-scored)."""
+    from textseg_cli.data.prep import (
+        synthetic as syn,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    )
     size_t = parse_size(size, "--size")
     if dim == 2:
         if patch is not None:

@@ -11,6 +11,7 @@ uint8 images and scaling afterwards. The validation transform (ValGenerator) doe
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 
 def rot_flip(image: np.ndarray, label: np.ndarray | None, k: int, axis: int):
@@ -23,7 +24,6 @@ def rot_flip(image: np.ndarray, label: np.ndarray | None, k: int, axis: int):
 def rotate(image: np.ndarray, label: np.ndarray | None, angle: float):
     """Load_Dataset.py:26-30 (`random_rotate`) with its angle given. LViT rotates (rows, cols, C) arrays in
     scipy's default plane axes=(1, 0), which scipy sorts to (0, 1): rows/cols; here (C, rows, cols) → (1, 2)."""
-    from scipy import ndimage
 
     image = ndimage.rotate(image, angle, axes=(1, 2), order=0, reshape=False)
     label = None if label is None else ndimage.rotate(label, angle, axes=(0, 1), order=0, reshape=False)

@@ -7,10 +7,15 @@ Multi-channel images are stored as 4D NIfTI with channels last and returned chan
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.storage.files import atomic_path
@@ -22,6 +27,7 @@ class Volume:
     spacing: tuple[float, ...]
     origin: tuple[float, ...] = (0.0, 0.0, 0.0)
     direction: tuple[float, ...] | None = None  # flattened 3x3, row-major, LPS as SimpleITK gives
+    nonfinite: int = 0  # NaN/Inf voxels in the file (`read_sitk`; SimpleITK reads NIfTI NaNs as 0)
 
 
 def affine_from(spacing, origin=(0.0, 0.0, 0.0), direction=None) -> np.ndarray:
@@ -34,7 +40,6 @@ def affine_from(spacing, origin=(0.0, 0.0, 0.0), direction=None) -> np.ndarray:
 
 def write_nifti(path: str | Path, array: np.ndarray, spacing, origin=(0.0, 0.0, 0.0), direction=None) -> None:
     """Write atomically; `array` is (x, y, z[, C]) for 3D or (x, y[, C]) for 2D."""
-    import nibabel as nib
 
     sp = list(spacing) + [1.0] * (3 - len(spacing))
     img = nib.Nifti1Image(np.asarray(array), affine_from(sp, origin, direction))
@@ -49,14 +54,10 @@ def check_complete(path: str | Path) -> int:
     SimpleITK fills the missing part of a truncated file with a constant and reads NIfTI NaNs as 0, so NIfTI
     files are read here with nibabel. Returns the number of NaN/Inf voxels found (NIfTI; else 0).
     """
-    import gzip
-    import zlib
 
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
         try:
             arr = np.asanyarray(nib.load(str(path)).dataobj)
         except Exception as exc:  # EOFError, zlib.error, "Expected N bytes, got M"
@@ -101,7 +102,6 @@ def apply_nan_policy(array: np.ndarray, policy: str, case_id: str, path: str | P
 
 def read_nifti(path: str | Path, dtype=None) -> Volume:
     """Read a NIfTI file fully into memory; a truncated or corrupt file raises DataError naming it."""
-    import nibabel as nib
 
     path = Path(path)
     if not path.exists():
@@ -120,7 +120,6 @@ def read_nifti(path: str | Path, dtype=None) -> Volume:
 
 
 def read_h5(path: str | Path, keys=("image", "label")) -> dict[str, np.ndarray]:
-    import h5py
 
     path = Path(path)
     if not path.exists():
@@ -137,23 +136,52 @@ def read_h5(path: str | Path, keys=("image", "label")) -> dict[str, np.ndarray]:
         raise DataError(f"unreadable HDF5 ({type(exc).__name__}: {exc})", path) from exc
 
 
-def read_sitk(path: str | Path) -> Volume:
-    """Read any format SimpleITK knows (nrrd, mha, nii, single DICOM) into (x, y, z) order."""
-    import SimpleITK as sitk
+NONFINITE_KEY = "textseg_nonfinite"  # metadata key of `read_sitk_image`'s NaN/Inf count
+
+
+def read_sitk_image(path: str | Path, case_id: str | None = None):
+    """The one SimpleITK reader (NIfTI, NRRD, MHA, single DICOM): a `SimpleITK.Image`, the file checked complete.
+
+    The NaN/Inf voxels of the file are counted once here and kept in the image's metadata (`nonfinite_in`):
+    nibabel's count for NIfTI (SimpleITK reads NIfTI NaNs as 0), the pixels' count for the other formats
+    (they keep NaN/Inf). `apply_nan_policy(..., known=nonfinite_in(img))` then decides what happens to them.
+    Errors name `case_id` when given.
+    """
 
     path = Path(path)
+    where = f"case {case_id!r}: " if case_id else ""
     if not path.exists():
-        raise DataError("file not found", path)
-    check_complete(path)
+        raise DataError(f"{where}file not found", path)
+    try:
+        nonfinite = check_complete(path)
+    except DataError as exc:
+        raise DataError(f"{where}{exc.args[0]}", path) from None
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:
-        raise DataError(f"unreadable image ({exc.__class__.__name__}: {str(exc).strip().splitlines()[-1]})", path) from exc
-    return sitk_to_volume(img)
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{where}unreadable image ({last})", path) from exc
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        nonfinite = count_nonfinite(sitk.GetArrayViewFromImage(img))
+    if nonfinite:
+        img.SetMetaData(NONFINITE_KEY, str(nonfinite))
+    return img
+
+
+def nonfinite_in(img) -> int:
+    """The NaN/Inf count `read_sitk_image` recorded for the file (0 when none)."""
+    return int(img.GetMetaData(NONFINITE_KEY)) if img.HasMetaDataKey(NONFINITE_KEY) else 0
+
+
+def read_sitk(path: str | Path, case_id: str | None = None) -> Volume:
+    """`read_sitk_image` as a Volume in (x, y, z) order; `Volume.nonfinite` carries the file's NaN/Inf count."""
+    img = read_sitk_image(path, case_id)
+    vol = sitk_to_volume(img)
+    vol.nonfinite = nonfinite_in(img)
+    return vol
 
 
 def sitk_to_volume(img) -> Volume:
-    import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(img)  # (z, y, x[, C])
     if img.GetNumberOfComponentsPerPixel() > 1:
@@ -191,7 +219,6 @@ def read_input_image(path: Path, dim: int, name: str | None = None) -> InputImag
 
 def nifti_geometry(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """(spacing, origin, direction) from a NIfTI affine's columns, so `write_nifti` reproduces it exactly."""
-    import nibabel as nib
 
     aff = np.asarray(nib.load(str(path)).affine, dtype=float)
     spacing = np.linalg.norm(aff[:3, :3], axis=0)

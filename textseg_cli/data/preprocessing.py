@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
 
 from textseg_cli.errors import ConfigError, DataError
 
@@ -120,7 +122,6 @@ def body_mask(image_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
 
     Taking the largest component drops the table and air-surrounded debris that a plain threshold keeps.
     """
-    from scipy import ndimage
 
     fg = np.asarray(image_hu) > threshold
     labels, n = ndimage.label(fg)
@@ -134,7 +135,6 @@ def body_mask(image_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
 # --- resampling -------------------------------------------------------------------------------------
 
 def _to_sitk(array: np.ndarray, spacing, origin=None, direction=None):
-    import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))  # (x,y,z) -> sitk (z,y,x)
     img.SetSpacing([float(s) for s in spacing])
@@ -158,7 +158,6 @@ def resample(array: np.ndarray, spacing: Sequence[float], target: Sequence[float
     and direction are kept, the size is round(n * spacing / target) and voxels past the old grid's edge
     take the nearest edge value. Returns the new array (same dtype for labels, float32 for images) and spacing.
     """
-    import SimpleITK as sitk
 
     arr = np.asarray(array)
     if arr.ndim == 4:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -70,7 +71,6 @@ def wrap_for_training(method: nn.Module, dist: Dist, device: torch.device, find_
     step = StepModule(method)
     if not dist.enabled:
         return step
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
 

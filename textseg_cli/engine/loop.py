@@ -180,7 +180,7 @@ class Trainer:
         if flag is False or flag == "false":
             return None
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401  # lazy: optional extra
         except ImportError:
             if flag is True:
                 err_console.print("[yellow]warning:[/] train.tensorboard=true but tensorboard is not installed "

@@ -21,7 +21,7 @@ class RunLog:
         self.tb = None
         if tensorboard_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: optional extra [tensorboard]
 
                 self.tb = SummaryWriter(str(tensorboard_dir))
             except Exception:  # tensorboard not installed: the CSV is the record

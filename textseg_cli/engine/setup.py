@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from textseg_cli.engine.stopping import write_summary
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.models.registry import count_parameters
 from textseg_cli.runs.bundle import snapshot_run_inputs
+from textseg_cli.runs.cases import RunCases, write_cases
 from textseg_cli.runs.checks import check_run_config
 from textseg_cli.runs.config import build_config, load_config, save_config
 from textseg_cli.runtime.determinism import determinism_record
@@ -109,9 +111,8 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             save_config(cfg, run_dir / "config.yaml")
             snapshot_run_inputs(run_dir, cfg, ds)  # RUN/prepared.json + RUN/text/: the run predicts after a move
             _write_env(run_dir, cfg, dev, dist, resume, precision=_precision_record(trainer, cfg, dev))
-            atomic_write_json(run_dir / "cases.json", {
-                "labeled": trainer.labeled_ids, "unlabeled": trainer.unlabeled_ids,
-                "unused_unlabeled": trainer.unused_ids, "val_split": cfg["val"]["split"], "val": trainer.val_ids})
+            write_cases(run_dir, RunCases(trainer.labeled_ids, trainer.unlabeled_ids, trainer.unused_ids,
+                                          cfg["val"]["split"], trainer.val_ids))
             if not quiet:
                 _print_header(trainer, cfg, dev, dist)
         result = trainer.run()
@@ -140,8 +141,6 @@ def _precision_record(tr: Trainer, cfg: dict[str, Any], dev: torch.device) -> di
 
 def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool,
                precision: dict[str, Any] | None = None) -> None:
-    import json
-
     path = run_dir / "env.json"
     env = json.loads(path.read_text(encoding="utf-8")) if (resume and path.exists()) else {"sessions": []}
     info = environment_info()

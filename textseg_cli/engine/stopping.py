@@ -11,6 +11,7 @@ without validation, a step) that would not fit in the budget.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from textseg_cli.errors import ConfigError
@@ -93,7 +94,6 @@ class StopRules:
 
 def write_summary(run_dir, result, stop: StopRules, max_iterations: int) -> None:
     """RUN/training.json: how the run ended (completed, early stopping, time budget) and its best epoch."""
-    from pathlib import Path
 
 
     ended = ("completed" if result.iteration >= max_iterations else

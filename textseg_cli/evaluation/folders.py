@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -340,7 +341,6 @@ def check_same_placement(cid: str, pred_path: Path, ref_path: Path, spacing: flo
 
     Tolerances: origin within 1e-3 of the smallest voxel side, direction cosines within 1e-4.
     """
-    import nibabel as nib
 
     a_pred, a_ref = np.asarray(nib.load(str(pred_path)).affine), np.asarray(nib.load(str(ref_path)).affine)
     o_pred, o_ref = a_pred[:3, 3], a_ref[:3, 3]

@@ -27,6 +27,7 @@ from textseg_cli.inference.predict import (
 )
 from textseg_cli.inference.protocol import resolve_lcc
 from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
+from textseg_cli.runs.cases import read_cases
 from textseg_cli.runs.load import load_run
 from textseg_cli.runtime.device import resolve_device
 from textseg_cli.runtime.precision import resolve_precision
@@ -35,15 +36,9 @@ from textseg_cli.storage.outputs import prepare_output_dir, run_lock
 
 def _labeled_counts(run) -> tuple[int | None, int | None]:
     """(labeled, unlabeled) training-case counts: RUN/cases.json as the engine wrote it, else the config."""
-    import json
-
-    cases = Path(run.run_dir) / "cases.json"
-    if cases.exists():
-        try:
-            data = json.loads(cases.read_text(encoding="utf-8"))
-            return len(data.get("labeled") or []), len(data.get("unlabeled") or [])
-        except (json.JSONDecodeError, TypeError):
-            pass
+    cases = read_cases(run.run_dir)
+    if cases is not None:
+        return len(cases.labeled), len(cases.unlabeled)
     data_cfg = run.config.get("data") or {}
     lab = data_cfg.get("labeled")
     return (int(lab) if isinstance(lab, int) or (isinstance(lab, str) and lab.isdigit()) else None), None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,6 @@ def validate(method: Method, cases: list[tuple[str, np.ndarray, np.ndarray]], cf
 
 @contextlib.contextmanager
 def _warnings_off():
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 import yaml
 
 from textseg_cli.bench.benchmark import run_benchmark
@@ -64,7 +65,6 @@ def estimate(exp: Experiment, rows: list[dict], ds=None, device: str | None = No
     """Seconds per run from a short `bench` of each method (training s/it × iterations + sliding-window
     inference × the validations and the final evaluation). An estimate: data loading, logging and
     checkpointing are not timed."""
-    import torch
 
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -85,7 +85,7 @@ def run_on_gpus(exp: Experiment, runs: Sequence[Run], gpus: Sequence[str], *, fa
 def submitit_executor(exp: Experiment, launcher: str, *, partition: str | None, time_min: int, gpus_per_run: int,
                       cpus_per_run: int | None, extra: dict | None = None):
     try:
-        import submitit
+        import submitit  # lazy: optional extra [slurm]
     except ImportError:
         raise ConfigError("--launcher slurm needs the submitit package: pip install 'textseg[slurm]'") from None
     folder = exp.out / "submitit"

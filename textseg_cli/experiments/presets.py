@@ -3,8 +3,8 @@
 Each method runs with its packaged config under the data set's profile (the official patch, stride,
 schedule, batch and decoder of each method, see textseg_cli/configs/); the preset adds only what the
 configs do not hold: the method list, 10 % / 20 % labeled (LA: 8 / 16 of 80), 3 seeds, and the LCC of each
-method's official test script (below, with file:line). Checkpoints are chosen on the validation split
-(best-on-val); the table reports the test split once.
+method's official test script (the `protocol_lcc` of its class, with file:line). Checkpoints are chosen on the
+validation split (best-on-val); the table reports the test split once. Display names are the classes' `display_name`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ from pathlib import Path
 import yaml
 
 from textseg_cli.errors import ConfigError
-from textseg_cli.inference.protocol import PROTOCOL_LCC
-from textseg_cli.methods.registry import list_methods
+from textseg_cli.methods.registry import display_name, list_methods, protocol_lcc
 from textseg_cli.storage.files import atomic_write_text
 from textseg_cli.storage.outputs import guard_output_file
 
-_DISPLAY = {"sup": "V-Net (sup.)", "uamt": "UA-MT", "dtc": "DTC", "urpc": "URPC", "cps": "CPS", "mcnet": "MC-Net",
-            "mcnet+": "MC-Net+", "mcf": "MCF", "mlrp": "MLRP", "bcp": "BCP", "vclipseg": "VCLIPSeg",
-            "llm-segnet": "LLM-SegNet", "text-semiseg": "Text-SemiSeg", "unet2d": "U-Net", "tgcnet": "TGC-Net",
-            "lvit-unet": "U-Net (LViT)"}
 _BASELINES_3D = ["sup", "uamt", "dtc", "urpc", "cps", "mcnet", "mcnet+", "mcf", "mlrp", "bcp"]
 PRESETS = {
     "la": {"labeled": [8, 16], "methods": _BASELINES_3D + ["vclipseg", "llm-segnet"],
@@ -47,8 +42,8 @@ def preset_spec(name: str, data: str | None = None, out_dir: str | None = None) 
     for m in p["methods"]:
         if m not in known:
             continue
-        entry = {"method": m, "name": _DISPLAY.get(m, m), "id": m.replace("+", "_plus")}
-        entry["lcc"] = m in PROTOCOL_LCC  # the one table of LCC by official test script (inference/protocol.py)
+        entry = {"method": m, "name": display_name(m), "id": m.replace("+", "_plus")}
+        entry["lcc"] = bool(protocol_lcc(m))  # its class's `protocol_lcc`, as `textseg eval` (inference/protocol.py)
         methods.append(entry)
     spec = {"name": f"{name}-table", "description": p["note"], "data": data or f"prepared/{name}", "dataset": name}
     if out_dir:

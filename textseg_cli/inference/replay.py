@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from textseg_cli.data.io import nifti_geometry, write_nifti
 from textseg_cli.data.prep.custom import EXTENSIONS, _stem, match_cases
@@ -120,7 +121,6 @@ def resample_to_grid(arr: np.ndarray, spacing: Sequence[float], shape: Sequence[
                      *, is_label: bool) -> np.ndarray:
     """Resample an (x, y, z) array between two grids that share the first voxel centre and the axes
     (what `preprocessing.resample` keeps), nearest neighbour for labels, linear for probabilities."""
-    import SimpleITK as sitk
 
 
     src = _to_sitk(arr, spacing)
@@ -165,7 +165,6 @@ def write_like(path: Path, array: np.ndarray, ref_file: Path, channels: bool = F
         out = np.moveaxis(array, 0, -1) if channels else array
         write_nifti(path, np.ascontiguousarray(out), spacing, origin, direction)
         return
-    import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(ref_file))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.runs.config import default_stride
 
 PredictFn = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *patch) -> probabilities (B, K, *patch)
 
@@ -72,7 +73,7 @@ def _as_tuple(value: int | Sequence[int], ndim: int, what: str) -> tuple[int, ..
 
 
 def sliding_window_inference(predict_fn: PredictFn, image: torch.Tensor, patch_size: int | Sequence[int],
-                             stride: int | Sequence[int], sw_batch_size: int = 4,
+                             stride: int | Sequence[int] | None = None, sw_batch_size: int = 4,
                              out_device: torch.device | str | None = None,
                              pad_mode: str = "constant") -> torch.Tensor:
     """Averaged probabilities (K, *spatial) of `predict_fn` over overlapping windows of `image`.
@@ -80,13 +81,14 @@ def sliding_window_inference(predict_fn: PredictFn, image: torch.Tensor, patch_s
     `image` is (C, *spatial); `predict_fn` gets (B, C, *patch) crops on `image.device`, B <= sw_batch_size,
     and returns probabilities (B, K, *patch). The accumulation buffers live on `out_device` (default: the
     image's device); putting them on the CPU keeps a large volume's K x volume buffer off the GPU.
+    `stride` None is `textseg_cli.runs.config.default_stride(patch)` (half the patch, rounded up).
     """
     if image.ndim not in (3, 4):
         raise ConfigError(f"sliding-window inference expects (C, x, y) or (C, x, y, z), got shape {tuple(image.shape)}")
     spatial = tuple(image.shape[1:])
     ndim = len(spatial)
     patch = _as_tuple(patch_size, ndim, "patch_size")
-    strides = _as_tuple(stride, ndim, "stride")
+    strides = _as_tuple(stride, ndim, "stride") if stride is not None else default_stride(patch)
     sw_batch_size = max(1, int(sw_batch_size))
     out_device = torch.device(out_device) if out_device is not None else image.device
 
@@ -130,7 +132,7 @@ def whole_volume_inference(predict_fn: PredictFn, image: torch.Tensor, multiple:
     The V-Net family is fully convolutional, so one pass over the volume padded (symmetrically, with
     zeros) to a multiple of `multiple` (2^number of downsamplings) replaces the overlapping windows.
     When the padded volume exceeds `max_voxels`, or the pass runs out of memory, it falls back to
-    `sliding_window_inference` with `patch_size`/`stride` (default 96³ / 256², stride half the patch)
+    `sliding_window_inference` with `patch_size`/`stride` (default 96³ / 256², stride `default_stride`)
     and warns.
     """
     spatial = tuple(image.shape[1:])
@@ -154,7 +156,7 @@ def whole_volume_inference(predict_fn: PredictFn, image: torch.Tensor, multiple:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     patch = _as_tuple(patch_size, ndim, "patch_size") if patch_size is not None else (_FALLBACK_PATCH[ndim],) * ndim
-    strides = _as_tuple(stride, ndim, "stride") if stride is not None else tuple(max(1, p // 2) for p in patch)
+    strides = _as_tuple(stride, ndim, "stride") if stride is not None else default_stride(patch)
     warnings.warn(f"whole-volume inference: {reason}; falling back to sliding windows {list(patch)} "
                   f"stride {list(strides)}", RuntimeWarning, stacklevel=2)
     return sliding_window_inference(predict_fn, image, patch, strides, sw_batch_size=sw_batch_size,

@@ -26,7 +26,9 @@ class StepContext:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set `name`, `paper`, and implement `training_step` and `predict_logits`.
+    """Base class. Subclasses set `name` (by `@register_method`), `paper` and the class attributes that describe
+    them (display name, fidelity-ledger row, protocol LCC, CLI flags, config file: each has one home, here), and
+    implement `training_step` and `predict_logits`.
 
     `cfg` is the fully resolved run config (see `textseg_cli/configs/defaults.yaml`); a method reads its own
     hyper-parameters from `cfg["method"]` (also available as `self.hparams`), which comes from
@@ -42,6 +44,18 @@ class Method(nn.Module):
     needs_unlabeled: ClassVar[bool] = True
     dims: ClassVar[tuple[int, ...]] = (3, 2)  # image dimensionalities the method can train on
     dims_note: ClassVar[str] = ""  # why, when it is only one
+    # What the method says about itself (read by `textseg models --fidelity`, presets, tables, eval, `train`):
+    display_name: ClassVar[str] = ""  # its name in tables ("MC-Net+"); empty: the registered name
+    official_code: ClassVar[str] = ""  # official repository (and file), or why there is none; empty: not in the ledger
+    official_commit: ClassVar[str] = ""  # the commit of it that the parity tests (tests/parity) were written against
+    ledger: ClassVar[str] = ""  # its section of the fidelity ledger, e.g. "docs/fidelity.md#dtc-dtc"
+    protocol_lcc: ClassVar[str] = ""  # the official line that makes LCC part of its evaluation; empty: no LCC
+    has_text: ClassVar[bool] = False  # text-guided itself (the "+Text" add-on refuses it)
+    # method-specific `textseg train` flags it accepts (key as in `--set method.KEY`) → allowed values (None: any)
+    cli_flags: ClassVar[dict[str, tuple[str, ...] | None]] = {}
+    # its YAML config when it does not ship in textseg_cli/configs/ (a plug-in method): absolute, or relative to
+    # the directory of the module that defines the class
+    config_path: ClassVar[str | None] = None
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__()

@@ -75,6 +75,11 @@ def mix_loss(logits: torch.Tensor, outside: torch.Tensor, inside: torch.Tensor, 
 @register_method("bcp")
 class BCP(Method):
     paper = "Bai et al., Bidirectional copy-paste for semi-supervised medical image segmentation, CVPR 2023"
+    display_name = "BCP"
+    official_code = "DeepMed-Lab-ECNU/BCP"
+    official_commit = "7879f98"
+    ledger = "docs/fidelity.md#bcp-bcp"
+    protocol_lcc = "DeepMed-Lab-ECNU/BCP code/test_LA.py:15 (--nms default 1)"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

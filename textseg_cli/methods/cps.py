@@ -59,6 +59,10 @@ def cps_losses(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tenso
 @register_method("cps")
 class CPS(Method):
     paper = "Chen et al., Semi-supervised semantic segmentation with cross pseudo supervision, CVPR 2021"
+    display_name = "CPS"
+    official_code = "HiLab-git/SSL4MIS"
+    official_commit = "06df604"
+    ledger = "docs/fidelity.md#cps-cps"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

@@ -9,11 +9,11 @@ the processes first (a no-op in one process, so single-process results are uncha
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
     """`values` (detached) averaged over the DDP process group; `values` itself outside DDP."""
-    import torch.distributed as dist
 
     values = values.detach()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -79,6 +79,11 @@ def dtc_losses(seg_logits: torch.Tensor, sdf: torch.Tensor, labels: torch.Tensor
 @register_method("dtc")
 class DTC(Method):
     paper = "Luo et al., Semi-supervised medical image segmentation through dual-task consistency, AAAI 2021"
+    display_name = "DTC"
+    official_code = "HiLab-git/DTC"
+    official_commit = "2525b9c"
+    ledger = "docs/fidelity.md#dtc-dtc"
+    protocol_lcc = "HiLab-git/DTC code/test_LA.py:15 (--nms default 1)"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

@@ -26,9 +26,14 @@ import torch.nn.functional as F
 from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Method, StepContext, decoder_index
-from textseg_cli.methods.losses import consistency_weight, dice_loss
+from textseg_cli.methods.losses import dice_loss
 from textseg_cli.methods.registry import register_method
-from textseg_cli.methods.ssl_common import backbone_kwargs, cuboid_mask, mix
+from textseg_cli.methods.ssl_common import (
+    backbone_kwargs,
+    cuboid_mask,
+    mix,
+    ramped_weight,
+)
 from textseg_cli.methods.text_addon import load_method_embeddings
 from textseg_cli.methods.text_losses import usl_loss
 from textseg_cli.models.text_fusion import TextInjection
@@ -85,6 +90,11 @@ class LLMSegNet(Method):
     embedding_encoder = "bert"  # what `textseg encode` must produce for --text-embeddings
     paper = ("Kumari et al., Leveraging task-specific knowledge from LLM for semi-supervised 3D medical image "
              "segmentation (LLM-SegNet), arXiv:2407.05088")
+    display_name = "LLM-SegNet"
+    official_code = "none published (paper only)"
+    official_commit = ""
+    ledger = "docs/fidelity.md#llm-segnet-llm-segnet--no-official-code"
+    cli_flags = {"unsup_loss": ("usl", "mse", "nll"), "t1": None, "t2": None, "beta": None}
     has_text = True
     dims = (3,)
 
@@ -146,9 +156,7 @@ class LLMSegNet(Method):
             p_b = torch.softmax(logits_b[bl:], 1)
             t1, t2, kind = float(hp.get("t1", 0.9)), float(hp.get("t2", 0.1)), str(hp.get("unsup_loss", "usl"))
             unsup = usl_loss(p_a_mix, p_b, t1, t2, kind) + usl_loss(p_b, p_a_mix, t1, t2, kind)
-            c = hp.get("consistency") or {}
-            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 0)),
-                                   int(c.get("per", 150)))
+            w = ramped_weight(hp, ctx.iteration + 1, 1.0, 0)
             loss = loss + w * unsup
             out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w))
         out["loss"] = loss

@@ -53,7 +53,10 @@ def ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor, ce_weight: float = 
 
 
 def sharpen(p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Entropy-minimising sharpening `p^(1/T) / (p^(1/T) + (1-p)^(1/T))` applied per channel (MC-Net)."""
+    """Entropy-minimising sharpening `p^(1/T) / (p^(1/T) + (1-p)^(1/T))` applied per channel (MC-Net).
+
+    Not the same function as `ssl_common.sharpen_softmax` (MCF), which normalises over the classes: the two agree
+    only for two classes, and then only to rounding (parity with each official code needs each)."""
     p = p.float()
     inv = 1.0 / temperature
     a = p.pow(inv)

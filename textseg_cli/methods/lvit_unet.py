@@ -54,6 +54,10 @@ def weighted_dice_bce(prob: torch.Tensor, target: torch.Tensor, dice_weight: flo
 @register_method("lvit-unet")
 class LViTUNetMethod(Method):
     paper = "U-Net as LViT trains it (Li et al., IEEE TMI 2023; nets/UNet.py, train_model.py); binary"
+    display_name = "U-Net (LViT)"
+    official_code = "HUANGLIZI/LViT (nets/UNet.py)"
+    official_commit = "a9b0b41"
+    ledger = "docs/fidelity.md#lvits-u-net-on-monuseg-lvit-unet-issue-19"
     needs_unlabeled = False
     dims = (2,)
     dims_note = "LViT's U-Net is a 2D network"

@@ -60,6 +60,10 @@ def mcf_consistency(probs: torch.Tensor, pseudo: torch.Tensor, double_softmax: b
 @register_method("mcf")
 class MCF(Method):
     paper = "Wang et al., MCF: Mutual correction framework for semi-supervised medical image segmentation, CVPR 2023"
+    display_name = "MCF"
+    official_code = "WYC-321/MCF"
+    official_commit = "ad20659"
+    ledger = "docs/fidelity.md#mcf-mcf"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

@@ -21,14 +21,19 @@ import torch.nn.functional as F
 from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Method, StepContext, decoder_index
-from textseg_cli.methods.losses import consistency_weight, dice_loss, mse, sharpen
+from textseg_cli.methods.losses import dice_loss, mse, sharpen
 from textseg_cli.methods.registry import register_method
+from textseg_cli.methods.ssl_common import ramped_weight
 from textseg_cli.models.registry import build_model
 
 
 @register_method("mcnet")
 class MCNet(Method):
     paper = "Wu et al., Semi-supervised left atrium segmentation with mutual consistency training, MICCAI 2021"
+    display_name = "MC-Net"
+    official_code = "ycwu1997/MC-Net"
+    official_commit = "fee453c"
+    ledger = "docs/fidelity.md#mc-net-and-mc-net-mcnet-mcnet"
     default_up_modes: tuple[int, ...] = (0, 1)
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
@@ -56,8 +61,7 @@ class MCNet(Method):
             targets = [t.detach() for t in targets]
         cons = sum(mse(probs[i], targets[j]) for i in range(len(probs)) for j in range(len(probs)) if i != j)
         # the published code increments its step counter before computing the weight: step = iteration + 1
-        w = consistency_weight(ctx.iteration + 1, float(cons_cfg.get("weight", 1.0)),
-                               float(cons_cfg.get("rampup", 40.0)), int(cons_cfg.get("per", 150)))
+        w = ramped_weight(hp, ctx.iteration + 1, 1.0, 40.0)
         loss = float(hp.get("sup_weight", 0.5)) * dice_sum + w * cons
         return {"loss": loss, "loss_dice": dice_sum.detach(), "loss_ce": ce_sum, "loss_consistency": cons.detach(),
                 "consistency_weight": torch.tensor(w)}
@@ -82,4 +86,8 @@ class MCNet(Method):
 class MCNetPlus(MCNet):
     paper = ("Wu et al., Mutual consistency learning for semi-supervised medical image segmentation, "
              "Medical Image Analysis 2022")
+    display_name = "MC-Net+"
+    official_code = "ycwu1997/MC-Net"
+    official_commit = "fee453c"
+    ledger = "docs/fidelity.md#mc-net-and-mc-net-mcnet-mcnet"
     default_up_modes = (0, 1, 2)

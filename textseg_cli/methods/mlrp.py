@@ -64,6 +64,10 @@ def reliable_cross_supervision(student_probs: torch.Tensor, student_logits: torc
 class MLRP(Method):
     paper = ("Su et al., Mutual learning with reliable pseudo label for semi-supervised medical image segmentation, "
              "MedIA 2024")
+    display_name = "MLRP"
+    official_code = "Jiawei0o0/mutual-learning-with-reliable-pseudo-labels"
+    official_commit = "5ca2d87"
+    ledger = "docs/fidelity.md#mlrp-mlrp"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import textseg_cli.methods as _package
@@ -48,6 +50,37 @@ def list_methods() -> dict[str, type[Method]]:
     """Registered methods by name, sorted."""
     discover_methods()
     return dict(sorted(METHODS.items()))
+
+
+def method_class(name: str | None) -> type[Method] | None:
+    """The registered class of method `name`, None when no method has that name."""
+    return list_methods().get(str(name or "")) if name else None
+
+
+def display_name(name: str) -> str:
+    """A method's name in tables (its class's `display_name`, else the registered name)."""
+    cls = method_class(name)
+    return (cls.display_name if cls is not None else "") or name
+
+
+def protocol_lcc(name: str | None) -> str:
+    """The official line that makes LCC part of method `name`'s evaluation, "" when it has none."""
+    cls = method_class(name)
+    return cls.protocol_lcc if cls is not None else ""
+
+
+def method_config_path(name: str) -> Path | None:
+    """The YAML file a method keeps beside its module (its class's `config_path`), None for the packaged configs.
+
+    A relative `config_path` is taken from the directory of the module that defines the class."""
+    cls = method_class(name)
+    if cls is None or not cls.config_path:
+        return None
+    path = Path(cls.config_path).expanduser()
+    if not path.is_absolute():
+        module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        path = (Path(module_file).resolve().parent if module_file else Path.cwd()) / path
+    return path
 
 
 def build_method(name: str, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3,

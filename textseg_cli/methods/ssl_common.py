@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from scipy.ndimage import distance_transform_edt
+from skimage.segmentation import find_boundaries
 
 from textseg_cli.methods.losses import consistency_weight
 from textseg_cli.metrics.postprocess import lcc_batch
@@ -105,8 +107,6 @@ def normalized_sdf(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     Distances are Euclidean (scipy `distance_transform_edt`) in voxels. A mask that fills the patch has no
     outside; its outside term is taken as 0 (DTC's code would divide by zero there).
     """
-    from scipy.ndimage import distance_transform_edt
-    from skimage.segmentation import find_boundaries
 
     arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     out = np.zeros(arr.shape, dtype=np.float32)

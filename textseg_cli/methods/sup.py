@@ -16,6 +16,10 @@ from textseg_cli.models.registry import build_model
 @register_method("sup")
 class SupervisedOnly(Method):
     paper = "supervised baseline: V-Net on the labeled cases only (loss = CE + Dice)"
+    display_name = "V-Net (sup.)"
+    official_code = "yulequan/UA-MT (code/train_LA.py)"
+    official_commit = "88ed29a"
+    ledger = "docs/fidelity.md#supervised-only-sup"
     needs_unlabeled = False
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):

@@ -15,7 +15,6 @@ CSA (a projection head on the fused bottleneck, pulled to the text features by t
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any, Callable
 
 import torch
@@ -27,10 +26,6 @@ from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Method, StepContext
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss
 from textseg_cli.models.text_fusion import TMR, RepeatTextFusion, TMROfficial
-from textseg_cli.models.tgcnet.clip_backbone import FINETUNE_MODES
-from textseg_cli.models.tgcnet.date import DATE_MODES
-from textseg_cli.models.tgcnet.sse import SSE_MODES
-from textseg_cli.models.tgcnet.vlcm import VLCM_MODES
 from textseg_cli.models.vnet import VNetEncoder
 from textseg_cli.text.coop import CoOpTextEncoder
 from textseg_cli.text.embeddings import load_embeddings
@@ -353,58 +348,3 @@ def with_text_addon(method: Method, spec: str | None) -> Method:
     if isinstance(method, TextAddon) or getattr(method, "has_text", False):
         raise ConfigError(f"--text {spec}: method '{method.name}' is already text-guided")
     return TextAddon(method, str(spec))
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI flags of the text methods → config overrides (used by `textseg train`)
-
-FLAG_METHODS = {
-    "tmr": ("text-semiseg",), "text_fusion": ("text-semiseg",), "csa": ("text-semiseg",),
-    "dca": ("text-semiseg",), "vwpm": ("vclipseg",), "vtcm": ("vclipseg",),
-    "unsup_loss": ("llm-segnet",), "t1": ("llm-segnet",), "t2": ("llm-segnet",), "beta": ("llm-segnet",),
-    "sse": ("tgcnet",), "clip_finetune": ("tgcnet",), "date": ("tgcnet",), "vlcm": ("tgcnet",),
-    "clip_weights": ("tgcnet",),
-}
-
-
-def _flag_choices() -> dict[str, tuple[str, ...]]:
-    return {"tmr": ("paper", "official", "off"), "text_fusion": ("tmr", "repeat"), "unsup_loss": ("usl", "mse", "nll"),
-            "sse": SSE_MODES, "clip_finetune": FINETUNE_MODES, "date": DATE_MODES + ("auto",), "vlcm": VLCM_MODES}
-
-
-def text_flag_sets(method: str | None, *, text_embeddings: str | None = None, text: str | None = None,
-                   clip_pretrained: str | None = None, **flags: Any) -> list[str]:
-    """`--set` items for the text-method flags of `textseg train` (None = flag not given).
-
-    flags: tmr ("paper"|"official"|"off"), text_fusion, csa/dca/vwpm/vtcm (bool), unsup_loss, t1, t2, beta;
-    tgcnet's ablations sse, clip_finetune, date, vlcm and its clip_weights.
-    A flag given for a method it does not apply to is an error naming the methods it applies to.
-    """
-    sets: list[str] = []
-    if text_embeddings is not None:
-        sets.append(f"method.text.embeddings={text_embeddings}")
-    if clip_pretrained is not None:
-        sets.append(f"method.text.clip_pretrained={clip_pretrained}")
-    if text is not None:
-        if method in ("text-semiseg", "vclipseg", "llm-segnet"):
-            raise ConfigError(f"--text {text}: method '{method}' is already text-guided (use it on e.g. uamt, dtc)")
-        parse_addon(text)
-        sets.append(f"method.text_addon={text}")
-    for key, value in flags.items():
-        if value is None:
-            continue
-        allowed = FLAG_METHODS[key]
-        flag = "--" + key.replace("_", "-")
-        if method is not None and method not in allowed and not (key == "tmr" and text is not None):
-            raise ConfigError(f"{flag} applies to {', '.join(allowed)}, not to '{method}'")
-        choices = _flag_choices().get(key)
-        if choices and str(value) not in choices:
-            raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        if key == "tmr" and value == "off":
-            value = "false"
-        elif key in ("sse", "clip_finetune", "date", "vlcm", "clip_weights"):
-            value = json.dumps(str(value))  # a YAML string: on/off/none must not become booleans or null
-        sets.append(f"method.{key}={value}")
-    return sets

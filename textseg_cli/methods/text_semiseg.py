@@ -36,9 +36,13 @@ from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Method, StepContext, decoder_index
 from textseg_cli.methods.distributed import global_mean
-from textseg_cli.methods.losses import consistency_weight, dice_loss
+from textseg_cli.methods.losses import dice_loss
 from textseg_cli.methods.registry import register_method
-from textseg_cli.methods.ssl_common import backbone_kwargs, threshold_pseudo_label
+from textseg_cli.methods.ssl_common import (
+    backbone_kwargs,
+    ramped_weight,
+    threshold_pseudo_label,
+)
 from textseg_cli.methods.text_addon import build_fusion, build_text_source, tmr_setting
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss, dca_mix
 from textseg_cli.models.registry import build_model
@@ -68,6 +72,12 @@ FEATURE_NORMS = ("official", "channel", "none")
 class TextSemiSeg(Method):
     paper = ("Huang et al., Text-driven multiplanar visual interaction for semi-supervised medical image "
              "segmentation, MICCAI 2025")
+    display_name = "Text-SemiSeg"
+    official_code = "taozh2017/Text-SemiSeg"
+    official_commit = "18ceced"
+    ledger = "docs/fidelity.md#text-semiseg-text-semiseg"
+    protocol_lcc = "taozh2017/Text-SemiSeg prediction.py:139-140 (LCC always applied)"
+    cli_flags = {"tmr": ("paper", "official", "off"), "text_fusion": ("tmr", "repeat"), "csa": None, "dca": None}
     has_text = True
     dims = (3,)
     dims_note = "TMR pools the bottleneck along three axes"
@@ -164,10 +174,8 @@ class TextSemiSeg(Method):
             pls = [threshold_pseudo_label(p[bl:].detach(), thr, lcc=lcc) for p in probs]
             cons = sum(seg(logits[j][bl:], pls[i])
                        for i in range(len(logits)) for j in range(len(logits)) if i != j)
-            c = hp.get("consistency") or {}
             # the published ramp takes the 0-based iteration (trainer.py:153, train.py:139-140)
-            w = consistency_weight(ctx.iteration, float(c.get("weight", 0.1)), float(c.get("rampup", 200)),
-                                   int(c.get("per", 150)))
+            w = ramped_weight(hp, ctx.iteration, 0.1, 200)
             loss = loss + w * cons
             out.update(loss_consistency=cons.detach(), consistency_weight=torch.tensor(w))
             if self.use_dca and ctx.iteration > int(hp.get("dca_start", 6000)):  # trainer.py:157

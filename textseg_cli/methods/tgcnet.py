@@ -26,7 +26,10 @@ from textseg_cli.methods.clip_weights import is_random, require_clip_weights
 from textseg_cli.methods.losses import ce_dice_loss, dice_loss
 from textseg_cli.methods.registry import register_method
 from textseg_cli.models.registry import build_model
-from textseg_cli.models.tgcnet.clip_backbone import TINY_CLIP
+from textseg_cli.models.tgcnet.clip_backbone import FINETUNE_MODES, TINY_CLIP
+from textseg_cli.models.tgcnet.date import DATE_MODES
+from textseg_cli.models.tgcnet.sse import SSE_MODES
+from textseg_cli.models.tgcnet.vlcm import VLCM_MODES
 from textseg_cli.text.describe import load_aux_texts
 
 CLIP_PRESETS = {"tiny": TINY_CLIP}
@@ -63,6 +66,12 @@ class _SharedSlot:
 @register_method("tgcnet")
 class TGCNetMethod(Method):
     paper = "TGC-Net (Wuhan University, 2025): frozen CLIP + SSE + DATE + VLCM + cost-aggregation decoder"
+    display_name = "TGC-Net"
+    official_code = "none published (paper only)"
+    official_commit = ""
+    ledger = "docs/fidelity.md#tgc-net-tgcnet--no-official-code"
+    cli_flags = {"sse": SSE_MODES, "clip_finetune": FINETUNE_MODES, "date": DATE_MODES + ("auto",), "vlcm": VLCM_MODES,
+                 "clip_weights": None}
     needs_unlabeled = False
     dims = (2,)
     dims_note = "turn a 3D folder into 2D slices first: `textseg prep slices`"

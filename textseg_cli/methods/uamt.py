@@ -54,6 +54,10 @@ def supervised_ce_dice(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 class UAMT(Method):
     paper = ("Yu et al., Uncertainty-aware self-ensembling model for semi-supervised 3D left atrium segmentation, "
              "MICCAI 2019")
+    display_name = "UA-MT"
+    official_code = "yulequan/UA-MT"
+    official_commit = "88ed29a"
+    ledger = "docs/fidelity.md#ua-mt-uamt"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

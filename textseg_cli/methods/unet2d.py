@@ -10,3 +10,7 @@ from textseg_cli.methods.sup import SupervisedOnly
 @register_method("unet2d")
 class UNet2DMethod(SupervisedOnly):
     paper = "U-Net (Ronneberger et al., MICCAI 2015) as LViT's 2D baseline (loss = CE + Dice)"
+    display_name = "U-Net"
+    official_code = "none (textseg's standard 2D U-Net; LViT's is lvit-unet)"
+    official_commit = ""
+    ledger = "docs/methods.md"

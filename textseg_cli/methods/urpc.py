@@ -43,6 +43,10 @@ def pyramid_consistency(probs: list[torch.Tensor]) -> torch.Tensor:
 class URPC(Method):
     paper = ("Luo et al., Semi-supervised medical image segmentation via uncertainty rectified pyramid consistency, "
              "MedIA 2022")
+    display_name = "URPC"
+    official_code = "HiLab-git/SSL4MIS"
+    official_commit = "06df604"
+    ledger = "docs/fidelity.md#urpc-urpc"
 
     def __init__(self, cfg: dict[str, Any], in_channels: int, num_classes: int, dim: int = 3, **context: Any):
         super().__init__(cfg, in_channels, num_classes, dim, **context)

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Method, StepContext, decoder_index
-from textseg_cli.methods.losses import consistency_weight, dice_loss
+from textseg_cli.methods.losses import dice_loss
 from textseg_cli.methods.registry import register_method
-from textseg_cli.methods.ssl_common import backbone_kwargs
+from textseg_cli.methods.ssl_common import backbone_kwargs, ramped_weight
 from textseg_cli.methods.text_addon import load_method_embeddings
 from textseg_cli.methods.text_losses import (
     ProjectionHead,
@@ -51,6 +51,11 @@ class VCLIPSeg(Method):
     embedding_encoder = "clip"  # what `textseg encode` must produce for --text-embeddings
     paper = ("Li et al., VCLIPSeg: voxel-wise CLIP-enhanced model for semi-supervised medical image segmentation, "
              "MICCAI 2024")
+    display_name = "VCLIPSeg"
+    official_code = "SmileJET/VCLIPSeg"
+    official_commit = "fe50145"
+    ledger = "docs/fidelity.md#vclipseg-vclipseg"
+    cli_flags = {"vwpm": None, "vtcm": None}
     has_text = True
     dims = (3,)
 
@@ -115,10 +120,8 @@ class VCLIPSeg(Method):
             else:  # paper Eq. 9: soft targets Σ_i w_i p_i
                 unsup = sum(-(fused * torch.log_softmax(o.float(), 1)).sum(1).mean() + dice_loss(p, fused, **dice_kw)
                             for p, o in zip(probs, logits))
-            c = hp.get("consistency") or {}
             # iter_num is incremented before the ramp (train_3d.py:195-196): the 1-based step
-            w = consistency_weight(ctx.iteration + 1, float(c.get("weight", 1.0)), float(c.get("rampup", 40)),
-                                   int(c.get("per", 150)))
+            w = ramped_weight(hp, ctx.iteration + 1, 1.0, 40)
             loss = loss + w * unsup
             out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w),
                        dlb_weight_0=weights[0].detach())

@@ -7,6 +7,8 @@ Components use full connectivity (26 neighbours in 3D, 8 in 2D), which is the de
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy.ndimage import generate_binary_structure, label
 
 
@@ -45,7 +47,6 @@ def lcc_batch(t):
     CPU tensors go through scipy; tensors on an accelerator stay there (`lcc_batch_device`, the same
     result without a copy to the host). Returns a tensor of the same dtype on the same device.
     """
-    import torch
 
     if t.device.type != "cpu":
         return lcc_batch_device(t)
@@ -75,8 +76,6 @@ def largest_component_device(mask):
     component's first voxel. Ties between equal sizes keep the component found first in C order, as
     scipy's numbering with `np.argmax` does.
     """
-    import torch
-    import torch.nn.functional as F
 
     b, spatial = mask.shape[0], mask.shape[1:]
     n = int(np.prod(spatial))

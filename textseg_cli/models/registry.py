@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch.nn as nn
@@ -34,7 +35,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 def _import_all() -> None:
     """Import the modules that register models (kept explicit so a broken module fails loudly)."""
-    import importlib
 
     for mod in _MODEL_MODULES:
         importlib.import_module(mod)

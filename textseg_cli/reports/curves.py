@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
 from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.storage.files import atomic_path
@@ -17,7 +19,6 @@ _SKIP = {"iteration", "lr", "it_per_s", "time_s", "val_seconds", "val_best"}
 
 
 def read_log(run_dir: str | Path):
-    import pandas as pd
 
     path = Path(run_dir) / "log.csv"
     if not path.is_file():
@@ -28,11 +29,11 @@ def read_log(run_dir: str | Path):
 def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Draw the curves of one or more runs into `out` (PNG, atomically). Returns `out`."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: heavy (matplotlib)
     except ImportError:
         raise ConfigError("plots need matplotlib: pip install 'textseg-cli[plot]'") from None
     matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: heavy (matplotlib)
 
 
     runs = [Path(r) for r in run_dirs]
@@ -84,7 +85,7 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
 def write_run_curves(run_dir: Path) -> None:
     """RUN/curves.png, or nothing when matplotlib is missing (training must not fail over a plot)."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  # lazy: heavy (matplotlib)
     except ImportError:
         return
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy.ndimage import binary_erosion
 
 from textseg_cli.console import progress
 from textseg_cli.data.prepared import load_prepared
@@ -34,7 +36,6 @@ PAD = 4
 
 
 def _font(size: int = 12):
-    from PIL import ImageFont
 
     try:
         return ImageFont.load_default(size=size)
@@ -67,7 +68,6 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 def contour(mask: np.ndarray) -> np.ndarray:
     """One-pixel inner boundary of a binary mask (pixels outside the image count as background)."""
-    from scipy.ndimage import binary_erosion
 
     m = np.asarray(mask).astype(bool)
     return m & ~binary_erosion(m, border_value=0)
@@ -127,7 +127,6 @@ def compose(panels: Sequence[np.ndarray], captions: Sequence[str] | None = None,
     Returns a PIL image. The picture area is the panels themselves, so pixel (PAD + row,
     x0 + col) of the figure shows pixel (row, col) of a panel (x0 = its left edge).
     """
-    from PIL import Image, ImageDraw
 
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -161,7 +160,6 @@ def compose(panels: Sequence[np.ndarray], captions: Sequence[str] | None = None,
 
 def panel_origin(title: bool, captions: bool) -> tuple[int, int]:
     """(row, column) of the first panel's top-left pixel in a `compose` figure."""
-    from PIL import Image, ImageDraw
 
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import wilcoxon
 
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.reports.summary import METRICS, case_level, headline, summarize
@@ -112,7 +113,6 @@ def _named_result(path: str | Path) -> EvalResult:
 
 def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float | None, int]:
     """Two-sided Wilcoxon signed-rank p-value of paired values over the common (finite) index."""
-    from scipy.stats import wilcoxon
 
     joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
     n = len(joined)

@@ -1,7 +1,8 @@
 """Run configuration: packaged YAML defaults per method and data set, plus command-line overrides.
 
-Merge order (later wins): `configs/defaults.yaml` → its `datasets.<profile>` → `configs/<method>.yaml`
-→ its `datasets.<profile>` → a user `--config FILE` → first-class flags and `--set KEY=VALUE`.
+Merge order (later wins): `configs/defaults.yaml` → its `datasets.<profile>` → `configs/<method>.yaml` (or the
+file a method defined outside the package names in its class's `config_path`) → its `datasets.<profile>` → a user
+`--config FILE` → first-class flags and `--set KEY=VALUE`.
 `<profile>` is `data.profile` or, when unset, the prepared data set's name (lower case).
 """
 
@@ -17,6 +18,7 @@ import yaml
 
 from textseg_cli.data.names import canonical_name
 from textseg_cli.errors import ConfigError
+from textseg_cli.methods.registry import method_config_path
 from textseg_cli.runtime.precision import inference_request
 from textseg_cli.storage.files import atomic_write_text
 
@@ -45,6 +47,17 @@ def packaged_config(name: str) -> dict[str, Any]:
 def config_file_stem(method: str) -> str:
     """'mcnet+' → 'mcnet_plus' (file names avoid '+')."""
     return method.replace("+", "_plus")
+
+
+def method_config(method: str) -> dict[str, Any]:
+    """A method's own config: the YAML file its class names in `config_path` (a method defined outside the
+    package keeps it beside its module), else the packaged `textseg_cli/configs/<stem>.yaml` ({} when none)."""
+    path = method_config_path(method)
+    if path is None:
+        return packaged_config(method)
+    if not path.is_file():
+        raise ConfigError(f"config file of method '{method}' not found (its class's config_path)", path)
+    return _read_yaml(path.read_text(encoding="utf-8"), str(path))
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,7 +130,7 @@ def build_config(method: str, dataset_name: str | None = None, dataset_dim: int 
                  flags: Mapping[str, Any] | None = None, sets: Iterable[str] = ()) -> dict[str, Any]:
     """Resolve the full config of a run (see the module docstring for the merge order)."""
     defaults = packaged_config("defaults")
-    method_cfg = packaged_config(method)
+    method_cfg = method_config(method)
     user: dict[str, Any] = {}
     if isinstance(user_config, (str, Path)):
         p = Path(user_config)
@@ -154,6 +167,15 @@ def build_config(method: str, dataset_name: str | None = None, dataset_dim: int 
     return resolve(cfg, dataset_dim, dataset_patch)
 
 
+def default_stride(patch: Iterable[int]) -> tuple[int, ...]:
+    """The sliding-window stride when none is set: half the patch, rounded up (`ceil(p / 2)`, at least 1).
+
+    The one rule for the run config (`resolve`), `InferenceSettings`, the sliding-window functions' own
+    defaults and `textseg bench`; a patch of 75 gets 38. Papers that state their strides set them per
+    data-set profile (`configs/*.yaml`, `inference.stride`)."""
+    return tuple(max(1, math.ceil(int(p) / 2)) for p in patch)
+
+
 def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | None) -> dict[str, Any]:
     """Fill derived values (patch sizes, strides) and check types, naming the field at fault."""
     data, train, optim, val, inf = cfg["data"], cfg["train"], cfg["optim"], cfg["val"], cfg["inference"]
@@ -166,7 +188,7 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
     inf["patch_size"] = _as_int_list(inf.get("patch_size"), dim, "inference.patch_size") or patch
     stride = _as_int_list(inf.get("stride"), dim, "inference.stride")
     if stride is None and inf["patch_size"] is not None:
-        stride = [max(1, math.ceil(p / 2)) for p in inf["patch_size"]]
+        stride = list(default_stride(inf["patch_size"]))
     inf["stride"] = stride
     val["stride"] = _as_int_list(val.get("stride"), dim, "val.stride")
     for sect, key, typ in [("train", "iterations", int), ("train", "batch_labeled", int),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
 
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.registry import list_methods
@@ -88,7 +91,6 @@ def list_models(in_channels: int = 1, num_classes: int = 2,
                             "trainable": count_parameters(meth, trainable_only=True), "parts": _flatten_parts(meth)})
         except Exception as exc:
             methods.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
-    import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
     return {"dim": dim, "patch_size": patch_size, "models": models, "methods": methods}
@@ -97,7 +99,6 @@ def list_models(in_channels: int = 1, num_classes: int = 2,
 def _build_for_counting(build):
     """Build on the meta device (shapes, so parameter counts, without allocating or initialising weights);
     modules that move tensors between devices while building are built normally."""
-    import torch
 
     try:
         with torch.device("meta"):
@@ -108,7 +109,6 @@ def _build_for_counting(build):
 
 def _listing_text(cfg: dict[str, Any], cls, num_classes: int, tmp: Path) -> None:
     """Counts do not depend on text values: give text methods random-weight CLIP and placeholder embeddings."""
-    import torch
 
 
     text = cfg.get("method", {}).get("text")

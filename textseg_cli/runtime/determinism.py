@@ -14,6 +14,7 @@ import random
 from typing import Any
 
 import numpy as np
+import torch
 
 # op (as PyTorch names its CUDA kernel in the warning) → where textseg uses it. Source: the table in the
 # documentation of torch.use_deterministic_algorithms (PyTorch 2.x), checked against our models.
@@ -33,7 +34,6 @@ CUDA_NONDETERMINISTIC_OPS: dict[str, str] = {
 
 def set_deterministic() -> None:
     """Deterministic kernels wherever PyTorch has them; a warning (not an error) where it has none."""
-    import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -45,7 +45,6 @@ def determinism_record(deterministic: bool) -> dict[str, Any]:
     """The `env.json` fields describing what `--deterministic` did in this run."""
     if not deterministic:
         return {}
-    import torch
 
     return {"deterministic_warn_only": bool(torch.is_deterministic_algorithms_warn_only_enabled()),
             "cuda_nondeterministic_ops": dict(CUDA_NONDETERMINISTIC_OPS)}
@@ -54,7 +53,6 @@ def determinism_record(deterministic: bool) -> dict[str, Any]:
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed python, numpy and torch; optionally switch torch to deterministic kernels."""
-    import torch
 
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from textseg_cli import __version__
 
 
 def environment_info() -> dict[str, Any]:
     """Versions and hardware recorded beside every run and prepared data set."""
-    import torch
 
 
     info: dict[str, Any] = {
@@ -39,7 +40,6 @@ STACK = ("torch", "torchvision", "numpy", "scipy", "SimpleITK", "nibabel", "h5py
 
 def package_versions(names=STACK) -> dict[str, str | None]:
     """Installed version of each distribution (None when absent), read from package metadata."""
-    from importlib import metadata
 
     out: dict[str, str | None] = {}
     for name in names:

@@ -15,6 +15,10 @@ losses and metrics are computed in fp32 on either device.
 A run's inference precision (validation, `eval`, `predict`) is `inference.precision` when set to fp32 or
 bf16; `auto` follows the training request (`train.precision`, where `train.amp: false` means fp32), resolved
 on the device that predicts. So a run trained in fp32 is validated and evaluated in fp32.
+
+Each command resolves its precisions once, at its entry where the device is known (`training_precision`,
+`inference_precision`: `train` in engine/setup.py, `eval`/`predict` where they resolve the device, `bench`
+per device), and passes the `Precision` objects down; the layers below never resolve again.
 """
 
 from __future__ import annotations
@@ -141,6 +145,17 @@ def inference_request(cfg: dict[str, Any], override: str | None = None) -> str:
         return check_precision(override)
     inf = check_precision((cfg.get("inference") or {}).get("precision"), "inference.precision")
     return inf if inf != "auto" else training_request(cfg)
+
+
+def training_precision(cfg: dict[str, Any], device: torch.device | str) -> Precision:
+    """What a run trains in on `device` (`training_request`), resolved once by the command's entry."""
+    return resolve_precision(training_request(cfg), device, "train.precision")
+
+
+def inference_precision(cfg: dict[str, Any], device: torch.device | str, override: str | None = None) -> Precision:
+    """What a run validates/evaluates/predicts in on `device` (`inference_request`, `override` a --precision
+    flag), resolved once by the command's entry."""
+    return resolve_precision(inference_request(cfg, override), device, "inference.precision")
 
 
 # --- float32 loss ops under CPU bf16 autocast -----------------------------------------------------------

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from textseg_cli.errors import DataError
 from textseg_cli.storage.files import atomic_path, atomic_write_json
@@ -34,7 +36,6 @@ def tensor_path(path: str | Path) -> Path:
 
 def save_embeddings(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write the tensors and the sidecar atomically; `meta` gains format, tensor shapes and dtypes."""
-    from safetensors.torch import save_file
 
     path = tensor_path(path)
     meta = dict(meta)
@@ -52,7 +53,6 @@ def save_embeddings(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of an embedding file: the sidecar, else the copy in the safetensors header."""
-    from safetensors import safe_open
 
     tpath = tensor_path(path)
     side = sidecar_path(tpath)
@@ -78,8 +78,6 @@ def load_embeddings(path: str | Path, name: str = "embeddings", *, encoder: str 
     stored shapes match the metadata and the number of texts, that values are finite, and optionally
     the encoder ("bert"/"clip"), embedding width `dim` and number of rows (classes or texts).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     tpath = tensor_path(path)
     meta = read_meta(tpath)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from textseg_cli import __version__
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError, OutputExistsError
@@ -134,7 +136,6 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
                 raise OutputExistsError(p)
 
     if encoder == "clip":
-        import torch
 
 
         random_init = str(pretrained).strip().lower() in ("", "none", "random")
@@ -167,16 +168,15 @@ def _model_identity(model: str) -> str:
 
 
 def _versions(encoder: str) -> dict[str, str]:
-    import torch
 
     out = {"torch": torch.__version__}
     try:
         if encoder == "clip":
-            import open_clip
+            import open_clip  # lazy: heavy (open_clip and its timm)
 
             out["open_clip"] = open_clip.__version__
         else:
-            import transformers
+            import transformers  # lazy: heavy (transformers)
 
             out["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover - both are dependencies

@@ -48,7 +48,7 @@ def _quiet_logging(enabled: bool = True, level: int = logging.ERROR):
 @contextlib.contextmanager
 def _quiet_transformers():
     """No weight-loading progress bars on the console (our own output says what was loaded)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: heavy (transformers)
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -66,7 +66,7 @@ class BertTextEncoder:
 
     def __init__(self, model: str = DEFAULT_BERT, device: str | torch.device | None = None,
                  batch_size: int = 16, max_length: int | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # lazy: heavy (transformers)
 
         self.device = resolve_device(device)
         self.batch_size = max(1, int(batch_size))
@@ -140,7 +140,7 @@ class ClipLoadInfo:
 def load_open_clip(model: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
                    device: str | torch.device | None = "cpu"):
     """(clip model in eval mode and fp32, tokenizer, ClipLoadInfo); `pretrained` is a tag, a file or None/'none'."""
-    import open_clip
+    import open_clip  # lazy: heavy (open_clip and its timm)
 
     known = open_clip.list_models()
     if model not in known:
@@ -226,7 +226,7 @@ class ClipTextTower:
     def forward_embeddings(self, x: torch.Tensor, tokens: torch.Tensor,
                            return_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run token embeddings `x` (B, L, W) through the tower; pool at the EOT position of `tokens`."""
-        from open_clip.transformer import text_global_pool
+        from open_clip.transformer import text_global_pool  # lazy: heavy (open_clip and its timm)
 
         pos, mask = self.positional_embedding, self.attn_mask
         if not return_tokens and isinstance(mask, torch.Tensor) and self.pool_type in ("argmax", "eos"):

@@ -157,7 +157,7 @@ class LLMClient:
 
     def _openai(self):
         if self._client is None:
-            import openai
+            import openai  # lazy: optional at run time (an LLM backend)
 
             self._client = openai.OpenAI(api_key=self._api_key(), base_url=self.base_url,
                                          timeout=self.settings.timeout, max_retries=0)
@@ -192,7 +192,7 @@ class LLMClient:
             atomic_write_json(reply.cache_path, entry)
 
     def _request_with_retries(self, messages: list[dict[str, str]]):
-        import openai
+        import openai  # lazy: optional at run time (an LLM backend)
 
         s = self.settings
         client = self._openai()
@@ -275,7 +275,7 @@ def _retry_after(exc: Exception | None) -> float:
 
 
 def _describe_failure(exc: Exception | None, timeout: float) -> str:
-    import openai
+    import openai  # lazy: optional at run time (an LLM backend)
 
     if isinstance(exc, openai.APITimeoutError):
         return f"no answer within {timeout:g} s (timeout)"

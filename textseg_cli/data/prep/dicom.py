@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import SimpleITK as sitk
 
 from textseg_cli.errors import DataError
 
@@ -41,7 +43,6 @@ def read_dicom_series(folder: str | Path, case_id: str):
     Raises DataError naming the case for: no series, several series, unreadable files, duplicate or missing
     slice positions, or a reader failure (e.g. truncated pixel data).
     """
-    import SimpleITK as sitk
 
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
@@ -71,7 +72,6 @@ def read_dicom_series(folder: str | Path, case_id: str):
 
 
 def _check_positions(files: list[str], case_id: str, folder: Path) -> None:
-    import pydicom
 
     positions, orient = [], None
     for f in files:

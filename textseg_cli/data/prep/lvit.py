@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from textseg_cli.console import err_console, progress
 from textseg_cli.data.names import canonical_name
@@ -66,7 +70,6 @@ def read_text_sheet(path: Path) -> dict[str, tuple[str, str]]:
 
     Keys drop the extension and a leading `mask_` (QaTa keys rows by the mask file name).
     """
-    import pandas as pd
 
     try:
         df = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_excel(path)
@@ -194,7 +197,6 @@ def collect_lvit(src: str | Path, allow_missing_text: bool = False) -> tuple[lis
 
 def _read_picture(path: Path) -> np.ndarray:
     """(rows, cols) or (rows, cols, C) array as stored; DataError naming the file when unreadable."""
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -206,8 +208,6 @@ def _read_picture(path: Path) -> np.ndarray:
 
 
 def _resize(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     t = t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]
@@ -267,7 +267,6 @@ def prep_lvit(src: str | Path, out: str | Path, *, allow_missing_text: bool = Fa
         raise DataError("no image with text left to prepare", src)
 
     # One channel count for the whole set: colour if any image is colour (grey ones are replicated).
-    from PIL import Image
 
     def _is_colour(p: Path) -> bool:
         try:

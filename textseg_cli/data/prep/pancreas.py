@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from textseg_cli.data.io import read_h5
 from textseg_cli.data.prep import runner
 from textseg_cli.data.prep.dicom import dicom_folders, read_dicom_series
@@ -110,7 +112,6 @@ def load_nifti(case_id: str, image: str, label: str | None, label_geometry: str)
 
 
 def load_h5(case_id: str, path: str, spacing: Sequence[float]) -> Loaded:
-    import numpy as np
 
 
     d = read_h5(path)

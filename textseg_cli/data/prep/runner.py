@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from rich.table import Table
 
 from textseg_cli.console import console, progress
 from textseg_cli.data.io import write_nifti
@@ -131,7 +135,6 @@ def _run_one(task: CaseTask) -> tuple[str, dict[str, Any] | None, str | None]:
 
 
 def _worker_init() -> None:
-    import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # N workers x all cores would oversubscribe
 
@@ -193,8 +196,6 @@ def run_cases(tasks: Sequence[CaseTask], out: str | Path, *, workers: int = 1, d
                 for t in todo:
                     collect(*_run_one(t))
             else:
-                import multiprocessing as mp
-
                 with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
                                          initializer=_worker_init) as pool:
                     for fut in as_completed([pool.submit(_run_one, t) for t in todo]):
@@ -203,7 +204,6 @@ def run_cases(tasks: Sequence[CaseTask], out: str | Path, *, workers: int = 1, d
 
 
 def write_qc_table(out: Path, report: RunReport) -> Path:
-    import pandas as pd
 
     rows = [{"case": cid, **report.records[cid]["qc"]} for cid in sorted(report.records)]
     rows += [{"case": cid, "failed": msg} for cid, msg in report.failed.items()]
@@ -215,8 +215,6 @@ def write_qc_table(out: Path, report: RunReport) -> Path:
 
 def print_summary(name: str, out: Path, report: RunReport, global_warnings: Sequence[str] = (),
                   max_warnings: int = 20) -> None:
-    from rich.table import Table
-
     warnings = list(global_warnings) + report.warnings
     recs = [report.records[c] for c in sorted(report.records)]
     table = Table(title=f"{name}: {out}", show_header=False)

@@ -8,15 +8,23 @@ gives the same values as before it, while masks for cropping (body, non-zero) st
 
 from __future__ import annotations
 
+import json
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from textseg_cli.data import preprocessing as pp
-from textseg_cli.data.io import apply_nan_policy, check_complete, read_sitk
+from textseg_cli.data.io import (
+    apply_nan_policy,
+    nonfinite_in,
+    read_sitk,
+    read_sitk_image,
+)
 from textseg_cli.errors import ConfigError, DataError
 
 CROP_MODES = ("none", "nonzero", "body", "label")
@@ -290,7 +298,6 @@ def parse_split_counts(spec: Any, n: int, names: Sequence[str] = ("train", "val"
 def seeded_split(case_ids: Sequence[str], counts: dict[str, int], seed: int) -> dict[str, list[str]]:
     """Shuffle the sorted ids with `seed` and cut them into train/val/test; train keeps the shuffled order
     (its head is the labeled subset), val/test are sorted for readability."""
-    import random
 
     ids = sorted(case_ids)
     random.Random(seed).shuffle(ids)
@@ -301,7 +308,6 @@ def seeded_split(case_ids: Sequence[str], counts: dict[str, int], seed: int) -> 
 def load_split_file(path: str | Path, case_ids: Sequence[str]) -> dict[str, list[str]]:
     """Users' own split: a folder with train/val/test .txt|.list files (one id per line), or a JSON/YAML
     mapping {train: [...], val: [...], test: [...]}. Every id must be a known case."""
-    import json
 
     path = Path(path)
     splits: dict[str, list[str]] = {}
@@ -345,37 +351,8 @@ def load_split_file(path: str | Path, case_ids: Sequence[str]) -> dict[str, list
 LABEL_GEOMETRY_MODES = ("check", "resample", "image")
 
 
-def read_sitk_image(path: str | Path, case_id: str | None = None):
-    import SimpleITK as sitk
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"case '{case_id}': file not found" if case_id else "file not found", path)
-
-    try:
-        nonfinite = check_complete(path)
-    except DataError as exc:
-        raise DataError(f"{'case ' + repr(case_id) + ': ' if case_id else ''}{exc.args[0]}", path) from None
-    try:
-        img = sitk.ReadImage(str(path))
-        if nonfinite:  # ITK reads NIfTI NaNs as 0: keep the count for the NaN policy
-            img.SetMetaData(NONFINITE_KEY, str(nonfinite))
-        return img
-    except Exception as exc:
-        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{'case ' + repr(case_id) + ': ' if case_id else ''}unreadable image ({last})", path) from exc
-
-
-NONFINITE_KEY = "textseg_nonfinite"
-
-
-def nonfinite_in(img) -> int:
-    return int(img.GetMetaData(NONFINITE_KEY)) if img.HasMetaDataKey(NONFINITE_KEY) else 0
-
-
 def split_channels(img) -> list:
     """A SimpleITK image -> list of 3D scalar images (4D files and vector pixels become channels)."""
-    import SimpleITK as sitk
 
     if img.GetNumberOfComponentsPerPixel() > 1:
         return [sitk.VectorIndexSelectionCast(img, i) for i in range(img.GetNumberOfComponentsPerPixel())]
@@ -393,7 +370,6 @@ def geometry_of(img) -> dict[str, Any]:
 
 
 def sitk_array(img) -> np.ndarray:
-    import SimpleITK as sitk
 
     return np.ascontiguousarray(np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)))
 
@@ -407,7 +383,6 @@ def load_sitk_case(case_id: str, channels: Sequence, label, *, label_path: Any =
     physical coordinates, nearest neighbour; for labels saved with another orientation but correct headers),
     'image' (the sizes must match; the label takes the image's header; for labels with a wrong header).
     """
-    import SimpleITK as sitk
 
     if label_geometry not in LABEL_GEOMETRY_MODES:
         raise ConfigError(f"--label-geometry {label_geometry!r}: expected one of {', '.join(LABEL_GEOMETRY_MODES)}")
@@ -506,7 +481,6 @@ def make_splits(case_ids: Sequence[str], *, split: Any, split_file: str | Path |
 def make_folds(pool: Sequence[str], k: int, seed: int) -> list[dict[str, list[str]]]:
     """K seeded cross-validation folds over `pool` (the labeled non-test cases): fold i validates on the
     i-th of K near-equal chunks of the shuffled pool and trains on the rest (nnU-Net's splits_final.json)."""
-    import random
 
     if k < 2 or k > len(pool):
         raise ConfigError(f"--folds {k}: expected 2 to {len(pool)} (the labeled non-test cases)")

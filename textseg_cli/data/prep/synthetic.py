@@ -16,9 +16,9 @@ import numpy as np
 
 from textseg_cli.console import progress
 from textseg_cli.data import synthetic as gen
+from textseg_cli.data.prep.synthetic2d import prep_synthetic_2d
 from textseg_cli.data.prep.writer import PreparedWriter, volume_qc
 from textseg_cli.data.preprocessing import apply_window, zscore
-from textseg_cli.data.synthetic2d import prep_synthetic_2d
 from textseg_cli.errors import ConfigError
 
 WINDOW = (40.0, 400.0)  # level, width in HU: HU [-160, 240] -> [0, 1]
@@ -59,7 +59,7 @@ def prep_synthetic(out: str | Path, n_cases: int = 20, size: Sequence[int] | Non
 
     size: (x, y, z) voxels, each at least 16; patch_size defaults to `default_patch_size(size)`.
     n_classes: 1 (liver-like organ) or 2 (plus a kidney-like organ). dim=2 delegates to the 2D generator
-    (`textseg_cli.data.synthetic2d`). Case i depends only on (seed, i).
+    (`textseg_cli.data.prep.synthetic2d`). Case i depends only on (seed, i).
     """
     n_train = _check_counts(n_cases, n_val, n_test)
     if dim == 2:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 
 from textseg_cli import __version__
 from textseg_cli.data.io import write_nifti
@@ -82,7 +83,6 @@ class PreparedWriter:
                patch_size: Sequence[int] | None = None, labeled: dict[str, Any] | None = None, seed: int | None = None,
                spacing: Sequence[float] | None = None, extra: dict[str, Any] | None = None):
         """Write dataset.json (and qc.csv) atomically, then reload to validate what was written."""
-        import pandas as pd
 
         self.cases.sort(key=lambda c: c["id"])
         if spacing is None and self.cases:

@@ -48,7 +48,7 @@ class _QVDelta(nn.Module):
 
 def build_open_clip(model: str | dict[str, Any], pretrained: str | None = None) -> nn.Module:
     """An open_clip CLIP by name (weights: an open_clip tag or a checkpoint path) or from a config dict."""
-    import open_clip
+    import open_clip  # lazy: heavy (open_clip and its timm)
 
     if isinstance(model, dict):
         clip = open_clip.model.CLIP(**model)
@@ -116,7 +116,7 @@ class CLIPFeatures(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        import open_clip
+        import open_clip  # lazy: heavy (open_clip and its timm)
 
         return open_clip.tokenize(list(texts), context_length=self.text_len)
 

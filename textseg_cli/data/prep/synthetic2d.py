@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from textseg_cli.data.prep.writer import PreparedWriter
 from textseg_cli.errors import ConfigError
@@ -71,7 +72,6 @@ def make_case(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
 
 def lesion_mask(image: np.ndarray, threshold: float = 0.55) -> np.ndarray:
     """All visible lesions (what a text-blind model can find): bright pixels, denoised by a 3×3 majority."""
-    from scipy import ndimage
 
     bright = image > threshold
     return (ndimage.uniform_filter(bright.astype(np.float32), size=3) > 0.5).astype(np.uint8)
@@ -100,7 +100,7 @@ def prep_synthetic_2d(out: str | Path, n_cases: int = 64, size: int = 64, seed: 
     return w.finish(
         splits=splits,
         preprocessing=[{"step": "generate", "params": {
-            "generator": "textseg_cli.data.synthetic2d", "size": [size, size], "seed": seed,
+            "generator": "textseg_cli.data.prep.synthetic2d", "size": [size, size], "seed": seed,
             "lesions_per_image": [2, 4], "targets": "non-empty strict subset of the lesions, named in the text",
             "axes": "row, column ('upper' = small row, 'left' = small column)"}}],
         source={"layout": "synthetic2d", "paths": []},
