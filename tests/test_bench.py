@@ -9,7 +9,6 @@ import pytest
 from conftest import run_cli
 from textseg_cli.bench.benchmark import default_stride, run_benchmark
 from textseg_cli.errors import ConfigError
-from textseg_cli.methods.registry import list_methods
 
 
 def test_default_strides_follow_the_literature():

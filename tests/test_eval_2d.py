@@ -127,15 +127,15 @@ def test_evaluate_run_on_a_2d_run(tmp_path, monkeypatch):
     from textseg_cli.data.prepared import load_prepared
     from textseg_cli.runs.checkpoint import save_checkpoint
     from textseg_cli.runs.config import build_config, save_config
-    from textseg_cli.evaluation.folders import run as run_eval
-    from textseg_cli.methods import base
+    from textseg_cli.evaluation import run as run_eval
+    from textseg_cli.methods import registry
 
     data = _folder(tmp_path, "tiny2d", 0)
     for i in range(3):  # image = label + small noise, so "image > 0.5" recovers the label exactly
         lab = load_prepared(data).load_case(f"im{i}").label
         write_nifti(data / "images" / f"im{i}.nii.gz", lab + 0.1 * np.random.default_rng(i).random(lab.shape), (1., 1.))
-    base.list_methods()
-    monkeypatch.setitem(base.METHODS, "sign2d", Sign2D)
+    registry.list_methods()
+    monkeypatch.setitem(registry.METHODS, "sign2d", Sign2D)
     seen = []
     ds = load_prepared(data)
     cfg = build_config("sign2d", ds.name, 2, ds.patch_size, sets=["inference.stride=8,8"])
@@ -144,16 +144,14 @@ def test_evaluate_run_on_a_2d_run(tmp_path, monkeypatch):
     save_config(cfg, run_dir / "config.yaml")
     for name in ("best", "last"):
         save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {"method": Sign2D().state_dict(), "iteration": 1})
-    import textseg_cli.runs.load as runs_mod
-
-    original = runs_mod.load_run
+    original = run_eval.load_run
 
     def spy(*a, **k):
         run = original(*a, **k)
         seen.append(run.method)
         return run
 
-    monkeypatch.setattr(runs_mod, "load_run", spy)
+    monkeypatch.setattr(run_eval, "load_run", spy)
     df = run_eval.evaluate_run(run_dir, split="val", inference="whole", overlays=2, eval_size=224, table="md")
     out = run_dir / "eval" / "val-best-whole"
     assert np.allclose(df["dice"], 1.0) and len(df) == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 
@@ -239,7 +238,7 @@ def test_evaluate_folders_api_without_writing(folders):
 def test_run_dir_calls_evaluate_run_and_warns_on_test(tmp_path, monkeypatch):
     import inspect
 
-    from textseg_cli.evaluation.folders import run as run_eval
+    from textseg_cli.evaluation import run as run_eval
 
     calls = []
     real = inspect.signature(run_eval.evaluate_run)
@@ -253,7 +252,7 @@ def test_run_dir_calls_evaluate_run_and_warns_on_test(tmp_path, monkeypatch):
     assert code == 0, out
     run_dir, kw = calls[-1]
     assert run_dir == tmp_path and kw["split"] == "val" and kw["checkpoint"] == "last" and kw["lcc"] is True
-    assert kw["inference"] is None and kw["table"] == "latex" and kw["empty_policy"] == "nan"  # None: run's mode
+    assert kw["inference"] is None and kw["table"] == "latex" and kw["empty_policy"] is None  # None: the run's mode / val.empty_policy
     assert "WARNING" not in out
     code, out = run_cli("eval", tmp_path, "--split", "test", "--inference", "whole", "--decoder", "1")
     assert code == 0 and calls[-1][1]["split"] == "test" and calls[-1][1]["decoder"] == 1

@@ -242,10 +242,11 @@ def tiny_2d(tmp_path_factory):
 
 def test_trainer_stops_early_and_records_it(tiny_2d, tmp_path, monkeypatch, one_thread):
     import textseg_cli.engine.loop as trainer_mod
+    from textseg_cli.engine.setup import train
 
     seq = iter([0.1, 0.5, 0.4, 0.6, 0.3, 0.3, 0.3, 0.9, 0.9, 0.9])
     monkeypatch.setattr(trainer_mod, "validate", lambda *a, **k: {"val_dice": next(seq)})
-    res = trainer_mod.train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True,
+    res = train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True,
                             sets=["train.epochs=10", "val.patience=2", "val.best_after=1", "method.backbone.base=2"])
     end = json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))
     # epoch 1 is not eligible (best_after), 4 is the best, epochs 5-7 do not improve: 7 − 4 > 2 → stop after 7

@@ -61,16 +61,17 @@ def test_validation_follows_training_amp_off(monkeypatch):
 
 
 def test_validate_passes_the_resolved_rule_to_predict_case(monkeypatch):
-    import textseg_cli.inference.predict as predict_mod
+    import textseg_cli.evaluation.validation as validation_mod
     from textseg_cli.evaluation.validation import validate
 
     seen = []
 
-    def fake_predict(method, image, cfg, device):
-        seen.append(cfg["precision"])
+    def fake_predict(method, image, settings, device):
+        assert isinstance(settings.precision, P.Precision)  # resolved before the cases, not per case
+        seen.append(settings.precision.requested)
         return torch.zeros((2,) + image.shape[1:])
 
-    monkeypatch.setattr(predict_mod, "predict_case", fake_predict)
+    monkeypatch.setattr(validation_mod, "predict_case", fake_predict)
     cases = [("c0", np.zeros((1, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8))]
     for sets, expected in ((["train.amp=false"], "fp32"), ([], "auto"), (["train.precision=bf16"], "bf16")):
         cfg = build_config("mcnet", None, 3, [4, 4, 4], sets=sets)

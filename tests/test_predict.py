@@ -113,10 +113,10 @@ def trained_run(tmp_path, monkeypatch):
     from textseg_cli.data.prepared import load_prepared
     from textseg_cli.runs.checkpoint import save_checkpoint
     from textseg_cli.runs.config import build_config, save_config
-    from textseg_cli.methods import base
+    from textseg_cli.methods import registry
 
-    base.list_methods()  # import the real methods first, then add the test one
-    monkeypatch.setitem(base.METHODS, "sign", SignMethod)
+    registry.list_methods()  # import the real methods first, then add the test one
+    monkeypatch.setitem(registry.METHODS, "sign", SignMethod)
     ds = load_prepared(_prepared(tmp_path / "prepared"))
     run_dir = tmp_path / "run"
     cfg = build_config("sign", ds.name, ds.dim, ds.patch_size, sets=["inference.stride=4,4,2"])

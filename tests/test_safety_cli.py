@@ -21,7 +21,7 @@ import pytest
 from conftest import run_cli
 from raw_fakes import phantom_ct, write_image
 from textseg_cli.data.io import read_nifti, write_nifti
-from textseg_cli.storage.outputs import LOCK, MANIFEST
+from textseg_cli.storage.outputs import LOCK
 
 TINY = ["--device", "cpu", "--set", "method.backbone.n_filters=2", "--set", "train.batch_labeled=1",
         "--set", "train.batch_unlabeled=1"]

@@ -71,13 +71,13 @@ def test_evaluation_rows_of_a_random_clip_run_say_so(tmp_path, monkeypatch):
     from textseg_cli.data.prepared import load_prepared
     from textseg_cli.runs.checkpoint import save_checkpoint
     from textseg_cli.runs.config import save_config
-    from textseg_cli.evaluation.folders import run as run_eval
-    from textseg_cli.methods import base
+    from textseg_cli.evaluation import run as run_eval
+    from textseg_cli.methods import registry
     from textseg_cli.reports.compare import compare_results
 
     data = _folder(tmp_path, "tiny2d", 0)
-    base.list_methods()
-    monkeypatch.setitem(base.METHODS, "sign2d", Sign2D)
+    registry.list_methods()
+    monkeypatch.setitem(registry.METHODS, "sign2d", Sign2D)
     emb = save_embeddings(tmp_path / "r.safetensors", {"embeddings": torch.randn(2, 8)},
                           {"encoder": "clip", "pretrained": None, "texts": ["a", "b"]})
     ds = load_prepared(data)

@@ -32,12 +32,16 @@ from textseg_cli.console import console
 from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
 from textseg_cli.inference.predict import predict_case
+from textseg_cli.inference.settings import InferenceSettings
+from textseg_cli.inference.settings import default_stride as half_patch_stride
 from textseg_cli.inference.sliding_window import window_starts
 from textseg_cli.methods.base import StepContext
 from textseg_cli.methods.registry import build_method, list_methods
 from textseg_cli.runs.config import build_config
+from textseg_cli.runtime.device import resolve_device
 from textseg_cli.runtime.environment import cpu_model
 from textseg_cli.runtime.precision import (
+    Precision,
     channels_last,
     resolve_precision,
     to_channels_last,
@@ -53,8 +57,10 @@ LITERATURE_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {
 
 
 def default_stride(patch: Sequence[int]) -> tuple[int, ...]:
+    """The papers' stride for their patch sizes (LITERATURE_STRIDES), else the run default (half the patch,
+    rounded up: `textseg_cli.runs.config.default_stride`, as `textseg train` records it)."""
     patch = tuple(int(p) for p in patch)
-    return LITERATURE_STRIDES.get(patch, tuple(max(1, p // 2) for p in patch))
+    return LITERATURE_STRIDES.get(patch) or half_patch_stride(patch)
 
 
 def method_config(name: str, patch: Sequence[int], sets: Sequence[str] = ()) -> dict[str, Any]:
@@ -117,12 +123,11 @@ def _random_batch(in_channels: int, num_classes: int, patch: tuple[int, ...], n_
                  text_l=[_case_text(i) for i in range(n_l)], text_u=[_case_text(n_l + i) for i in range(n_u)]).to(dev)
 
 
-def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: int, prec=None,
+def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: int, prec: Precision,
                     reference: bool = False) -> dict[str, Any]:
     """Median seconds per step of `method`: textseg's step under `prec` (channels-last and bf16 autocast as
     resolved), or with `reference` the papers' step (fp32, contiguous; `bench_reference.reference_train_step`).
     Keys get a "ref_" prefix for the reference."""
-    prec = prec if prec is not None else resolve_precision("fp32", dev)
     method.to(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -164,29 +169,31 @@ def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: 
 
 
 def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_size: int, dev: torch.device,
-                     repeats: int, modes: Sequence[str], precision: str, reference: bool = False) -> dict[str, Any]:
+                     repeats: int, modes: Sequence[str], precisions: Sequence[Precision]) -> dict[str, Any]:
+    """Median seconds per volume for each mode under `precisions[0]` (the resolved --precision); a second entry
+    (fp32, with --reference when the first is bf16) times sliding windows at fp32 too ("sliding_fp32_*")."""
     image = torch.rand((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1))
     method.eval()
     if callable(getattr(method, "set_case_text", None)):
         method.set_case_text(_case_text(0))
     out: dict[str, Any] = {"windows": int(torch.tensor([len(window_starts(max(v, p), p, s))
                                                         for v, p, s in zip(volume, patch, stride)]).prod())}
-    resolved = resolve_precision(precision, dev).name
+    resolved = precisions[0]
     variants = [(mode, resolved) for mode in modes]
-    if reference and "sliding" in modes and resolved != "fp32":
-        variants.insert(1, ("sliding", "fp32"))  # the fp32 ratio is measured in the same run
+    if len(precisions) > 1 and "sliding" in modes and resolved.name != precisions[1].name:
+        variants.insert(1, ("sliding", precisions[1]))  # the fp32 ratio is measured in the same run
     for mode, prec in variants:
-        cfg = {"mode": mode, "patch_size": list(patch), "stride": list(stride), "sw_batch_size": sw_batch_size,
-               "precision": prec}
+        settings = InferenceSettings(mode=mode, patch_size=tuple(patch), stride=tuple(stride),
+                                     sw_batch_size=sw_batch_size, precision=prec)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         else:
             _reset_peak_rss()
-        run = lambda: predict_case(method, image, cfg, dev)  # noqa: E731
+        run = lambda: predict_case(method, image, settings, dev)  # noqa: E731
         if dev.type == "cuda":
             run()  # warm-up (cudnn autotuning); on CPU a warm-up would only double a long wait
         times = [_timed(run, dev) for _ in range(repeats)]
-        key = mode if prec == resolved else f"{mode}_{prec}"
+        key = mode if prec is resolved else f"{mode}_{prec.name}"
         out[f"{key}_s"] = statistics.median(times)
         out[f"{key}_times_s"] = times
         out[f"{key}_peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
@@ -253,9 +260,7 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
     else:
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda requested but CUDA is not available")
-        devices = [device]
+        devices = [str(resolve_device(device))]  # refuses cuda on a machine without CUDA
     log = log or (lambda msg: None)
     cfg = method_config(method, patch, sets)
     n_l, n_u = (int(b) for b in batch)
@@ -263,7 +268,8 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
     results = []
     for dev_name in devices:
         dev = torch.device(dev_name)
-        prec = resolve_precision(precision, dev)
+        prec = resolve_precision(precision, dev)  # once per device, passed to training and inference
+        precisions = [prec] + ([resolve_precision("fp32", dev)] if reference and prec.bf16 else [])
         for cache in (["on", "off"] if feature_cache == "both" else [feature_cache]):
             hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
             row: dict[str, Any] = {"device": dev_name, "feature_cache": None, "device_name": hardware,
@@ -292,7 +298,7 @@ def run_benchmark(method: str = "mcnet", patch: Sequence[int] = (112, 112, 80), 
                 elif volume is not None and inference_modes and not ref:
                     log(f"[{label}] inference on {list(volume)}: {', '.join(inference_modes)} x {repeats}")
                     row.update(_bench_inference(m, volume, patch, stride, sw_batch_size, dev, repeats,
-                                                inference_modes, precision, reference=reference))
+                                                inference_modes, precisions))
                 if caches and not ref:  # proof the switch took: a cache that is on serves hits, one that is off none
                     row["feature_cache_hits"] = sum(c.cache.hits for c in caches)
                     row["feature_cache_misses"] = sum(c.cache.misses for c in caches)

@@ -34,9 +34,7 @@ app.add_typer(prep_app, name="prep")
 
 
 def _version(value: bool) -> None:
-    from textseg_cli import (
-        __version__,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli import __version__  # lazy: keeps `textseg --help` torch-free
     if value:
         console.print(f"textseg {__version__}")
         raise typer.Exit()

@@ -47,14 +47,12 @@ def bench(
 
     2D methods take 2D sizes, e.g. tgcnet: --patch 224,224 --volume none --batch 8+0 --channels 3.
     """
-    from textseg_cli.bench.benchmark import (  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    from textseg_cli.bench.benchmark import (  # lazy: keeps `textseg --help` torch-free
         print_benchmark,
         print_ratios,
         run_benchmark,
     )
-    from textseg_cli.inference.predict import (
-        parse_int_list,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.inference.predict import parse_int_list  # lazy: keeps `textseg --help` torch-free
 
     parts = batch.replace(",", "+").split("+")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) < 1:

@@ -22,9 +22,7 @@ def demo(
                                   "fp32), fp32 or bf16; validation and evaluation follow it."),
 ) -> None:
     """Run prep synthetic → describe → encode → train → eval → table on the bundled synthetic data."""
-    from textseg_cli.experiments.demo import (
-        run_demo,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.experiments.demo import run_demo  # lazy: keeps `textseg --help` torch-free
 
     run_demo(out=out, force=force, iterations=iterations, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
              seed=seed, device=device, precision=precision)

@@ -54,7 +54,7 @@ def describe_cmd(
     Replies are cached: running the same command again sends no request (use --refresh to ask
     again). Without an API key, or with --llm offline, the bundled descriptions are used.
     """
-    from textseg_cli.text.describe import (  # lazy: `textseg --help` must not import torch (docs/architecture.md)
+    from textseg_cli.text.describe import (  # lazy: keeps `textseg --help` torch-free
         describe,
         describe_per_case,
         resolve_llm,

@@ -49,9 +49,7 @@ def encode_cmd(
                                                help="Extra folder of prompt files (searched first)."),
 ) -> None:
     """Encode texts into embeddings that training loads (no text model needed at train time)."""
-    from textseg_cli.text.encode import (
-        encode,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.text.encode import encode  # lazy: keeps `textseg --help` torch-free
 
     class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     res = encode(encoder, dataset, model=model, pretrained=pretrained, descriptions=descriptions,

@@ -28,9 +28,7 @@ def _forbid(mode: str, **given) -> None:
 
 def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc, spacing_mm, empty_policy, table,
               force, device, name=None, **extra) -> None:
-    from textseg_cli.evaluation.run import (
-        evaluate_run,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.evaluation.run import evaluate_run  # lazy: keeps `textseg --help` torch-free
     split = split or "val"
     if split not in _RUN_SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
@@ -66,10 +64,11 @@ def eval_command(
              "table). RUN_DIR default: the method's protocol (on for dtc, bcp, text-semiseg; docs/fidelity.md)."),
     spacing_mm: bool = typer.Option(False, "--spacing-mm", help="Give HD95/ASD in mm using the NIfTI header spacing "
                                                                 "(default: voxels)."),
-    empty_policy: str = typer.Option(
-        "nan", "--empty-policy", help="When exactly one of prediction/reference is empty: nan (Dice 0, HD95/ASD "
-                                      "NaN and counted as empty), penalty (HD95/ASD = image diagonal) or zero "
-                                      "(HD95/ASD 0; legacy)."),
+    empty_policy: Optional[str] = typer.Option(
+        None, "--empty-policy", show_default=False,
+        help="When exactly one of prediction/reference is empty: nan (Dice 0, HD95/ASD NaN and counted as empty), "
+             "penalty (HD95/ASD = image diagonal) or zero (HD95/ASD 0; legacy). Default: nan; RUN_DIR: the run's "
+             "val.empty_policy (what its validation Dice used)."),
     name: Optional[str] = typer.Option(None, "--name", help="Display name for tables, e.g. \"MC-Net\" (default: the "
                                                             "--pred folder name / the run's method)."),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="--compare: method = the runs (seeds) of one "
@@ -123,18 +122,17 @@ def eval_command(
     textseg eval --compare "MC-Net=RUN_S1/eval/val-best" "MC-Net=RUN_S2/eval/val-best" ... --group-by method
     textseg eval RUN_DIR --eval-size 224 --overlays 6        (2D: mDice / mIoU)
     """
-    from textseg_cli.evaluation.folders import (
-        check_empty_policy,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.evaluation.folders import check_empty_policy  # lazy: keeps `textseg --help` torch-free
 
     targets = list(targets or [])
-    check_empty_policy(empty_policy)
+    if empty_policy is not None:
+        check_empty_policy(empty_policy)
     if compare:
         _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
                 checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
                 labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume, overlays=overlays,
                 uses_text=uses_text, precision=precision)
-        if empty_policy != "nan":
+        if empty_policy is not None:
             raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
         _compare_mode(targets, table, out, force, std, class_name, layout, group_by)
         return
@@ -149,7 +147,8 @@ def eval_command(
         if pred is None or labels is None:
             raise ConfigError("--pred and --labels must be given together")
         _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device, precision=precision)
-        _folder_mode(pred, labels, out=out, table=table, lcc=bool(lcc), spacing_mm=spacing_mm, empty_policy=empty_policy,
+        policy = {} if empty_policy is None else {"empty_policy": empty_policy}  # None: evaluate_folders' default
+        _folder_mode(pred, labels, out=out, table=table, lcc=bool(lcc), spacing_mm=spacing_mm, **policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
                      labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume,
                      overlays=overlays, uses_text=uses_text, allow_missing=allow_missing)
@@ -167,9 +166,7 @@ def eval_command(
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:
-    from textseg_cli.evaluation.folders import (
-        evaluate_folders,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.evaluation.folders import evaluate_folders  # lazy: keeps `textseg --help` torch-free
     if kw["split"] == "test":
         warn_test_split()
     kw["checkpoint_rule"] = kw.pop("checkpoint")
@@ -180,9 +177,7 @@ def _folder_mode(pred: Path, labels: Path, **kw) -> None:
 
 def _compare_mode(targets: list[Path], table: Optional[str], out: Optional[Path], force: bool, std: bool,
                   class_name: Optional[str], layout: str = "auto", group_by: Optional[str] = None) -> None:
-    from textseg_cli.reports.compare import (
-        compare_results,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.reports.compare import compare_results  # lazy: keeps `textseg --help` torch-free
     text = compare_results(targets, table=table, out=out, force=force, std=std, class_name=class_name, layout=layout,
                            group_by=group_by)
     console.print(text, markup=False, highlight=False, soft_wrap=True)

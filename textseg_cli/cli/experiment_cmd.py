@@ -49,9 +49,7 @@ def run_command(
     textseg experiment run exp.yaml --gpus 0,1,2,3
     textseg experiment run exp.yaml --launcher slurm --slurm-partition gpu --slurm-time 720
     """
-    from textseg_cli.experiments.experiment import (
-        run_experiment,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.experiments.experiment import run_experiment  # lazy: keeps `textseg --help` torch-free
 
     result = run_experiment(spec, dry_run=dry_run, fail_fast=fail_fast, gpus=gpus, launcher=launcher,
                             only=only or (), estimate_time=estimate, slurm_partition=slurm_partition,
@@ -76,9 +74,7 @@ def table_command(
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
 ) -> None:
     """Rows = method x labeled count; cells = mean ± SD over seeds of the per-run means over cases."""
-    from textseg_cli.experiments.table import (
-        experiment_table,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.experiments.table import experiment_table  # lazy: keeps `textseg --help` torch-free
 
     text = experiment_table(spec, table=table, published=published, out=out, force=force, reference=reference)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -97,12 +93,8 @@ def preset_command(
 ) -> None:
     """Write the grid of a paper's table: its methods, 10 % and 20 % labeled (LA: 8 and 16), 3 seeds, each
     method's official patch, stride, schedule and evaluation."""
-    from textseg_cli.experiments.experiment import (
-        run_experiment,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.experiments.presets import (
-        write_preset,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.experiments.experiment import run_experiment  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.experiments.presets import write_preset  # lazy: keeps `textseg --help` torch-free
 
 
     if dry_run:

@@ -21,12 +21,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Export the network (one patch in, softmax probabilities out), load it back and compare outputs."""
-    from textseg_cli.inference.export import (
-        export_run,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.inference.predict import (
-        _parse_decoder,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.inference.export import export_run  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.inference.predict import _parse_decoder  # lazy: keeps `textseg --help` torch-free
 
     rec = export_run(run_dir, out, fmt=fmt, checkpoint=checkpoint,
                      decoder=_parse_decoder(decoder) if decoder is not None else None, force=force)

@@ -21,9 +21,7 @@ def export_data_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
     """Write the same cases and train/val split for nnU-Net (fully supervised baseline) or MSD tools."""
-    from textseg_cli.data.prep.nnunet import (
-        export_data,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.nnunet import export_data  # lazy: keeps `textseg --help` torch-free
 
     export_data(prepared, out, fmt=fmt, labeled=labeled, force=force)
     console.print(f"wrote {fmt} layout to {out}")

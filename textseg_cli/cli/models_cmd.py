@@ -24,15 +24,9 @@ def models_command(
 
     A method built for one dimensionality only (tgcnet: 2D) is counted at its own default size.
     """
-    from textseg_cli.methods.fidelity import (
-        fidelity_rows,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.methods.registry import (
-        list_methods,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.runs.listing import (
-        list_models,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.methods.fidelity import fidelity_rows  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.methods.registry import list_methods  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.runs.listing import list_models  # lazy: keeps `textseg --help` torch-free
 
 
     if fidelity:

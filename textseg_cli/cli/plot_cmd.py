@@ -18,12 +18,8 @@ def plot(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ) -> None:
     """Overlay loss terms, learning rate, consistency weight and validation Dice of several runs."""
-    from textseg_cli.reports.curves import (
-        plot_curves,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.storage.outputs import (
-        guard_output_file,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.reports.curves import plot_curves  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import guard_output_file  # lazy: keeps `textseg --help` torch-free
 
     guard_output_file(out, force=force)
     plot_curves(run_dirs, out)

@@ -44,9 +44,7 @@ def predict(
 ) -> None:
     """Segment new images with a trained run: the training data's preprocessing is replayed and the masks are
     mapped back onto each input's own grid (spacing, origin, direction)."""
-    from textseg_cli.inference.predict import (
-        predict_folder,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.inference.predict import predict_folder  # lazy: keeps `textseg --help` torch-free
 
     predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
                    device=device, normalize=normalize, sw_batch_size=sw_batch_size,

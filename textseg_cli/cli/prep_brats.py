@@ -35,9 +35,7 @@ def prep_brats_cmd(
     """Prepare BraTS-2019 (whole tumour) with a seeded 250/25/60 split.
 
     FLAIR → crop to the brain → clip at the 99.9th percentile → z-score over brain voxels; label = seg > 0."""
-    from textseg_cli.data.prep.brats import (
-        prep_brats,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.brats import prep_brats  # lazy: keeps `textseg --help` torch-free
 
     ds = prep_brats(src, out, modalities=modalities.split(","), split=split, split_file=split_file, seed=seed,
                     clip_upper=None if clip >= 100 else clip, crop_margin=crop_margin, spacing=spacing,

@@ -17,9 +17,7 @@ def prep_check_cmd(
                                   "matching shapes, label values within the classes."),
 ) -> None:
     """Validate a prepared data set; errors name the file or case at fault."""
-    from textseg_cli.data.prepared import (
-        load_prepared,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prepared import load_prepared  # lazy: keeps `textseg --help` torch-free
 
     ds = load_prepared(data)
     if contents:

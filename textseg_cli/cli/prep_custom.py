@@ -54,9 +54,7 @@ def prep_custom_cmd(
     """Prepare your own NIfTI / NRRD / MHA image and label folders.
 
     Same windowing, resampling, cropping, normalisation and split options as the benchmark preparers."""
-    from textseg_cli.data.prep.custom import (
-        prep_custom,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.custom import prep_custom  # lazy: keeps `textseg --help` torch-free
 
     ds = prep_custom(images, out, labels=labels, modality=modality,
                      classes=classes.split(",") if classes else None, name=name, spacing=spacing, window=window,

@@ -32,9 +32,7 @@ def prep_la_cmd(
     """Prepare the Left Atrium data set (2018 Atrial Segmentation Challenge) with the standard split.
 
     Absent cases of the standard split are reported by name; images of the h5 layout are copied unchanged."""
-    from textseg_cli.data.prep.la import (
-        prep_la,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.la import prep_la  # lazy: keeps `textseg --help` torch-free
 
     ids = None if cases is None else [c for c in cases.split(",") if c.strip()]
     ds = prep_la(src, out, n_val=val, seed=seed, force=force, workers=workers, keep_labeled=keep_labeled,

@@ -29,12 +29,8 @@ def prep_lvit_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
     """Prepare an LViT-layout data set: 2D images with masks and one description per image."""
-    from textseg_cli.data.prep.lvit import (
-        prep_lvit,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.storage.outputs import (
-        discard_on_failure,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.lvit import prep_lvit  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import discard_on_failure  # lazy: keeps `textseg --help` torch-free
 
     with discard_on_failure(out):  # a failed run leaves nothing that would demand --force
         ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name,

@@ -48,9 +48,7 @@ def prep_msd_cmd(
     drop_failed: bool = typer.Option(False, "--drop-failed", help="Write the data set without cases that failed."),
 ) -> None:
     """Prepare any Medical Segmentation Decathlon task; class names come from its dataset.json."""
-    from textseg_cli.data.prep.msd import (
-        prep_msd,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.msd import prep_msd  # lazy: keeps `textseg --help` torch-free
 
     ds = prep_msd(src, out, channels=channels.split(",") if channels else None, name=name, spacing=spacing,
                   window=window, window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin,
@@ -82,9 +80,7 @@ def prep_lung_cmd(
     """Prepare MSD Task06_Lung (63 CT, tumour) with a seeded 48/15 split.
 
     Optional resampling → crop to the body → lung window (-600/1500) to [0, 1] → z-score."""
-    from textseg_cli.data.prep.msd import (
-        prep_lung,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.msd import prep_lung  # lazy: keeps `textseg --help` torch-free
 
     ds = prep_lung(src, out, spacing=spacing, window=window, window_preset=window_preset, crop=crop,
                    crop_margin=crop_margin, normalize=normalize, split=split, split_file=split_file, seed=seed,

@@ -31,9 +31,7 @@ def prep_nnunet_cmd(
     force: bool = typer.Option(False, "--force", help="Redo every case (default: resume, skipping finished cases)."),
 ) -> None:
     """Prepare an nnU-Net v2 raw data set, keeping its class and channel names and splits_final.json folds."""
-    from textseg_cli.data.prep.nnunet import (
-        prep_nnunet,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.nnunet import prep_nnunet  # lazy: keeps `textseg --help` torch-free
 
     ds = prep_nnunet(src, out, splits_final=splits_final, name=name, spacing=spacing, window=window,
                      window_preset=window_preset, crop=crop, normalize=normalize, split=split, seed=seed,

@@ -47,12 +47,8 @@ def prep_pancreas_cmd(
     HU → 1 mm → x/y crop around the label (≥ 96 + 25 voxels) → window 75/400 to [0, 1] → z-score.
 
     Every value is an option below and is recorded in dataset.json."""
-    from textseg_cli.data.prep.pancreas import (
-        prep_pancreas,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.data.prep.steps import (
-        parse_spacing,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.pancreas import prep_pancreas  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.data.prep.steps import parse_spacing  # lazy: keeps `textseg --help` torch-free
 
     ds = prep_pancreas(src, out, labels=labels, layout=layout, spacing=spacing, window=window,
                        window_preset=window_preset, crop_min_size=crop_min_size, crop_margin=crop_margin,

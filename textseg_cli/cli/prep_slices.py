@@ -33,12 +33,8 @@ def prep_slices_cmd(
     Slices inherit their volume's split; each records source_volume and slice_index so that
     `textseg eval ... --per-volume` can re-stack predictions and score whole volumes.
     """
-    from textseg_cli.data.prep.slices import (
-        prep_slices,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.storage.outputs import (
-        discard_on_failure,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep.slices import prep_slices  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import discard_on_failure  # lazy: keeps `textseg --help` torch-free
 
     with discard_on_failure(out):  # a failed run leaves nothing that would demand --force
         ds = prep_slices(src, out, axis=axis, classes=classes, skip_empty_ratio=skip_empty_ratio, template=template,
@@ -62,9 +58,7 @@ def prep_overlays_cmd(
 
     2D cases show the image; 3D cases the middle axial slice and the slice of largest label area.
     """
-    from textseg_cli.reports.overlays import (
-        prepared_overlays,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.reports.overlays import prepared_overlays  # lazy: keeps `textseg --help` torch-free
 
     paths = prepared_overlays(data, out=out, n=n, split=split, force=force)
     console.print(f"[green]wrote[/] {len(paths)} overlay PNG(s) to {paths[0].parent if paths else out}",

@@ -44,9 +44,7 @@ def prep_synthetic_cmd(
 ) -> None:
     """Generate a deterministic CT-like synthetic data set (organ with texture and noise inside a body with
     spine, aorta and organ-like distractor blobs; HU windowed to [0, 1], then z-scored)."""
-    from textseg_cli.data.prep import (
-        synthetic as syn,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
+    from textseg_cli.data.prep import synthetic as syn  # lazy: keeps `textseg --help` torch-free
     size_t = parse_size(size, "--size")
     if dim == 2:
         if patch is not None:

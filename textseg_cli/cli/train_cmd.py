@@ -90,19 +90,10 @@ def train_command(
     Checkpoints are selected on the validation split only. Ctrl-C saves a checkpoint; continue with
     --resume. Multi-GPU: torchrun --nproc_per_node=N $(which textseg) train ... (batch sizes are per process).
     """
-    from textseg_cli.data.prepared import (
-        load_prepared,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.engine.setup import (
-        train,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.methods.flags import (
-        text_flag_sets,  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-    )
-    from textseg_cli.runs.config import (  # lazy: `textseg --help` must not import torch (docs/architecture.md)
-        build_config,
-        dump_config,
-    )
+    from textseg_cli.data.prepared import load_prepared  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.engine.setup import train  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.methods.flags import text_flag_sets  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.runs.config import build_config, dump_config  # lazy: keeps `textseg --help` torch-free
 
     emb = str(text_embeddings.resolve()) if text_embeddings else None
     sets = text_flag_sets(method, text_embeddings=emb, text=text,

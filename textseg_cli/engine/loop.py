@@ -34,7 +34,7 @@ from textseg_cli.engine.optim import build_optimizer, build_scheduler
 from textseg_cli.engine.runlog import RunLog, progress_line
 from textseg_cli.engine.stopping import StopRules, resolve_epochs
 from textseg_cli.errors import ConfigError, DataError, TextsegError
-from textseg_cli.evaluation.validation import validate
+from textseg_cli.evaluation.validation import validate, validation_settings
 from textseg_cli.inference.fusion import release_inference_copy
 from textseg_cli.methods.base import StepContext
 from textseg_cli.methods.registry import list_methods
@@ -48,10 +48,9 @@ from textseg_cli.runs.checkpoint import (
 from textseg_cli.runs.load import build_run_method
 from textseg_cli.runtime.determinism import seed_everything
 from textseg_cli.runtime.precision import (
+    Precision,
     channels_last,
-    resolve_precision,
     to_channels_last,
-    training_request,
 )
 
 
@@ -74,7 +73,10 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: dict[str, Any], ds: PreparedDataset, run_dir: Path, device: torch.device, dist: Dist,
-                 resume_from: Path | None = None, quiet: bool = False):
+                 resume_from: Path | None = None, quiet: bool = False, *, precision: Precision,
+                 val_precision: Precision):
+        """precision/val_precision: the run's training and validation precisions on `device`, resolved once by
+        `train()` (engine/setup.py)."""
         self.cfg, self.ds, self.run_dir, self.device, self.dist = cfg, ds, run_dir, device, dist
         self.quiet = quiet or not dist.main
         self.stop_requested = False
@@ -102,7 +104,8 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(tr["cudnn_benchmark"]) and not cfg["deterministic"]
         self.method = build_run_method(cfg, ds).to(device)  # after seeding: initial weights depend on the seed
-        self.precision = resolve_precision(training_request(cfg), device, "train.precision")
+        self.precision = precision
+        self.val_settings = validation_settings(cfg, val_precision)  # built once, used by every validation
         self.channels_last = self.precision.channels_last and bool(tr["channels_last"])
         if self.channels_last:
             to_channels_last(self.method)
@@ -265,7 +268,8 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             res = validate(self.method, self.val_cases, self.cfg, self.device, self.ds.num_classes,
-                           self.ds.class_names, texts={cid: self.ds.text(cid) for cid, _, _ in self.val_cases})
+                           self.ds.class_names, texts={cid: self.ds.text(cid) for cid, _, _ in self.val_cases},
+                           settings=self.val_settings)
         finally:
             release_inference_copy(self.method)  # built on demand; no second copy between validations
         res["val_seconds"] = round(time.perf_counter() - t0, 3)

@@ -33,7 +33,7 @@ from textseg_cli.runs.config import build_config, load_config, save_config
 from textseg_cli.runtime.determinism import determinism_record
 from textseg_cli.runtime.device import resolve_device
 from textseg_cli.runtime.environment import environment_info
-from textseg_cli.runtime.precision import inference_request, resolve_precision
+from textseg_cli.runtime.precision import inference_precision, training_precision
 from textseg_cli.storage.files import atomic_write_json
 from textseg_cli.storage.outputs import guarded_run_dir, refuse_existing_run
 
@@ -98,6 +98,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
     if iterations is not None:  # an explicit --iterations sets the length, also of an epoch-based config
         cfg["train"]["epochs"] = None
     dev = resolve_device(device, local_rank=dist.local_rank if dist.enabled else None, bind=True)
+    precision, val_precision = training_precision(cfg, dev), inference_precision(cfg, dev)  # once per run
     init_process_group(dist, dev)
     guard, ok = contextlib.ExitStack(), True
     try:
@@ -105,12 +106,14 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             guard.enter_context(guarded_run_dir(run_dir, "train", new=not resume, force=force,
                                                 sources=[] if resume else [cfg["data"]["root"]]))
         barrier(dist)
-        trainer = Trainer(cfg, ds, run_dir, dev, dist, resume_from=last, quiet=quiet)
+        trainer = Trainer(cfg, ds, run_dir, dev, dist, resume_from=last, quiet=quiet, precision=precision,
+                          val_precision=val_precision)
         if dist.main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             snapshot_run_inputs(run_dir, cfg, ds)  # RUN/prepared.json + RUN/text/: the run predicts after a move
-            _write_env(run_dir, cfg, dev, dist, resume, precision=_precision_record(trainer, cfg, dev))
+            _write_env(run_dir, cfg, dev, dist, resume,
+                       precision={"train": precision.record(), "validation": val_precision.record()})
             write_cases(run_dir, RunCases(trainer.labeled_ids, trainer.unlabeled_ids, trainer.unused_ids,
                                           cfg["val"]["split"], trainer.val_ids))
             if not quiet:
@@ -133,10 +136,6 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         guard.close()
         if dist.enabled:
             shutdown_process_group(ok)
-
-
-def _precision_record(tr: Trainer, cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
-    return {"train": tr.precision.record(), "validation": resolve_precision(inference_request(cfg), dev).record()}
 
 
 def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist, resume: bool,

@@ -30,8 +30,9 @@ from textseg_cli.data import load_prepared
 from textseg_cli.data.io import read_nifti
 from textseg_cli.data.prep.slices import restack_pairs
 from textseg_cli.errors import ConfigError, DataError
-from textseg_cli.metrics.case import EMPTY_POLICIES, evaluate_case
+from textseg_cli.metrics.case import DEFAULT_EMPTY_POLICY, EMPTY_POLICIES, evaluate_case
 from textseg_cli.metrics.postprocess import lcc_per_class
+from textseg_cli.metrics.table import metric_names
 from textseg_cli.reports.display import summary_table
 from textseg_cli.reports.overlays import overlay_tap
 from textseg_cli.reports.results import EvalResult, build_rows
@@ -42,19 +43,30 @@ from textseg_cli.storage.files import atomic_path, atomic_write_json, atomic_wri
 from textseg_cli.storage.outputs import check_out_path, guard_output_file
 
 EVAL_FORMAT = "textseg-eval/1"
-PER_CASE_COLUMNS = ["case", "class", "class_name", "dice", "jaccard", "hd95", "asd", "pred_empty", "ref_empty",
-                    "pred_voxels", "ref_voxels"]
 OUTPUT_FILES = {"per_case": "per_case.csv", "summary": "summary.csv", "meta": "meta.json"}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _META_ALIASES = {"method": "name", "checkpoint": "checkpoint_rule", "n_labeled": "labeled",
                  "n_unlabeled": "unlabeled", "labeled_count": "labeled", "unlabeled_count": "unlabeled"}
 
 
+def per_case_columns() -> list[str]:
+    """Columns of per_case.csv: case, class, class_name, one per metric of `metrics.table.METRIC_TABLE`, the
+    empty flags and voxel counts."""
+    return ["case", "class", "class_name", *metric_names(), "pred_empty", "ref_empty", "pred_voxels", "ref_voxels"]
+
+
 # --- checks -------------------------------------------------------------------------------------
-def check_empty_policy(policy: str) -> str:
+def check_empty_policy(policy: str, what: str = "--empty-policy") -> str:
     if policy not in EMPTY_POLICIES:
-        raise ConfigError(f"--empty-policy {policy!r}: expected one of {', '.join(EMPTY_POLICIES)}")
+        raise ConfigError(f"{what} {policy!r}: expected one of {', '.join(EMPTY_POLICIES)}")
     return policy
+
+
+def run_empty_policy(cfg: dict[str, Any]) -> str:
+    """The empty-mask policy of a run: its config's `val.empty_policy` (validation scores with it and `textseg
+    eval RUN_DIR` defaults to it); configs written before the key existed get `eval`'s default."""
+    policy = (cfg.get("val") or {}).get("empty_policy")
+    return check_empty_policy(DEFAULT_EMPTY_POLICY if policy is None else str(policy), "val.empty_policy")
 
 
 def foreground_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -103,7 +115,8 @@ def resize_nearest(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
 
 # --- metrics ------------------------------------------------------------------------------------
 def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[float] | None]], num_classes: int,
-                   class_names: Sequence[str] | None = None, spacing_mm: bool = False, empty_policy: str = "nan",
+                   class_names: Sequence[str] | None = None, spacing_mm: bool = False,
+                   empty_policy: str = DEFAULT_EMPTY_POLICY,
                    lcc: bool = False, *, total: int | None = None, show_progress: bool = True,
                    eval_size: int | None = None) -> pd.DataFrame:
     """Per-case, per-class metrics of `(case_id, pred_labels, ref_labels, spacing)` tuples.
@@ -112,7 +125,7 @@ def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[f
     `spacing_mm`. `lcc` keeps each predicted class's largest connected component first.
     `eval_size` (2D only) resizes prediction and reference to eval_size² with `resize_nearest`
     before anything else; the spacing is scaled to match.
-    Returns one row per (case, foreground class) with PER_CASE_COLUMNS; `df.attrs` records the
+    Returns one row per (case, foreground class) with `per_case_columns()`; `df.attrs` records the
     settings (empty_policy, lcc, distance_unit, num_classes, class_names).
     """
     check_empty_policy(empty_policy)
@@ -125,7 +138,8 @@ def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[f
             pred = check_label_values(pred, num_classes, f"case '{case_id}': prediction")
             ref = check_label_values(ref, num_classes, f"case '{case_id}': reference")
             if pred.shape != ref.shape:
-                raise DataError(f"case '{case_id}': prediction shape {pred.shape} differs from reference shape {ref.shape}")
+                raise DataError(f"case '{case_id}': prediction shape {pred.shape} differs from reference shape "
+                                f"{ref.shape}")
             if eval_size:
                 if spacing is not None:
                     spacing = tuple(float(s) * n / eval_size for s, n in zip(spacing, ref.shape))
@@ -139,7 +153,7 @@ def evaluate_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray, Sequence[f
             bar.update(task, advance=1, info=case_id)
     if not rows:
         raise DataError("no cases to evaluate")
-    df = pd.DataFrame(rows)[PER_CASE_COLUMNS]
+    df = pd.DataFrame(rows)[per_case_columns()]
     df.attrs.update(empty_policy=empty_policy, lcc=bool(lcc), distance_unit="mm" if spacing_mm else "voxel",
                     num_classes=int(num_classes), class_names=names, eval_size=eval_size)
     return df
@@ -370,11 +384,11 @@ def default_out_dir(pred_dir: str | Path, name: str | None = None) -> Path:
 
 def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, out_dir: str | Path | None = None, *,
                      num_classes: int | None = None, split: str | None = None, spacing_mm: bool = False,
-                     empty_policy: str = "nan", lcc: bool = False, table: str | None = None, name: str | None = None,
-                     force: bool = False, checkpoint_rule: str | None = None, labeled: int | None = None,
-                     unlabeled: int | None = None, n_train: int | None = None, write: bool = True,
-                     show: bool = True, eval_size: int | None = None, per_volume: bool = False, overlays: int = 0,
-                     uses_text: bool | None = None, allow_missing: bool = False) -> pd.DataFrame:
+                     empty_policy: str = DEFAULT_EMPTY_POLICY, lcc: bool = False, table: str | None = None,
+                     name: str | None = None, force: bool = False, checkpoint_rule: str | None = None,
+                     labeled: int | None = None, unlabeled: int | None = None, n_train: int | None = None,
+                     write: bool = True, show: bool = True, eval_size: int | None = None, per_volume: bool = False,
+                     overlays: int = 0, uses_text: bool | None = None, allow_missing: bool = False) -> pd.DataFrame:
     """Evaluate `<pred_dir>/<case>.nii.gz` against `<labels_dir>/<case>.nii.gz` (or a prepared folder).
 
     Cases are matched by file name; predictions without reference and references without

@@ -16,21 +16,20 @@ from textseg_cli.evaluation.folders import (
     check_eval_size,
     evaluate_pairs,
     overlay_pairs,
+    run_empty_policy,
     scoring_meta,
     write_evaluation,
 )
 from textseg_cli.inference.predict import (
     checkpoint_rule,
-    inference_settings,
     predict_case,
     probs_to_mask,
 )
-from textseg_cli.inference.protocol import resolve_lcc
+from textseg_cli.inference.settings import InferenceSettings
 from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
 from textseg_cli.runs.cases import read_cases
 from textseg_cli.runs.load import load_run
 from textseg_cli.runtime.device import resolve_device
-from textseg_cli.runtime.precision import resolve_precision
 from textseg_cli.storage.outputs import prepare_output_dir, run_lock
 
 
@@ -71,9 +70,10 @@ def mask_from_probs(probs, dim: int, threshold: float = 0.5) -> np.ndarray:
 
 def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "best", decoder: int | str | None = None,
                   inference: str | None = None, out: str | Path | None = None, lcc: bool | None = None,
-                  spacing_mm: bool = False, empty_policy: str = "nan", table: str | None = None, force: bool = False,
-                  device: str | None = None, eval_size: int | None = None, per_volume: bool = False,
-                  overlays: int = 0, threshold: float = 0.5, precision: str | None = None, name: str | None = None):
+                  spacing_mm: bool = False, empty_policy: str | None = None, table: str | None = None,
+                  force: bool = False, device: str | None = None, eval_size: int | None = None,
+                  per_volume: bool = False, overlays: int = 0, threshold: float = 0.5, precision: str | None = None,
+                  name: str | None = None):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
@@ -88,10 +88,12 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     methods that read it (`set_case_text`); `eval_size=224` scores at 224×224 (LViT); `per_volume`
     re-stacks the slices of a `textseg prep slices` folder and scores volumes; `overlays=N` writes N
     overlay PNGs to `out/overlays/`. `precision` (auto | fp32 | bf16) defaults to the run's rule
-    (`textseg_cli.runtime.precision.inference_request`); meta.json records what ran.
+    (`textseg_cli.runtime.precision.inference_request`), resolved once on the device; meta.json records what ran.
+    The inference settings (`InferenceSettings.from_config`) are built once and handed to every case.
     `lcc` None follows the method's evaluation protocol (`inference.protocol.resolve_lcc`: on for DTC, BCP and
     Text-SemiSeg runs, as their official test scripts); True/False force it.
     `name`: the display name tables show for this run (default: the method).
+    `empty_policy` None: the run's `val.empty_policy`, the policy its validation Dice (best.pt) used.
     """
 
     run_dir = Path(run_dir)
@@ -102,8 +104,14 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     dev = resolve_device(device)
     eval_size = check_eval_size(eval_size, per_volume)
     run = load_run(run_dir, checkpoint, device=str(dev))
-    inf_cfg = inference_settings(run.config, inference, decoder, precision=precision)
+    empty_policy = run_empty_policy(run.config) if empty_policy is None else empty_policy
     ds = run.dataset
+    method_name = run.config.get("method")
+    if isinstance(method_name, dict):
+        method_name = method_name.get("name")
+    method_name = method_name or getattr(run.method, "name", None)
+    settings = InferenceSettings.from_config(run.config, device=dev, mode=inference, decoder=decoder,
+                                             precision=precision, lcc=lcc, method=method_name, ndim=ds.dim)
     if per_volume:
         if slice_info(ds) is None:
             raise DataError("--per-volume needs a run trained on a slices folder (`textseg prep slices`)",
@@ -117,7 +125,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                         ds.root / "dataset.json")
     rule = getattr(run, "checkpoint_rule", checkpoint)  # "best" falls back to "last" when validation was off
     out = Path(out) if out is not None else default_eval_dir(run_dir, split, rule if rule != "file" else checkpoint,
-                                                              inf_cfg["mode"], inf_cfg.get("decoder"))
+                                                              settings.mode, settings.decoder)
     prepare_output_dir(out, force=force, command="eval", inputs=[run_dir, ds.root])
     pred_dir = out / "predictions"
 
@@ -128,15 +136,9 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
             case = ds.load_case(cid, with_label=True)
             if callable(set_text):
                 set_text(case.text, case_id=cid)
-            mask = mask_from_probs(predict_case(run.method, case.image, inf_cfg, dev), ds.dim, threshold)
+            mask = mask_from_probs(predict_case(run.method, case.image, settings, dev), ds.dim, threshold)
             write_mask(pred_dir / f"{cid}.nii.gz", mask, read_input_image(ds.image_path(cid), ds.dim, name=cid))
             yield cid, mask, case.label, tuple(case.spacing)
-
-    method_name = run.config.get("method")
-    if isinstance(method_name, dict):
-        method_name = method_name.get("name")
-    method_name = method_name or getattr(run.method, "name", None)
-    lcc, lcc_source = resolve_lcc(lcc, method_name)
 
     stream = pairs()
     written: list[Path] = []
@@ -145,22 +147,22 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     if per_volume:
         stream = restack_pairs(stream, ds)
     df = evaluate_pairs(stream, ds.num_classes, ds.class_names, spacing_mm=spacing_mm, empty_policy=empty_policy,
-                        lcc=lcc, total=None if per_volume else len(ids), eval_size=eval_size)
+                        lcc=settings.lcc, total=None if per_volume else len(ids), eval_size=eval_size)
 
     n_lab, n_unlab = _labeled_counts(run)
     meta = {
         "name": name,  # None: the method's name (build_meta's alias)
         "method": method_name,
-        "lcc_source": lcc_source,
+        "lcc_source": settings.lcc_source,
         "run_dir": str(run_dir.resolve()),
         "split": split,
         "test_split_warning": split == "test",
         "checkpoint": str(run.checkpoint_path),
         "checkpoint_rule": checkpoint_rule(rule, run.checkpoint_path),
         "iteration": getattr(run, "iteration", None),
-        "decoder": inf_cfg.get("decoder"),
-        "inference": inf_cfg["mode"],
-        "inference_settings": {k: v for k, v in inf_cfg.items() if k != "out_device"},
+        "decoder": settings.decoder,
+        "inference": settings.mode,
+        "inference_settings": {k: v for k, v in settings.record().items() if k != "out_device"},
         "labeled": n_lab,
         "unlabeled": n_unlab,
         "cases": len(ids),
@@ -168,7 +170,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                         if ds.dim == 2 and ds.num_classes == 2 else "argmax before post-processing"),
         "threshold": threshold if ds.dim == 2 and ds.num_classes == 2 else None,
         "device": str(dev),
-        "precision": resolve_precision(inf_cfg["precision"], dev).name,
+        "precision": settings.precision.name,
         **scoring_meta(3 if per_volume else ds.dim, ds.name, per_volume, method_uses_text(run.method)),
         "overlays": [p.name for p in written],
     }

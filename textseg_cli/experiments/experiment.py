@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 import yaml
 
 from textseg_cli.bench.benchmark import run_benchmark
@@ -24,6 +23,7 @@ from textseg_cli.experiments.spec import (
     resolved_config,
     run_lcc,
 )
+from textseg_cli.runtime.device import resolve_device
 from textseg_cli.storage.files import atomic_write_text
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -67,8 +67,7 @@ def estimate(exp: Experiment, rows: list[dict], ds=None, device: str | None = No
     checkpointing are not timed."""
 
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = "cuda" if dev.startswith("cuda") else "cpu"
+    dev = "cuda" if resolve_device(device).type == "cuda" else "cpu"
     n_val = n_eval = None
     if ds is not None:
         n_val = len(ds.split(rows[0]["cfg"]["val"]["split"])) if rows else None

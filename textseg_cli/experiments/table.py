@@ -16,6 +16,7 @@ from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.experiments.runner import read_status
 from textseg_cli.experiments.spec import Experiment, MethodEntry, load_experiment
 from textseg_cli.metrics.case import EMPTY_POLICIES
+from textseg_cli.metrics.table import METRIC_TABLE
 from textseg_cli.reports.latex import (
     latex_escape,
     latex_table,
@@ -25,7 +26,7 @@ from textseg_cli.reports.latex import (
 )
 from textseg_cli.reports.results import load_result, paired_wilcoxon
 from textseg_cli.reports.summary import case_level, headline
-from textseg_cli.reports.tables import COLUMNS, check_table_format
+from textseg_cli.reports.tables import check_table_format, unit_label
 from textseg_cli.runs.config import load_config, packaged_config
 from textseg_cli.storage.files import atomic_write_text
 from textseg_cli.storage.outputs import guard_output_file
@@ -75,7 +76,7 @@ def collect(exp: Experiment, published: bool = False) -> list[GridRow]:
                     continue
                 res = load_result(ev)
                 stats = headline(res.summary)
-                for metric in COLUMNS:
+                for metric in METRIC_TABLE:
                     row.per_seed.setdefault(metric, []).append(float(stats[metric]["mean"]) if metric in stats
                                                                else float("nan"))
                 row.seeds.append(run.seed)
@@ -182,8 +183,8 @@ def notes(exp: Experiment, rows: list[GridRow]) -> list[str]:
     if pubs:
         out.append("Published Dice from the method configs' published blocks; Δ = measured − published. Sources: "
                    + "; ".join(f"{n}: {s}" for n, s in sorted(pubs)) + ".")
-    partial = [f"{r.entry.name} {r.labeled} {COLUMNS[m][0].split(' (')[0]}: {n} of {len(r.seeds)}"
-               for r in rows for m in COLUMNS
+    partial = [f"{r.entry.name} {r.labeled} {METRIC_TABLE[m].title}: {n} of {len(r.seeds)}"
+               for r in rows for m in METRIC_TABLE
                for n in [sum(1 for v in r.per_seed.get(m, []) if math.isfinite(v))] if r.seeds and n < len(r.seeds)]
     if partial:
         out.append("Fewer seeds than the row's (runs whose cases all lacked a finite value, e.g. every case with "
@@ -202,14 +203,12 @@ def _cells(exp: Experiment, rows: list[GridRow], latex: bool, published: bool):
     seeds_col = not latex or len({len(r.seeds) for r in rows}) > 1
     arrows = {True: r"$\uparrow$" if latex else "↑", False: r"$\downarrow$" if latex else "↓"}
     unit = _unit(rows)
-    names = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "95HD", "asd": "ASD"}
-    units = {m: "(%)" if scale == 100.0 else f"({unit})" for m, (_, scale, _) in COLUMNS.items()}
     # LaTeX: the labeled count titles each group of rows instead of taking a column
     top = ["Method"] + ([] if latex else ["Labeled"]) + (["Seeds"] if seeds_col else [])
     second = [""] * len(top)
-    for m, (_, _, hi) in COLUMNS.items():
-        top.append(names[m] + arrows[hi])
-        second.append(latex_escape(units[m]) if latex else units[m])
+    for m in METRIC_TABLE.values():
+        top.append(m.title + arrows[m.higher_is_better])
+        second.append(unit_label(m, unit, latex))
     if published:
         top += ["Publ.", r"$\Delta$" if latex else "Δ"]
         second += ["Dice", "Dice"]
@@ -219,8 +218,8 @@ def _cells(exp: Experiment, rows: list[GridRow], latex: bool, published: bool):
     marks = {}
     for lab in exp.labeled:
         group = [r for r in rows if r.labeled == lab]
-        for m, (_, scale, hi) in COLUMNS.items():
-            for r, mk in zip(group, rank_marks([r.mean(m) * scale for r in group], hi)):
+        for m, spec in METRIC_TABLE.items():
+            for r, mk in zip(group, rank_marks([r.mean(m) * spec.scale for r in group], spec.higher_is_better)):
                 marks[(id(r), m)] = mk
     esc = latex_escape if latex else (lambda s: str(s).replace("|", "\\|"))
     mark = mark_latex if latex else mark_markdown
@@ -230,8 +229,8 @@ def _cells(exp: Experiment, rows: list[GridRow], latex: bool, published: bool):
         if i and r.labeled != rows[i - 1].labeled:
             breaks.append(i)
         cells = [esc(r.entry.name)] + ([] if latex else [esc(r.labeled)]) + ([str(len(r.seeds))] if seeds_col else [])
-        for m, (_, scale, _) in COLUMNS.items():
-            cells.append(mark(_fmt(r.mean(m) * scale, r.sd(m) * scale, latex), marks[(id(r), m)]))
+        for m, spec in METRIC_TABLE.items():
+            cells.append(mark(_fmt(r.mean(m) * spec.scale, r.sd(m) * spec.scale, latex), marks[(id(r), m)]))
         if published:
             pub = r.published
             diff = r.mean("dice") * 100 - pub["dice"] if pub else float("nan")
@@ -259,7 +258,7 @@ def _csv(exp: Experiment, rows: list[GridRow]) -> str:
         base = {"method": r.entry.method, "name": r.entry.name, "id": r.entry.id, "labeled": r.labeled}
         for i, seed in enumerate(r.seeds):
             rec = dict(base, seed=seed, n_seeds=1)
-            for m in COLUMNS:
+            for m in METRIC_TABLE:
                 rec[m] = r.per_seed[m][i]
             meta = r.metas[i]
             rec.update(n_cases=meta.get("n_cases"), lcc=meta.get("lcc"), empty_policy=meta.get("empty_policy"),
@@ -268,7 +267,7 @@ def _csv(exp: Experiment, rows: list[GridRow]) -> str:
                        n_one_empty=meta.get("n_one_empty"))
             records.append(rec)
         agg = dict(base, seed="mean", n_seeds=len(r.seeds))
-        for m in COLUMNS:
+        for m in METRIC_TABLE:
             agg[m], agg[f"{m}_sd_over_seeds"] = r.mean(m), r.sd(m)
         agg["wilcoxon_p_dice_vs_reference"], agg["wilcoxon_pairs"] = r.p_value, r.n_pairs
         if r.published:

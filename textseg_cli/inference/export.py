@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from textseg_cli.errors import ConfigError
-from textseg_cli.inference.predict import _spatial_tuple, inference_settings
+from textseg_cli.inference.settings import InferenceSettings
 from textseg_cli.runs.load import load_run
 from textseg_cli.storage.files import atomic_path, atomic_write_json
 from textseg_cli.storage.outputs import prepare_output_dir
@@ -49,12 +49,14 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "t
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     run = load_run(run_dir, checkpoint, device="cpu")
-    inf = inference_settings(run.config, None, decoder)
     method, ds = run.method.eval(), run.dataset
-    patch = _spatial_tuple(inf["patch_size"], ds.dim, "patch_size")
+    inf = InferenceSettings.from_config(run.config, decoder=decoder, ndim=ds.dim)
+    if inf.patch_size is None:
+        raise ConfigError("the run records no patch size (inference.patch_size / data.patch_size) to trace with")
+    patch = inf.patch_size
     out = Path(out) if out is not None else Path(run_dir) / "export"
     prepare_output_dir(out, force=force)
-    wrapper = _Probabilities(method, inf.get("decoder")).eval()
+    wrapper = _Probabilities(method, inf.decoder).eval()
     x = torch.randn((1, ds.in_channels) + patch, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = wrapper(x)
@@ -85,8 +87,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "t
         "format": fmt, "file": ts_path.name, "weights": "weights.pt", "run_dir": str(Path(run_dir).resolve()),
         "checkpoint": str(run.checkpoint_path), "iteration": run.iteration,
         "method": run.config["method"]["name"], "method_class": f"{type(method).__module__}.{type(method).__name__}",
-        "decoder": inf.get("decoder"), "input": [1, ds.in_channels, *patch], "output": [1, ds.num_classes, *patch],
-        "output_kind": "softmax probabilities", "patch_size": list(patch), "stride": inf.get("stride"),
+        "decoder": inf.decoder, "input": [1, ds.in_channels, *patch], "output": [1, ds.num_classes, *patch],
+        "output_kind": "softmax probabilities", "patch_size": list(patch), "stride": list(inf.stride),
         "class_names": ds.class_names, "channel_names": ds.spec.get("channel_names"),
         "preprocessing": ds.spec.get("preprocessing"), "spacing": ds.spec.get("spacing"),
         "load_back_check": {"input": "torch.randn(input, seed 0)", "max_abs_diff": diff, "atol": atol},

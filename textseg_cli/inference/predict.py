@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,56 +15,36 @@ from textseg_cli.data.preprocessing import zscore
 from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.inference import replay
 from textseg_cli.inference.fusion import fused_for_inference
+from textseg_cli.inference.settings import InferenceSettings
+from textseg_cli.inference.settings import parse_decoder as _parse_decoder  # noqa: F401 (cli/export_cmd.py)
 from textseg_cli.inference.sliding_window import (
     sliding_window_inference,
     whole_volume_inference,
 )
 from textseg_cli.runs.load import load_run
 from textseg_cli.runtime.device import resolve_device
-from textseg_cli.runtime.precision import (  # noqa: F401 (re-export)
-    PRECISIONS,
-    inference_request,
-    resolve_precision,
-)
+from textseg_cli.runtime.precision import Precision, resolve_precision
 from textseg_cli.storage.files import atomic_write_json
 from textseg_cli.storage.outputs import prepare_output_dir
 
-INFERENCE_MODES = ("sliding", "whole")
 
-
-def _spatial_tuple(value: Any, ndim: int, key: str) -> tuple[int, ...]:
-    if isinstance(value, (int, np.integer)):
-        return (int(value),) * ndim
-    try:
-        out = tuple(int(v) for v in value)
-    except TypeError:
-        raise ConfigError(f"inference.{key} must be an integer or a list of {ndim} integers, got {value!r}") from None
-    if len(out) != ndim or min(out) < 1:
-        raise ConfigError(f"inference.{key} must hold {ndim} positive integers, got {list(out)}")
-    return out
-
-
-def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[str, Any],
+def predict_case(method, image: np.ndarray | torch.Tensor, settings: InferenceSettings | Mapping[str, Any] | None,
                  device: str | torch.device | None = None) -> torch.Tensor:
     """Softmax probabilities (K, *spatial), float32, of `method` on one image (C, *spatial).
 
-    `cfg_inference` keys (the run config's `inference` section): `mode` ("sliding" | "whole"),
-    `patch_size`, `stride`, `sw_batch_size` (windows per forward pass, default 4), `decoder` (passed to
-    `method.predict_proba`), `out_device` (where probabilities accumulate; "cpu" saves GPU memory on
-    large volumes; default: the compute device), `max_voxels` and `multiple` (whole-volume mode),
-    `precision` ("auto" = bf16 autocast on CUDA and on CPUs with bf16 units, else float32; "fp32"; or
-    "bf16" — see `textseg_cli.runtime.precision`; on CPUs with AVX512-BF16/AMX about 2-3x faster, masks differ on
-    ~0.01 % of voxels), `channels_last` (default
-    True: channels-last(-3d) memory format, faster with cuDNN and oneDNN) and `fuse_bn` (default True:
-    predict with a cached copy whose BatchNorms are folded into the preceding convs, ~8 % faster on CPU;
-    with False the method itself is used, and converted to channels-last in place).
+    `settings`: the command's `InferenceSettings`, built once (`InferenceSettings.from_config`) and passed to
+    every case, with its precision already resolved; a plain `inference` dict is read with
+    `InferenceSettings.from_section` (then a precision request is resolved here, per call). They set the
+    mode (sliding windows or one whole-volume pass), windows, decoder, precision ("auto" = bf16 autocast on
+    CUDA and on CPUs with bf16 units, else float32 — `textseg_cli.runtime.precision`; on CPUs with
+    AVX512-BF16/AMX about 2-3x faster, masks differ on ~0.01 % of voxels), `channels_last` (channels-last(-3d)
+    memory, faster with cuDNN and oneDNN), `fuse_bn` (predict with a cached copy whose BatchNorms are folded
+    into the preceding convs, ~8 % faster on CPU; off, the method itself is used and converted to
+    channels-last in place) and `out_device` (where probabilities accumulate; default the compute device).
     The result stays on `out_device`.
     """
     dev = resolve_device(device)
-    cfg = dict(cfg_inference or {})
-    mode = cfg.get("mode") or "sliding"
-    if mode not in INFERENCE_MODES:
-        raise ConfigError(f"inference.mode must be one of {list(INFERENCE_MODES)}, got {mode!r}")
+    s = settings if isinstance(settings, InferenceSettings) else InferenceSettings.from_section(settings)
     x = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
     x = x.to(device=dev, dtype=torch.float32)
     ndim = x.ndim - 1
@@ -74,17 +54,16 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
         raise DataError(f"image has {ndim} spatial axes; the model is {method.dim}D")
     if getattr(method, "in_channels", x.shape[0]) != x.shape[0]:
         raise DataError(f"image has {x.shape[0]} channel(s); the model expects {method.in_channels}")
-    decoder = cfg.get("decoder")
-    out_device = cfg.get("out_device") or None
-    precision = resolve_precision(cfg.get("precision"), dev, "inference.precision")
-    channels_last = cfg.get("channels_last", True) is not False
+    precision = (s.precision if isinstance(s.precision, Precision)
+                 else resolve_precision(s.precision, dev, "inference.precision"))
+    channels_last = s.channels_last
     memory_format = torch.channels_last_3d if ndim == 3 else torch.channels_last
 
     method.to(dev)
     was_training = method.training
     method.eval()
     # a cached eval copy with BatchNorm folded into the convs; the method itself is left as it is
-    model = fused_for_inference(method) if cfg.get("fuse_bn", True) is not False else method
+    model = fused_for_inference(method) if s.fuse_bn else method
     if channels_last:
         model.to(memory_format=memory_format)
 
@@ -92,24 +71,18 @@ def predict_case(method, image: np.ndarray | torch.Tensor, cfg_inference: dict[s
         if channels_last:
             batch = batch.contiguous(memory_format=memory_format)
         with precision.autocast():
-            return model.predict_proba(batch, decoder).float().contiguous()
+            return model.predict_proba(batch, s.decoder).float().contiguous()
 
     try:
         with torch.inference_mode():
-            if mode == "whole":
-                patch = cfg.get("patch_size")
+            if s.mode == "whole":
                 return whole_volume_inference(
-                    predict_fn, x, multiple=int(cfg.get("multiple") or 16), max_voxels=cfg.get("max_voxels"),
-                    patch_size=_spatial_tuple(patch, ndim, "patch_size") if patch is not None else None,
-                    stride=_spatial_tuple(cfg["stride"], ndim, "stride") if cfg.get("stride") is not None else None,
-                    sw_batch_size=int(cfg.get("sw_batch_size") or 1), out_device=out_device)
-            if cfg.get("patch_size") is None:
+                    predict_fn, x, multiple=s.multiple, max_voxels=s.max_voxels, patch_size=s.patch_size,
+                    stride=s.stride, sw_batch_size=s.sw_batch_size or 1, out_device=s.out_device)
+            if s.patch_size is None:
                 raise ConfigError("inference.patch_size is required for sliding-window inference")
-            patch = _spatial_tuple(cfg["patch_size"], ndim, "patch_size")
-            stride = (_spatial_tuple(cfg["stride"], ndim, "stride") if cfg.get("stride") is not None
-                      else tuple(max(1, p // 2) for p in patch))
-            return sliding_window_inference(predict_fn, x, patch, stride,
-                                            sw_batch_size=int(cfg.get("sw_batch_size") or 4), out_device=out_device)
+            return sliding_window_inference(predict_fn, x, s.patch_size, s.stride,
+                                            sw_batch_size=s.sw_batch_size or 4, out_device=s.out_device)
     finally:
         if was_training:
             method.train()
@@ -121,31 +94,6 @@ def probs_to_mask(probs: torch.Tensor) -> np.ndarray:
 
 
 # --- geometry-preserving image I/O --------------------------------------------------------------------
-
-
-def inference_settings(config: dict[str, Any], inference: str | None = None, decoder: int | str | None = None,
-                       **overrides: Any) -> dict[str, Any]:
-    """The run's `inference` section with command-line choices applied (None keeps the run's value);
-    `precision` is the run's inference request (`textseg_cli.runtime.precision.inference_request`)."""
-    cfg = dict(config.get("inference") or {})
-    cfg["precision"] = inference_request(config, overrides.pop("precision", None))
-    if cfg.get("patch_size") is None and (config.get("data") or {}).get("patch_size") is not None:
-        cfg["patch_size"] = config["data"]["patch_size"]
-    if inference is not None:
-        if inference not in INFERENCE_MODES:
-            raise ConfigError(f"--inference must be one of {list(INFERENCE_MODES)}, got {inference!r}")
-        cfg["mode"] = inference
-    cfg.setdefault("mode", "sliding")
-    if decoder is not None:
-        cfg["decoder"] = _parse_decoder(decoder)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    return cfg
-
-
-def _parse_decoder(decoder: int | str) -> int | str:
-    if isinstance(decoder, str) and decoder.strip().lstrip("-").isdigit():
-        return int(decoder)
-    return decoder
 
 
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, checkpoint: str = "best",
@@ -176,9 +124,10 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
         raise ConfigError(f"normalize must be 'none' or 'zscore', got {normalize!r}")
     dev = resolve_device(device)
     run = load_run(run_dir, checkpoint, device=str(dev))
-    inf_cfg = inference_settings(run.config, inference, decoder, sw_batch_size=sw_batch_size, out_device=out_device,
-                                 precision=precision)
     dim = int(getattr(run.method, "dim", 3))
+    settings = InferenceSettings.from_config(run.config, device=dev, mode=inference, decoder=decoder,
+                                             precision=precision, sw_batch_size=sw_batch_size, out_device=out_device,
+                                             ndim=dim)
     if images.is_dir() and (images / "dataset.json").exists():
         ds = load_prepared(images)
         inputs = [(cid, [ds.image_path(cid)]) for cid in ds.case_ids]
@@ -220,7 +169,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                         console.print(f"[yellow]warning:[/] {note}", highlight=False)
                 if normalize == "zscore":
                     arr = np.stack([zscore(c) for c in arr])
-                probs = predict_case(run.method, arr, inf_cfg, dev)
+                probs = predict_case(run.method, arr, settings, dev)
             except TextsegError as exc:  # one bad file must not cost the others
                 failed[name] = str(exc)
                 bar.advance(task)
@@ -239,7 +188,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
         "checkpoint_rule": checkpoint_rule(getattr(run, "checkpoint_rule", checkpoint), run.checkpoint_path),
         "images": str(images.resolve()), "preprocessing": steps, "normalize": normalize,
         "probabilities": "<name>_probs: float32 softmax, classes on the last axis" if save_probabilities else None,
-        "inference": inf_cfg, "device": str(dev), "precision": resolve_precision(inf_cfg["precision"], dev).name,
+        "inference": settings.record(), "device": str(dev), "precision": settings.precision.name,
         "cases": [p.name for p in written], **({"failed": failed} if failed else {})})
     console.print(f"wrote {len(written)} mask(s) to {out}")
     if failed:

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 from rich.table import Table
 
-from textseg_cli.reports.tables import COLUMNS
+from textseg_cli.metrics.table import metric
 
 
 def _num(value: float, scale: float) -> str:
@@ -27,9 +27,10 @@ def summary_table(summary: pd.DataFrame, meta: dict) -> Table:
         table.add_column(head, justify="left" if head in ("class", "metric") else "right")
     for cls, group in summary.groupby("class", sort=False):
         for i, row in enumerate(group.to_dict("records")):
-            title, scale, higher = COLUMNS[row["metric"]]
+            m = metric(row["metric"])
+            scale = m.scale
             sd = _num(row["std"], scale)
-            table.add_row(str(cls) if i == 0 else "", title + ("↑" if higher else "↓"),
+            table.add_row(str(cls) if i == 0 else "", m.header + ("↑" if m.higher_is_better else "↓"),
                           _num(row["mean"], scale) + ("" if sd == "–" else f" ± {sd}"), _num(row["median"], scale),
                           f"{_num(row['min'], scale)} – {_num(row['max'], scale)}",
                           f"{int(row['n'])}/{int(row['n_cases'])}", end_section=i == len(group) - 1)

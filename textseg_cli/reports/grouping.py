@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from textseg_cli.metrics.table import metric_names
 from textseg_cli.reports.results import _n_cases, _settings, paired_wilcoxon
-from textseg_cli.reports.summary import METRICS, case_level, headline
+from textseg_cli.reports.summary import case_level, headline
 from textseg_cli.reports.tables import ResultRow
 
 GROUP_KEYS = ("method",)
@@ -37,7 +38,7 @@ def grouped_rows(results: Sequence, class_name: str | None = None) -> list[Resul
     for (name, labeled), members in groups.items():
         per_run = [headline(r.summary, class_name) for r in members]
         stats = {}
-        for m in METRICS:
+        for m in metric_names():
             v = np.array([float(h[m]["mean"]) for h in per_run if m in h], dtype=float)
             v = v[np.isfinite(v)]
             stats[m] = {"mean": float(v.mean()) if v.size else float("nan"),

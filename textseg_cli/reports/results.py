@@ -12,7 +12,8 @@ import pandas as pd
 from scipy.stats import wilcoxon
 
 from textseg_cli.errors import ConfigError, DataError
-from textseg_cli.reports.summary import METRICS, case_level, headline, summarize
+from textseg_cli.metrics.table import metric_names
+from textseg_cli.reports.summary import case_level, headline, summarize
 from textseg_cli.reports.tables import ResultRow
 from textseg_cli.storage.files import read_json
 
@@ -48,7 +49,7 @@ def normalize_per_case(df: pd.DataFrame, path: Path) -> pd.DataFrame:
         raise DataError(f"per-case CSV lacks column(s) {missing}; found {list(df.columns)}", path)
     df = df.copy()
     df["case"] = df["case"].astype(str)
-    for m in METRICS:
+    for m in metric_names():
         if m not in df.columns:
             df[m] = np.nan
     for flag in ("pred_empty", "ref_empty"):

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from textseg_cli.metrics.table import metrics_2d
 from textseg_cli.reports.latex import latex_table
 from textseg_cli.reports.results import EvalResult, build_rows
 from textseg_cli.reports.tables import (
@@ -25,11 +26,15 @@ from textseg_cli.reports.tables import (
     latex_escape,
 )
 
-METRICS_2D = (("dice", "Dice (%)"), ("jaccard", "mIoU (%)"))
-
 
 def dataset_of(result: EvalResult) -> str:
     return str(result.meta.get("dataset") or result.source.name)
+
+
+def _arrow(metric, latex: bool) -> str:
+    if metric.higher_is_better:
+        return r"$\uparrow$" if latex else "↑"
+    return r"$\downarrow$" if latex else "↓"
 
 
 def _text_mark(value, latex: bool) -> str:
@@ -63,19 +68,19 @@ def grid(results: Sequence[EvalResult], class_name: str | None = None):
     return methods, datasets, cells, text
 
 
-def _value(row: ResultRow | None, metric: str) -> float:
-    if row is None or row.stats.get(metric) is None:
+def _value(row: ResultRow | None, metric) -> float:
+    if row is None or row.stats.get(metric.name) is None:
         return float("nan")
-    return 100.0 * float(row.stats[metric]["mean"])
+    return metric.scale * float(row.stats[metric.name]["mean"])
 
 
-def _cell(row: ResultRow | None, metric: str, std: bool) -> str:
+def _cell(row: ResultRow | None, metric, std: bool) -> str:
     v = _value(row, metric)
     if not math.isfinite(v):
         return "–"
     text = f"{v:.2f}"
     if std:
-        sd = 100.0 * float(row.stats[metric].get("std", float("nan")))
+        sd = metric.scale * float(row.stats[metric.name].get("std", float("nan")))
         if math.isfinite(sd):
             text += f" ± {sd:.2f}"
     return text
@@ -104,9 +109,9 @@ def render_table_2d(results: Sequence[EvalResult], fmt: str, std: bool = False, 
                 if row is None:
                     continue
                 rec = {"method": m, "uses_text": text.get(m), "dataset": ds, "n_images": row.n_cases}
-                for metric, _ in METRICS_2D:
-                    s = row.stats.get(metric, {})
-                    rec[f"{metric}_mean"], rec[f"{metric}_std"] = s.get("mean"), s.get("std")
+                for metric in metrics_2d():
+                    s = row.stats.get(metric.name, {})
+                    rec[f"{metric.name}_mean"], rec[f"{metric.name}_std"] = s.get("mean"), s.get("std")
                 rec.update(row.settings)
                 records.append(rec)
         buf = io.StringIO()
@@ -115,25 +120,26 @@ def render_table_2d(results: Sequence[EvalResult], fmt: str, std: bool = False, 
 
     best = {}
     for ds in datasets:
-        for metric, _ in METRICS_2D:
+        for metric in metrics_2d():
             vals = [v for v in (_value(cells.get((m, ds)), metric) for m in methods) if math.isfinite(v)]
-            best[(ds, metric)] = max(vals) if len(methods) > 1 and vals else None
+            best[(ds, metric.name)] = (max(vals) if metric.higher_is_better else min(vals)) if len(methods) > 1 \
+                and vals else None
 
     def body(bold):
         out = []
         for m in methods:
             line = [m, _text_mark(text.get(m), fmt == "latex")]
             for ds in datasets:
-                for metric, _ in METRICS_2D:
+                for metric in metrics_2d():
                     c = _cell(cells.get((m, ds)), metric, std)
-                    v, b = _value(cells.get((m, ds)), metric), best[(ds, metric)]
+                    v, b = _value(cells.get((m, ds)), metric), best[(ds, metric.name)]
                     line.append(bold(c) if b is not None and math.isfinite(v) and round(v, 2) == round(b, 2) else c)
             out.append(line)
         return out
 
     notes = _notes(results, cells, std)
     if fmt == "md":
-        head = ["Method", "Text"] + [f"{ds} {title}↑" for ds in datasets for _, title in METRICS_2D]
+        head = ["Method", "Text"] + [f"{ds} {m.header_2d}{_arrow(m, False)}" for ds in datasets for m in metrics_2d()]
         lines = ["| " + " | ".join(head) + " |", "| --- | :---: |" + " ---: |" * (len(head) - 2)]
         for cells_ in body(lambda t: f"**{t}**"):
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells_) + " |")
@@ -146,14 +152,15 @@ def render_table_2d(results: Sequence[EvalResult], fmt: str, std: bool = False, 
             return r"\textbf{" + latex_escape(t[1:-1]) + "}"
         return latex_escape(t)
 
-    head = [" & & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{latex_escape(ds)}}}" for ds in datasets) + r" \\",
-            " ".join(rf"\cmidrule(lr){{{3 + 2 * i}-{4 + 2 * i}}}" for i in range(len(datasets))),
-            "Method & Text & " + " & ".join(latex_escape(title) + r"$\uparrow$"
-                                            for _ in datasets for _, title in METRICS_2D) + r" \\"]
+    k = len(metrics_2d())  # columns per data set
+    head = [" & & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{latex_escape(ds)}}}" for ds in datasets) + r" \\",
+            " ".join(rf"\cmidrule(lr){{{3 + k * i}-{2 + k * (i + 1)}}}" for i in range(len(datasets))),
+            "Method & Text & " + " & ".join(latex_escape(m.header_2d) + _arrow(m, True)
+                                            for _ in datasets for m in metrics_2d()) + r" \\"]
     rows_tex = [[tex(c) for c in cells_] for cells_ in body(lambda t: "\x00" + t + "\x01")]
     caption = ("Results on " + ", ".join(datasets) + " (" + ("mean ± SD" if std else "mean")
                + " over images); best per column in bold.")
-    return latex_table(head, "lc" + "cc" * len(datasets), rows_tex, notes, caption=caption, label="tab:results-2d")
+    return latex_table(head, "lc" + "c" * k * len(datasets), rows_tex, notes, caption=caption, label="tab:results-2d")
 
 
 def is_2d(result: EvalResult) -> bool:

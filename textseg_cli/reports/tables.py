@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from textseg_cli.metrics.case import EMPTY_POLICIES
+from textseg_cli.metrics.table import DISTANCE, METRIC_TABLE, PERCENT
 from textseg_cli.reports.latex import (  # noqa: F401
     latex_escape,
     latex_table,
@@ -22,9 +23,7 @@ from textseg_cli.reports.latex import (  # noqa: F401
 
 TABLE_FORMATS = ("csv", "md", "latex")
 TABLE_SUFFIX = {"csv": ".csv", "md": ".md", "latex": ".tex"}
-# metric → (header, scale, higher is better)
-COLUMNS = {"dice": ("Dice (%)", 100.0, True), "jaccard": ("Jaccard (%)", 100.0, True),
-           "hd95": ("95HD", 1.0, False), "asd": ("ASD", 1.0, False)}
+# metric columns (header, scale, direction, unit): metrics.table.METRIC_TABLE, in its order
 
 
 @dataclass
@@ -56,7 +55,7 @@ def _count(n: int | None, n_train: int | None) -> str:
 
 def _value(row: ResultRow, metric: str) -> float:
     s = row.stats.get(metric)
-    return float("nan") if s is None else float(s["mean"]) * COLUMNS[metric][1]
+    return float("nan") if s is None else float(s["mean"]) * METRIC_TABLE[metric].scale
 
 
 def _cell(row: ResultRow, metric: str, std: bool) -> str:
@@ -65,7 +64,7 @@ def _cell(row: ResultRow, metric: str, std: bool) -> str:
         return "–"
     text = f"{v:.2f}"
     if std:
-        sd = float(row.stats[metric]["std"]) * COLUMNS[metric][1]
+        sd = float(row.stats[metric]["std"]) * METRIC_TABLE[metric].scale
         if math.isfinite(sd):
             text += f" ± {sd:.2f}"
     return text
@@ -93,7 +92,7 @@ def render_csv(rows: list[ResultRow]) -> str:
     records = []
     for r in rows:
         rec = {"method": r.method, "labeled": r.labeled, "unlabeled": r.unlabeled, "n_cases": r.n_cases}
-        for m in COLUMNS:
+        for m in METRIC_TABLE:
             s = r.stats.get(m, {})
             rec[f"{m}_mean"], rec[f"{m}_std"] = s.get("mean"), s.get("std")
             rec[f"{m}_median"] = s.get("median")
@@ -115,15 +114,23 @@ def _header(rows: list[ResultRow], latex: bool) -> list[str]:
     unit = _unit(rows)
     up, down = (r"$\uparrow$", r"$\downarrow$") if latex else ("↑", "↓")
     heads = ["Method", "Labeled", "Unlabeled"]
-    for m, (title, _, higher) in COLUMNS.items():
-        if latex:
-            title = title.replace("%", r"\%")
-        if m in ("hd95", "asd"):
+    for m in METRIC_TABLE.values():
+        title = m.header.replace("%", r"\%") if latex else m.header
+        if m.unit == DISTANCE:
             title = f"{title} ({unit})"
-        heads.append(f"{title}{up if higher else down}")
+        heads.append(f"{title}{up if m.higher_is_better else down}")
     if has_p_values(rows):
         heads.append("$p$ (Wilcoxon)" if latex else "p (Wilcoxon)")
     return heads
+
+
+def unit_label(m, distance_unit: str, latex: bool = False) -> str:
+    """The unit line of a two-line header: "(%)", "(voxel)" / "(mm)" for distances, "" for plain numbers."""
+    if m.unit == PERCENT:
+        return r"(\%)" if latex else "(%)"
+    if m.unit == DISTANCE:
+        return f"({latex_escape(distance_unit)})" if latex else f"({distance_unit})"
+    return ""
 
 
 def _method_cell(r: ResultRow) -> str:
@@ -133,11 +140,11 @@ def _method_cell(r: ResultRow) -> str:
 
 def _body(rows: list[ResultRow], std: bool, mark) -> list[list[str]]:
     """Cells of each row; `mark(text, "best"|"second"|None)` decorates metric cells (best per column)."""
-    marks = {m: rank_marks([_value(r, m) for r in rows], COLUMNS[m][2]) for m in COLUMNS}
+    marks = {m: rank_marks([_value(r, m) for r in rows], spec.higher_is_better) for m, spec in METRIC_TABLE.items()}
     body = []
     for i, r in enumerate(rows):
         cells = [_method_cell(r), _count(r.labeled, r.n_train), _count(r.unlabeled, r.n_train)]
-        cells += [mark(_cell(r, m, std), marks[m][i]) for m in COLUMNS]
+        cells += [mark(_cell(r, m, std), marks[m][i]) for m in METRIC_TABLE]
         if has_p_values(rows):
             cells.append(_p_cell(r, i == 0))
         body.append(cells)
@@ -155,9 +162,9 @@ def render_markdown(rows: list[ResultRow], notes: list[str], std: bool = False) 
 def _latex_header(rows: list[ResultRow]) -> list[str]:
     """Two header rows (names with arrows; units below), narrower than one row of "Jaccard (%)↑"."""
     top, units = ["Method", "Labeled", "Unlabeled"], ["", "", ""]
-    for m, (title, scale, higher) in COLUMNS.items():
-        top.append(title.split(" (")[0] + (r"$\uparrow$" if higher else r"$\downarrow$"))
-        units.append(r"(\%)" if scale == 100.0 else f"({latex_escape(_unit(rows))})")
+    for m in METRIC_TABLE.values():
+        top.append(latex_escape(m.title) + (r"$\uparrow$" if m.higher_is_better else r"$\downarrow$"))
+        units.append(unit_label(m, _unit(rows), latex=True))
     if has_p_values(rows):
         top.append("$p$")  # the notes name the test
         units.append("")

@@ -19,6 +19,7 @@ import yaml
 from textseg_cli.data.names import canonical_name
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.registry import method_config_path
+from textseg_cli.metrics.case import EMPTY_POLICIES
 from textseg_cli.runtime.precision import inference_request
 from textseg_cli.storage.files import atomic_write_text
 
@@ -215,6 +216,8 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
             raise ConfigError(f"mode {sect['mode']!r}: expected sliding or whole")
 
     inference_request(cfg)  # names train.precision / inference.precision when either is not auto|fp32|bf16
+    if val.get("empty_policy") is not None and str(val["empty_policy"]) not in EMPTY_POLICIES:
+        raise ConfigError(f"val.empty_policy {val['empty_policy']!r}: expected one of {', '.join(EMPTY_POLICIES)}")
     if str(val.get("split")) == "test":
         raise ConfigError("val.split=test: selecting checkpoints on the test split is refused; "
                           "use a validation split carved from the training cases")
