@@ -12,8 +12,9 @@ from scipy.stats import wilcoxon
 
 from textseg_cli.errors import DataError, OutputExistsError
 from textseg_cli.reports import compare_results, load_result, summarize
+from textseg_cli.reports.latex import latex_escape
 from textseg_cli.reports.results import paired_wilcoxon
-from textseg_cli.reports.tables import ResultRow, latex_escape, render_table
+from textseg_cli.reports.tables import ResultRow, render_table
 
 
 def _per_case(values: dict[str, list[float]], classes=("foreground",), empty=()) -> pd.DataFrame:

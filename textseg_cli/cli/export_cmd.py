@@ -22,10 +22,10 @@ def export(
 ) -> None:
     """Export the network (one patch in, softmax probabilities out), load it back and compare outputs."""
     from textseg_cli.inference.export import export_run  # lazy: keeps `textseg --help` torch-free
-    from textseg_cli.inference.predict import _parse_decoder  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.inference.settings import parse_decoder  # lazy: keeps `textseg --help` torch-free
 
     rec = export_run(run_dir, out, fmt=fmt, checkpoint=checkpoint,
-                     decoder=_parse_decoder(decoder) if decoder is not None else None, force=force)
+                     decoder=parse_decoder(decoder) if decoder is not None else None, force=force)
     console.print(f"exported {rec['method']} ({rec['format']}, input {rec['input']}) to "
                   f"{out or Path(run_dir) / 'export'}; load-back max |diff| {rec['load_back_check']['max_abs_diff']:.2e}",
                   highlight=False)

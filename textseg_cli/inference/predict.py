@@ -16,7 +16,6 @@ from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.inference import replay
 from textseg_cli.inference.fusion import fused_for_inference
 from textseg_cli.inference.settings import InferenceSettings
-from textseg_cli.inference.settings import parse_decoder as _parse_decoder  # noqa: F401 (cli/export_cmd.py)
 from textseg_cli.inference.sliding_window import (
     sliding_window_inference,
     whole_volume_inference,

@@ -13,7 +13,7 @@ import pandas as pd
 
 from textseg_cli.metrics.case import EMPTY_POLICIES
 from textseg_cli.metrics.table import DISTANCE, METRIC_TABLE, PERCENT
-from textseg_cli.reports.latex import (  # noqa: F401
+from textseg_cli.reports.latex import (
     latex_escape,
     latex_table,
     mark_latex,

@@ -80,15 +80,37 @@ def check_out_path(out: str | Path, inputs: Iterable[str | Path] = (), sources: 
 
 
 def read_manifest(folder: str | Path) -> dict | None:
+    """The folder's manifest, its entry names checked (a manifest may come from someone else's folder)."""
     path = Path(folder) / MANIFEST
     try:
         with open(path, encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_SH)
-            return json.load(f)
+            man = json.load(f)
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return {"command": None, "entries": []}
+    if not isinstance(man, dict):
+        return {"command": None, "entries": []}
+    check_entry_names(man.get("entries", []), path)
+    return man
+
+
+def check_entry_names(entries: object, manifest: Path) -> None:
+    """Every entry must name a direct child of the folder: a plain name, no separator, not `.`/`..`, not absolute.
+
+    --force and the clean-up after a failure remove the listed entries, so a doctored name such as `../sibling`
+    or `/abs/dir` would delete outside the folder; it is refused, naming the manifest and the entry, and nothing is
+    removed."""
+    if not isinstance(entries, list):
+        raise OutputOwnershipError(f"'entries' must be a list of names, got {type(entries).__name__}; textseg will "
+                                   "not remove anything on its word", manifest)
+    for name in entries:
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+                or os.path.isabs(name)):
+            raise OutputOwnershipError(f"lists the entry {name!r}, which is not a plain name inside this folder; "
+                                       "textseg will not remove or overwrite anything on its word (delete the "
+                                       "manifest if the folder is yours)", manifest)
 
 
 def _write_manifest(folder: Path, data: dict) -> None:
@@ -165,6 +187,7 @@ def _listing(names: list[str]) -> str:
 
 
 def _remove(p: Path) -> None:
+    """Remove one entry of an owned folder: a symlink is unlinked, never followed."""
     if p.is_symlink() or p.is_file():
         p.unlink(missing_ok=True)
     elif p.is_dir():
@@ -239,7 +262,10 @@ def discard_if_unfinished(folder: str | Path, finished: Iterable[str] = (), keep
         return False
     if any((folder / f).exists() for f in finished):
         return False
-    man = read_manifest(folder)
+    try:
+        man = read_manifest(folder)
+    except OutputOwnershipError:  # a doctored manifest: remove nothing
+        return False
     if man is None or _foreign(folder, man):
         return False
     for name in man.get("entries", []):
