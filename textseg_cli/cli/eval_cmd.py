@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import List, Optional
 
@@ -29,6 +30,7 @@ def _forbid(mode: str, **given) -> None:
 def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc, spacing_mm, empty_policy, table,
               force, device, name=None, **extra) -> None:
     from textseg_cli.evaluation.run import evaluate_run  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
     split = split or "val"
     if split not in _RUN_SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
@@ -36,10 +38,12 @@ def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc,
         raise ConfigError(f"--inference {inference!r}: expected sliding or whole")
     if split == "test":
         warn_test_split()
-    evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
-                 inference=inference, out=out, lcc=lcc, spacing_mm=spacing_mm,
-                 empty_policy=empty_policy, table=table, force=force, device=device,
-                 **{k: v for k, v in dict(extra, name=name).items() if v not in (None, False, 0)})
+    # an explicit --out is locked for the whole evaluation (the default one, inside RUN, holds the run's lock)
+    with locked_output(out, "eval", inputs=[run_dir]) if out is not None else contextlib.nullcontext():
+        evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
+                     inference=inference, out=out, lcc=lcc, spacing_mm=spacing_mm,
+                     empty_policy=empty_policy, table=table, force=force, device=device,
+                     **{k: v for k, v in dict(extra, name=name).items() if v not in (None, False, 0)})
 
 
 @app.command("eval")
@@ -112,6 +116,10 @@ def eval_command(
     precision: Optional[str] = typer.Option(
         None, "--precision", help="RUN_DIR: auto, fp32 or bf16 (default: the run's rule; auto = bf16 on CUDA and "
                                   "on CPUs with bf16 units, unless the run trained in fp32)."),
+    allow_train_cases: bool = typer.Option(
+        False, "--allow-train-cases", help="RUN_DIR: score cases the run trained on (RUN/cases.json) when the split "
+                                           "holds some (default: an error); meta.json and the tables mark the "
+                                           "result."),
 ) -> None:
     """Evaluate predictions (Dice, Jaccard, 95HD, ASD; equal to medpy) and build results tables.
 
@@ -131,7 +139,7 @@ def eval_command(
         _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
                 checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
                 labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume, overlays=overlays,
-                uses_text=uses_text, precision=precision)
+                uses_text=uses_text, precision=precision, allow_train_cases=allow_train_cases)
         if empty_policy is not None:
             raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
         _compare_mode(targets, table, out, force, std, class_name, layout, group_by)
@@ -146,7 +154,8 @@ def eval_command(
             raise ConfigError("give either RUN_DIR or --pred/--labels, not both")
         if pred is None or labels is None:
             raise ConfigError("--pred and --labels must be given together")
-        _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device, precision=precision)
+        _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device, precision=precision,
+                allow_train_cases=allow_train_cases)
         policy = {} if empty_policy is None else {"empty_policy": empty_policy}  # None: evaluate_folders' default
         _folder_mode(pred, labels, out=out, table=table, lcc=bool(lcc), spacing_mm=spacing_mm, **policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
@@ -162,7 +171,8 @@ def eval_command(
             uses_text=uses_text)
     _run_mode(targets[0], split=split, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
               spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
-              eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision, name=name)
+              eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision, name=name,
+              allow_train_cases=allow_train_cases)
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:

@@ -22,6 +22,8 @@ def export_data_cmd(
 ) -> None:
     """Write the same cases and train/val split for nnU-Net (fully supervised baseline) or MSD tools."""
     from textseg_cli.data.prep.nnunet import export_data  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    export_data(prepared, out, fmt=fmt, labeled=labeled, force=force)
+    with locked_output(out, "export-data", inputs=[prepared]):  # no concurrent writer in out
+        export_data(prepared, out, fmt=fmt, labeled=labeled, force=force)
     console.print(f"wrote {fmt} layout to {out}")

@@ -45,8 +45,10 @@ def predict(
     """Segment new images with a trained run: the training data's preprocessing is replayed and the masks are
     mapped back onto each input's own grid (spacing, origin, direction)."""
     from textseg_cli.inference.predict import predict_folder  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
-                   device=device, normalize=normalize, sw_batch_size=sw_batch_size,
-                   out_device="cpu" if buffer_on_cpu else None, precision=precision,
-                   preprocessed=preprocessed, save_probabilities=save_probabilities, nan_policy=nan_policy)
+    with locked_output(out, "predict", inputs=[run_dir], sources=[images]):  # no concurrent writer in out
+        predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
+                       device=device, normalize=normalize, sw_batch_size=sw_batch_size,
+                       out_device="cpu" if buffer_on_cpu else None, precision=precision,
+                       preprocessed=preprocessed, save_probabilities=save_probabilities, nan_policy=nan_policy)

@@ -36,10 +36,12 @@ def prep_brats_cmd(
 
     FLAIR → crop to the brain → clip at the 99.9th percentile → z-score over brain voxels; label = seg > 0."""
     from textseg_cli.data.prep.brats import prep_brats  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    ds = prep_brats(src, out, modalities=modalities.split(","), split=split, split_file=split_file, seed=seed,
-                    clip_upper=None if clip >= 100 else clip, crop_margin=crop_margin, spacing=spacing,
-                    normalize=normalize, label_geometry=label_geometry, workers=workers, force=force,
-                    drop_failed=drop_failed)
+    with locked_output(out, "prep brats", prep_sources=[src]):  # no concurrent prep/--force in out
+        ds = prep_brats(src, out, modalities=modalities.split(","), split=split, split_file=split_file, seed=seed,
+                        clip_upper=None if clip >= 100 else clip, crop_margin=crop_margin, spacing=spacing,
+                        normalize=normalize, label_geometry=label_geometry, workers=workers, force=force,
+                        drop_failed=drop_failed)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     console.print(f"prepared [bold]brats2019[/]: {len(ds.case_ids)} cases ({counts}) → {out}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from textseg_cli.cli import prep_app
-from textseg_cli.console import console
+from textseg_cli.console import console, err_console
+from textseg_cli.errors import DataError
 
 
 @prep_app.command("check")
@@ -17,8 +19,15 @@ def prep_check_cmd(
                                   "matching shapes, label values within the classes."),
 ) -> None:
     """Validate a prepared data set; errors name the file or case at fault."""
-    from textseg_cli.data.prepared import load_prepared  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.data.prepared import case_id_report, load_prepared  # lazy: keeps `textseg --help` torch-free
 
+    if (data / "dataset.json").is_file():
+        problems = case_id_report(data)  # every unsafe ID, one line each (loading stops at the first)
+        if problems:
+            for line in problems:
+                err_console.print(f"[red]bad case id:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            raise DataError(f"{len(problems)} unsafe or repeated case id(s) (case IDs become file names)",
+                            data / "dataset.json")
     ds = load_prepared(data)
     if contents:
         ds.validate_files(check_contents=True)

@@ -55,11 +55,14 @@ def prep_custom_cmd(
 
     Same windowing, resampling, cropping, normalisation and split options as the benchmark preparers."""
     from textseg_cli.data.prep.custom import prep_custom  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    ds = prep_custom(images, out, labels=labels, modality=modality,
-                     classes=classes.split(",") if classes else None, name=name, spacing=spacing, window=window,
-                     window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin, normalize=normalize,
-                     split=split, split_file=split_file, seed=seed, require_labels=require_labels,
-                     label_geometry=label_geometry, workers=workers, force=force, drop_failed=drop_failed, folds=folds,
-                     nan_policy=nan_policy)
+    # locked: no concurrent prep/--force in out
+    with locked_output(out, "prep custom", prep_sources=[images, *([labels] if labels else [])]):
+        ds = prep_custom(images, out, labels=labels, modality=modality,
+                         classes=classes.split(",") if classes else None, name=name, spacing=spacing, window=window,
+                         window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin,
+                         normalize=normalize, split=split, split_file=split_file, seed=seed,
+                         require_labels=require_labels, label_geometry=label_geometry, workers=workers, force=force,
+                         drop_failed=drop_failed, folds=folds, nan_policy=nan_policy)
     _report(ds.name, ds, out)

@@ -33,10 +33,12 @@ def prep_la_cmd(
 
     Absent cases of the standard split are reported by name; images of the h5 layout are copied unchanged."""
     from textseg_cli.data.prep.la import prep_la  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
     ids = None if cases is None else [c for c in cases.split(",") if c.strip()]
-    ds = prep_la(src, out, n_val=val, seed=seed, force=force, workers=workers, keep_labeled=keep_labeled,
-                 cases=ids, n_test=test, drop_failed=drop_failed)
+    with locked_output(out, "prep la", prep_sources=[src]):  # no concurrent prep/--force in out
+        ds = prep_la(src, out, n_val=val, seed=seed, force=force, workers=workers, keep_labeled=keep_labeled,
+                     cases=ids, n_test=test, drop_failed=drop_failed)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     console.print(f"prepared [bold]la[/]: {len(ds.case_ids)} cases ({counts}); labeled = first "
                   f"{ds.spec['labeled']['default']} of train by default; patch {ds.patch_size} → {out}")

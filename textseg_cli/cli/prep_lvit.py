@@ -32,7 +32,8 @@ def prep_lvit_cmd(
     from textseg_cli.data.prep.lvit import prep_lvit  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.storage.outputs import discard_on_failure  # lazy: keeps `textseg --help` torch-free
 
-    with discard_on_failure(out):  # a failed run leaves nothing that would demand --force
+    # locked: no concurrent prep/--force in out; a failed run leaves nothing that would demand --force
+    with discard_on_failure(out, command="prep lvit", prep_sources=[src]):
         ds = prep_lvit(src, out, allow_missing_text=allow_missing_text, resize=resize, force=force, name=name,
                        modality=modality, protocol=protocol)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())

@@ -49,11 +49,13 @@ def prep_msd_cmd(
 ) -> None:
     """Prepare any Medical Segmentation Decathlon task; class names come from its dataset.json."""
     from textseg_cli.data.prep.msd import prep_msd  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    ds = prep_msd(src, out, channels=channels.split(",") if channels else None, name=name, spacing=spacing,
-                  window=window, window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin,
-                  normalize=normalize, split=split, split_file=split_file, seed=seed, label_geometry=label_geometry,
-                  workers=workers, force=force, drop_failed=drop_failed)
+    with locked_output(out, "prep msd", prep_sources=[src]):  # no concurrent prep/--force in out
+        ds = prep_msd(src, out, channels=channels.split(",") if channels else None, name=name, spacing=spacing,
+                      window=window, window_preset=window_preset, clip=clip, crop=crop, crop_margin=crop_margin,
+                      normalize=normalize, split=split, split_file=split_file, seed=seed, label_geometry=label_geometry,
+                      workers=workers, force=force, drop_failed=drop_failed)
     _report(ds.name, ds, out)
 
 
@@ -81,8 +83,10 @@ def prep_lung_cmd(
 
     Optional resampling → crop to the body → lung window (-600/1500) to [0, 1] → z-score."""
     from textseg_cli.data.prep.msd import prep_lung  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    ds = prep_lung(src, out, spacing=spacing, window=window, window_preset=window_preset, crop=crop,
-                   crop_margin=crop_margin, normalize=normalize, split=split, split_file=split_file, seed=seed,
-                   label_geometry=label_geometry, workers=workers, force=force, drop_failed=drop_failed)
+    with locked_output(out, "prep lung", prep_sources=[src]):  # no concurrent prep/--force in out
+        ds = prep_lung(src, out, spacing=spacing, window=window, window_preset=window_preset, crop=crop,
+                       crop_margin=crop_margin, normalize=normalize, split=split, split_file=split_file, seed=seed,
+                       label_geometry=label_geometry, workers=workers, force=force, drop_failed=drop_failed)
     _report("lung", ds, out)

@@ -32,8 +32,10 @@ def prep_nnunet_cmd(
 ) -> None:
     """Prepare an nnU-Net v2 raw data set, keeping its class and channel names and splits_final.json folds."""
     from textseg_cli.data.prep.nnunet import prep_nnunet  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    ds = prep_nnunet(src, out, splits_final=splits_final, name=name, spacing=spacing, window=window,
-                     window_preset=window_preset, crop=crop, normalize=normalize, split=split, seed=seed,
-                     workers=workers, force=force)
+    with locked_output(out, "prep nnunet", prep_sources=[src]):  # no concurrent prep/--force in out
+        ds = prep_nnunet(src, out, splits_final=splits_final, name=name, spacing=spacing, window=window,
+                         window_preset=window_preset, crop=crop, normalize=normalize, split=split, seed=seed,
+                         workers=workers, force=force)
     _report(ds.name, ds, out)

@@ -49,11 +49,13 @@ def prep_pancreas_cmd(
     Every value is an option below and is recorded in dataset.json."""
     from textseg_cli.data.prep.pancreas import prep_pancreas  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.data.prep.steps import parse_spacing  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
-    ds = prep_pancreas(src, out, labels=labels, layout=layout, spacing=spacing, window=window,
-                       window_preset=window_preset, crop_min_size=crop_min_size, crop_margin=crop_margin,
-                       normalize=normalize, h5_spacing=parse_spacing(h5_spacing) or (1.0, 1.0, 1.0),
-                       label_geometry=label_geometry, n_val=val, keep_labeled=keep_labeled, seed=seed,
-                       workers=workers, force=force, drop_failed=drop_failed)
+    with locked_output(out, "prep pancreas", prep_sources=[src, *([labels] if labels else [])]):
+        ds = prep_pancreas(src, out, labels=labels, layout=layout, spacing=spacing, window=window,
+                           window_preset=window_preset, crop_min_size=crop_min_size, crop_margin=crop_margin,
+                           normalize=normalize, h5_spacing=parse_spacing(h5_spacing) or (1.0, 1.0, 1.0),
+                           label_geometry=label_geometry, n_val=val, keep_labeled=keep_labeled, seed=seed,
+                           workers=workers, force=force, drop_failed=drop_failed)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     console.print(f"prepared [bold]pancreas[/]: {len(ds.case_ids)} cases ({counts}) → {out}")

@@ -36,7 +36,8 @@ def prep_slices_cmd(
     from textseg_cli.data.prep.slices import prep_slices  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.storage.outputs import discard_on_failure  # lazy: keeps `textseg --help` torch-free
 
-    with discard_on_failure(out):  # a failed run leaves nothing that would demand --force
+    # locked: no concurrent prep/--force in out; a failed run leaves nothing that would demand --force
+    with discard_on_failure(out, command="prep slices", prep_sources=[src]):
         ds = prep_slices(src, out, axis=axis, classes=classes, skip_empty_ratio=skip_empty_ratio, template=template,
                          seed=seed, force=force)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())

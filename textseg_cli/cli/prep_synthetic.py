@@ -45,18 +45,22 @@ def prep_synthetic_cmd(
     """Generate a deterministic CT-like synthetic data set (organ with texture and noise inside a body with
     spine, aorta and organ-like distractor blobs; HU windowed to [0, 1], then z-scored)."""
     from textseg_cli.data.prep import synthetic as syn  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import discard_on_failure  # lazy: keeps `textseg --help` torch-free
     size_t = parse_size(size, "--size")
-    if dim == 2:
-        if patch is not None:
-            raise ConfigError("--patch applies to 3D synthetic data only")
-        ds = syn.prep_synthetic_2d_given(out, force, size_t, n_cases=cases, seed=seed, n_val=val, n_test=test,
-                                         n_classes=classes)
-    else:
-        if size_t is not None and len(size_t) == 1:
-            size_t = size_t * 3
-        ds = syn.prep_synthetic(out, n_cases=20 if cases is None else cases, size=size_t, n_classes=classes,
-                                seed=seed, n_val=4 if val is None else val, n_test=4 if test is None else test,
-                                force=force, patch_size=parse_size(patch, "--patch"))
+    if dim == 2 and patch is not None:
+        raise ConfigError("--patch applies to 3D synthetic data only")
+    if dim != 2 and size_t is not None and len(size_t) == 1:
+        size_t = size_t * 3
+    patch_t = parse_size(patch, "--patch")
+    # locked: no concurrent prep/--force in out; a failed run leaves nothing that would demand --force
+    with discard_on_failure(out, command="prep synthetic"):
+        if dim == 2:
+            ds = syn.prep_synthetic_2d_given(out, force, size_t, n_cases=cases, seed=seed, n_val=val, n_test=test,
+                                             n_classes=classes)
+        else:
+            ds = syn.prep_synthetic(out, n_cases=20 if cases is None else cases, size=size_t, n_classes=classes,
+                                    seed=seed, n_val=4 if val is None else val, n_test=4 if test is None else test,
+                                    force=force, patch_size=patch_t)
     counts = ", ".join(f"{k} {len(v)}" for k, v in ds.spec["splits"].items())
     shape = "x".join(map(str, ds.spec["cases"][0]["shape"]))
     console.print(f"prepared [bold]{ds.name}[/] ({ds.dim}D, {shape}, classes {', '.join(ds.class_names[1:])}): "

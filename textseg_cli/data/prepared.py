@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from textseg_cli.data.io import read_nifti
+from textseg_cli.data.names import case_id_problems, check_case_id
 from textseg_cli.errors import DataError
 from textseg_cli.storage.files import read_json
 
@@ -162,6 +163,7 @@ def validate_spec(spec: Any, where: Path) -> dict[str, Any]:
     for i, c in enumerate(spec["cases"]):
         if not isinstance(c, dict) or "id" not in c or "image" not in c:
             raise DataError(f"cases[{i}] needs 'id' and 'image'", where)
+        check_case_id(c["id"], where)  # IDs become file names (eval, predict, export-data): no '/', '..'
         if c["id"] in ids:
             raise DataError(f"case '{c['id']}' listed twice", where)
         ids.add(c["id"])
@@ -171,7 +173,7 @@ def validate_spec(spec: Any, where: Path) -> dict[str, Any]:
                 raise DataError(f"field 'splits.{split}' must be a list of case ids, got {type(members).__name__} "
                                 f"{members!r:.60}", where)
             continue
-        unknown = [m for m in members if m not in ids]
+        unknown = [m for m in members if not isinstance(m, str) or m not in ids]
         if unknown:
             raise DataError(f"split '{split}' names unknown case(s) {unknown[:5]}", where)
         twice = sorted({m for m in members if members.count(m) > 1})
@@ -194,6 +196,16 @@ def check_split_overlap(splits: dict[str, Any], where: Path) -> None:
                 raise DataError(f"case(s) {both[:5]} are in both splits '{a}' and '{b}'"
                                 f"{f' ({len(both)} in all)' if len(both) > 5 else ''}; each case belongs to one "
                                 "split", where)
+
+
+def case_id_report(root: str | Path) -> list[str]:
+    """One line per unsafe or repeated case ID of a prepared folder's dataset.json (`textseg prep check`
+    lists them all; loading stops at the first file). Empty when the IDs are fine or the file has no case list."""
+    spec = read_json(Path(root) / "dataset.json")
+    cases = spec.get("cases") if isinstance(spec, dict) else None
+    if not isinstance(cases, list):
+        return []
+    return case_id_problems([c.get("id") for c in cases if isinstance(c, dict) and "id" in c])
 
 
 def load_prepared(root: str | Path, check_files: bool = True) -> PreparedDataset:

@@ -6,7 +6,8 @@ import math
 import random
 from typing import Sequence
 
-from textseg_cli.errors import ConfigError
+from textseg_cli.data.names import check_case_ids
+from textseg_cli.errors import ConfigError, DataError
 
 
 def parse_labeled(value: str | int | None, n_train: int) -> int:
@@ -59,5 +60,14 @@ def apply_fold(ds, fold: int | None) -> None:
         raise ConfigError(f"--fold {fold}: {ds.root} records no folds (prepare it with --folds K)")
     if not 0 <= int(fold) < len(folds):
         raise ConfigError(f"--fold {fold}: expected 0 to {len(folds) - 1} ({len(folds)} folds)")
-    ds.spec["splits"] = {**ds.spec["splits"], "train": list(folds[int(fold)]["train"]),
-                         "val": list(folds[int(fold)]["val"])}
+    chosen = folds[int(fold)]
+    where = ds.root / "dataset.json"
+    if not isinstance(chosen, dict) or not all(isinstance(chosen.get(k), list) for k in ("train", "val")):
+        raise DataError(f"extra.folds[{fold}] must hold 'train' and 'val' lists of case ids", where)
+    known = set(ds.case_ids)
+    for key in ("train", "val"):
+        check_case_ids(chosen[key], where)
+        unknown = [c for c in chosen[key] if c not in known]
+        if unknown:
+            raise DataError(f"extra.folds[{fold}].{key} names unknown case(s) {unknown[:10]}", where)
+    ds.spec["splits"] = {**ds.spec["splits"], "train": list(chosen["train"]), "val": list(chosen["val"])}

@@ -30,6 +30,7 @@ from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
 from textseg_cli.runs.cases import read_cases
 from textseg_cli.runs.load import load_run
 from textseg_cli.runtime.device import resolve_device
+from textseg_cli.storage.files import child_path
 from textseg_cli.storage.outputs import prepare_output_dir, run_lock
 
 
@@ -41,6 +42,31 @@ def _labeled_counts(run) -> tuple[int | None, int | None]:
     data_cfg = run.config.get("data") or {}
     lab = data_cfg.get("labeled")
     return (int(lab) if isinstance(lab, int) or (isinstance(lab, str) and lab.isdigit()) else None), None
+
+
+def _trained_cases(run_dir: Path, split: str, ids: list[str], allow: bool) -> list[str] | None:
+    """The cases of `ids` the run trained on (labeled or unlabeled, RUN/cases.json); refused unless `allow`.
+
+    dataset.json can change after training (a case moved from train to val/test); scoring such a case
+    silently inflates the result. None: the run records no cases.json (older runs), so nothing is checked."""
+    cases = read_cases(run_dir)
+    if cases is None:
+        err_console.print(f"[yellow]warning:[/] {run_dir} has no readable cases.json; cannot check that split "
+                          f"'{split}' holds no case the run trained on", highlight=False, soft_wrap=True)
+        return None
+    seen = cases.training_cases()
+    trained = [cid for cid in ids if cid in seen]
+    if trained and not allow:
+        more = f" and {len(trained) - 10} more" if len(trained) > 10 else ""
+        raise DataError(f"{len(trained)} case(s) of split '{split}' were training cases of this run: "
+                        f"{', '.join(trained[:10])}{more} (dataset.json changed after training?); scoring them "
+                        "inflates the result. Evaluate a split without them, or pass --allow-train-cases to score "
+                        "them anyway (the result is marked)", run_dir)
+    if trained:
+        err_console.print(f"[bold yellow]warning:[/] scoring {len(trained)} case(s) this run trained on "
+                          f"(--allow-train-cases); meta.json and the tables mark the result", highlight=False,
+                          soft_wrap=True)
+    return trained
 
 
 def default_eval_dir(run_dir: Path, split: str, checkpoint: str, inference: str, decoder) -> Path:
@@ -73,7 +99,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                   spacing_mm: bool = False, empty_policy: str | None = None, table: str | None = None,
                   force: bool = False, device: str | None = None, eval_size: int | None = None,
                   per_volume: bool = False, overlays: int = 0, threshold: float = 0.5, precision: str | None = None,
-                  name: str | None = None):
+                  name: str | None = None, allow_train_cases: bool = False):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
@@ -94,6 +120,8 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     Text-SemiSeg runs, as their official test scripts); True/False force it.
     `name`: the display name tables show for this run (default: the method).
     `empty_policy` None: the run's `val.empty_policy`, the policy its validation Dice (best.pt) used.
+    A case the run trained on (RUN/cases.json; dataset.json may have changed since) is refused, unless
+    `allow_train_cases`: then meta.json lists them (`train_cases_evaluated`) and every table built from it says so.
     """
 
     run_dir = Path(run_dir)
@@ -123,6 +151,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     if unlabeled:
         raise DataError(f"split '{split}' holds case(s) without a label, cannot score them: {unlabeled[:5]}",
                         ds.root / "dataset.json")
+    trained = _trained_cases(run_dir, split, ids, allow_train_cases)
     rule = getattr(run, "checkpoint_rule", checkpoint)  # "best" falls back to "last" when validation was off
     out = Path(out) if out is not None else default_eval_dir(run_dir, split, rule if rule != "file" else checkpoint,
                                                               settings.mode, settings.decoder)
@@ -137,7 +166,8 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
             if callable(set_text):
                 set_text(case.text, case_id=cid)
             mask = mask_from_probs(predict_case(run.method, case.image, settings, dev), ds.dim, threshold)
-            write_mask(pred_dir / f"{cid}.nii.gz", mask, read_input_image(ds.image_path(cid), ds.dim, name=cid))
+            write_mask(child_path(pred_dir, cid, ".nii.gz"), mask,
+                       read_input_image(ds.image_path(cid), ds.dim, name=cid))
             yield cid, mask, case.label, tuple(case.spacing)
 
     stream = pairs()
@@ -173,6 +203,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
         "precision": settings.precision.name,
         **scoring_meta(3 if per_volume else ds.dim, ds.name, per_volume, method_uses_text(run.method)),
         "overlays": [p.name for p in written],
+        "train_cases_evaluated": trained,  # None: the run records no cases.json, nothing could be checked
     }
     if run_uses_random_clip(run.config):  # an explicit choice at train time; every row of this result says so
         meta["clip"] = RANDOM_LABEL

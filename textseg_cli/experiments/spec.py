@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from textseg_cli.data.names import case_id_problem
 from textseg_cli.errors import ConfigError
 from textseg_cli.evaluation.folders import check_empty_policy
 from textseg_cli.methods.registry import list_methods
@@ -211,6 +212,10 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ConfigError(f"methods[{i}]: unknown method {m['method']!r}; available: {', '.join(known)}", path)
         sets = m.get("set") or []
         sets = [sets] if isinstance(sets, str) else [str(s) for s in sets]
+        if m.get("id") is not None:  # becomes the folder OUT/runs/<id>/: no separators, no '..'
+            why = case_id_problem(str(m["id"]), "id")
+            if why is not None:
+                raise ConfigError(f"methods[{i}]: {why}", path)
         cfg = m.get("config") or {}
         if not isinstance(cfg, dict):
             raise ConfigError(f"methods[{i}].config: expected a mapping", path)

@@ -23,7 +23,7 @@ from textseg_cli.inference.sliding_window import (
 from textseg_cli.runs.load import load_run
 from textseg_cli.runtime.device import resolve_device
 from textseg_cli.runtime.precision import Precision, resolve_precision
-from textseg_cli.storage.files import atomic_write_json
+from textseg_cli.storage.files import atomic_write_json, child_path
 from textseg_cli.storage.outputs import prepare_output_dir
 
 
@@ -174,11 +174,11 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                 bar.advance(task)
                 continue
             mask = probs_to_mask(probs)
-            target = out / replay.output_name(files[0], name)
+            target = child_path(out, replay.output_name(files[0], name))
             replay.write_like(target, mask if raw is None else raw.restore_mask(mask), files[0])
             if save_probabilities:
                 p = probs.to(device="cpu", dtype=torch.float32).numpy()
-                replay.write_like(out / replay.output_name(files[0], name, "_probs"),
+                replay.write_like(child_path(out, replay.output_name(files[0], name, "_probs")),
                                   p if raw is None else raw.restore_probs(p), files[0], channels=True)
             written.append(target)
             bar.advance(task)

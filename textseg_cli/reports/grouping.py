@@ -61,6 +61,9 @@ def grouped_rows(results: Sequence, class_name: str | None = None) -> list[Resul
         meta = members[0].meta
         settings = _settings(meta)
         settings["n_runs"] = len(members)
+        n_train_cases = sum(_settings(r.meta).get("n_train_cases_evaluated", 0) for r in members)
+        if n_train_cases:  # a run of the group scored cases it trained on (`eval --allow-train-cases`)
+            settings["n_train_cases_evaluated"] = n_train_cases
         rows.append(ResultRow(method=name, stats=stats, labeled=labeled, unlabeled=meta.get("unlabeled"),
                               n_train=meta.get("n_train"), n_cases=_n_cases(per_run[0]), p_value=p,
                               n_common=n_common, settings=settings))

@@ -24,7 +24,7 @@ from textseg_cli.console import progress
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError
 from textseg_cli.metrics import dice
-from textseg_cli.storage.files import atomic_path
+from textseg_cli.storage.files import atomic_path, child_path
 from textseg_cli.storage.outputs import guard_output_file
 
 REFERENCE_COLOUR = (0, 255, 0)
@@ -238,7 +238,7 @@ def overlay_tap(pairs: Iterable[tuple], n: int, out_dir: str | Path, image_of: C
             image, text = image_of(cid) if image_of is not None else (None, None)
             d = dice(np.asarray(pred) > 0, np.asarray(ref) > 0)
             pic = render_case(image, ref, pred, text, f"{cid}   Dice {100 * d:.2f}%", dim=np.ndim(ref))
-            path = save_png(pic, Path(out_dir) / f"{cid}.png", force)
+            path = save_png(pic, child_path(out_dir, cid, ".png"), force)
             if written is not None:
                 written.append(path)
             count += 1
@@ -270,8 +270,7 @@ def prepared_overlays(data: str | Path, out: str | Path | None = None, n: int = 
     chosen = spread(ids, n)
     out_dir = Path(out) if out is not None else Path(data) / "overlays"
     for cid in chosen:  # fail before drawing anything
-
-        guard_output_file(out_dir / f"{cid}.png", force)
+        guard_output_file(child_path(out_dir, cid, ".png"), force)
     paths = []
     with progress() as bar:
         task = bar.add_task("overlays", total=len(chosen), info="")
@@ -279,6 +278,6 @@ def prepared_overlays(data: str | Path, out: str | Path | None = None, n: int = 
             case = ds.load_case(cid, with_label=ds.has_label(cid))
             title = f"{ds.name} / {cid}" + ("" if case.label is not None else " (no label)")
             pic = render_case(case.image, case.label, None, case.text, title, dim=ds.dim)
-            paths.append(save_png(pic, out_dir / f"{cid}.png", force))
+            paths.append(save_png(pic, child_path(out_dir, cid, ".png"), force))
             bar.update(task, advance=1, info=cid)
     return paths

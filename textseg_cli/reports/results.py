@@ -128,8 +128,11 @@ def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float | None, int]:
 
 
 def _settings(meta: dict) -> dict:
+    # `eval --allow-train-cases`: cases the run trained on were scored; every table built from it says so
+    n_train_cases = len(meta.get("train_cases_evaluated") or [])
     return {**{k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule", "precision")},
-            "n_missing": len(meta.get("missing_predictions") or [])}
+            "n_missing": len(meta.get("missing_predictions") or []),
+            **({"n_train_cases_evaluated": n_train_cases} if n_train_cases else {})}
 
 
 def _n_cases(stats: dict) -> int | None:

@@ -102,6 +102,8 @@ def render_csv(rows: list[ResultRow]) -> str:
         rec["n_common_cases"] = r.n_common
         for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule", "precision"):
             rec[k] = r.settings.get(k)
+        if any(row.settings.get("n_train_cases_evaluated") for row in rows):  # `eval --allow-train-cases`
+            rec["n_train_cases_evaluated"] = int(r.settings.get("n_train_cases_evaluated") or 0)
         records.append(rec)
     frame = pd.DataFrame(records).astype({"labeled": "Int64", "unlabeled": "Int64", "n_cases": "Int64",
                                            "n_empty": "Int64", "n_common_cases": "Int64"})
@@ -227,6 +229,11 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
     unscored = [f"{r.method}: {r.settings['n_missing']}" for r in rows if r.settings.get("n_missing")]
     if unscored:
         notes.append("References without a prediction (not scored, not in n): " + ", ".join(unscored) + ".")
+    trained = [f"{r.method}: {r.settings['n_train_cases_evaluated']}" for r in rows
+               if r.settings.get("n_train_cases_evaluated")]
+    if trained:  # `eval --allow-train-cases`
+        notes.append("WARNING: cases the run trained on are among the scored cases (optimistic; "
+                     "--allow-train-cases): " + ", ".join(trained) + ".")
     empties = [f"{r.method}: {r.stats['dice']['n_empty']}" for r in rows
                if r.stats.get("dice") and r.stats["dice"].get("n_empty")]
     if empties:

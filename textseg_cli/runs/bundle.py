@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from textseg_cli.data.prepared import PreparedDataset, load_prepared
+from textseg_cli.data.prepared import PreparedDataset, load_prepared, validate_spec
 from textseg_cli.errors import DataError
 from textseg_cli.storage.files import atomic_write_json, read_json
 from textseg_cli.text.embeddings import sidecar_path, tensor_path
@@ -73,6 +73,9 @@ def run_dataset(cfg: dict[str, Any], run_dir: Path, data_root: str | Path | None
     except DataError as exc:
         snap = run_dir / SNAPSHOT
         if data_root is None and snap.is_file():
-            return PreparedDataset(Path(root), read_json(snap))
+            spec_path = Path(root) / "dataset.json"
+            if spec_path.is_file():  # present but invalid (e.g. unsafe case IDs): an error, not a reason to fall back
+                validate_spec(read_json(spec_path), spec_path)
+            return PreparedDataset(Path(root), validate_spec(read_json(snap), snap))
         raise DataError(f"{exc} (the run's prepared data; it moved and the run has no {SNAPSHOT})",
                         run_dir / "config.yaml") from exc

@@ -48,6 +48,22 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def child_path(folder: str | Path, name: str, suffix: str = "") -> Path:
+    """`folder / (name + suffix)` for a per-case file, refused unless it lies directly inside `folder`.
+
+    `name` comes from other people's files (case IDs in dataset.json, split files): a name with separators,
+    `..`, an absolute path, or an existing symlink pointing out of `folder` must not let a writer reach
+    outside the output folder."""
+    folder = Path(folder)
+    target = folder / f"{name}{suffix}"
+    base = folder.resolve()
+    if (not name or name in (".", "..") or Path(name).name != name or "\\" in name or "\0" in name
+            or target.parent.resolve() != base or target.resolve().parent != base):
+        raise DataError(f"refusing to write {name + suffix!r}: the file would not lie directly inside this folder",
+                        folder)
+    return target
+
+
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file; a syntax error becomes a DataError naming the file."""
     try:

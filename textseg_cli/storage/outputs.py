@@ -4,26 +4,28 @@ Every output folder textseg creates holds a small manifest (`.textseg-output.jso
 that made it and the top-level entries textseg wrote there (each atomic write registers its entry, so a
 killed run is still accounted for). `--force` removes only those entries; it refuses a folder holding
 anything else, a folder without a manifest, one made by another command, a folder that is or contains an
-input of the same command, and a symlinked `--out`. A run folder is locked (`.textseg.lock`: pid, host,
-command) while train, resume or eval write into it; a lock whose process is gone (same host) is stale and
-taken over. See docs/safety.md.
+input of the same command, and a symlinked `--out`. Every command that writes a folder locks it
+(`.textseg.lock`: pid, host, command) while it writes: train, resume, eval, predict, export-data and every
+`prep`; a lock whose process is gone (same host) or an empty/unreadable lock file is taken over with a note,
+one from another host never. See docs/safety.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import fcntl
 import json
 import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError, OutputExistsError, TextsegError
 
 MANIFEST = ".textseg-output.json"
@@ -284,19 +286,24 @@ def discard_if_unfinished(folder: str | Path, finished: Iterable[str] = (), keep
 
 
 @contextlib.contextmanager
-def discard_on_failure(folder: str | Path, finished: Iterable[str] = ("dataset.json",)) -> Iterator[Path]:
+def discard_on_failure(folder: str | Path, finished: Iterable[str] = ("dataset.json",), *, command: str | None = None,
+                       prep_sources: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Run a one-shot writer (prep lvit/slices/synthetic); if it fails, remove the half-written output it
-    made, so a re-run needs no --force. Finished work (e.g. an existing dataset.json) is never removed."""
+    made, so a re-run needs no --force. Finished work (e.g. an existing dataset.json) is never removed.
+
+    With `command`, the folder's lock is held around all of it (locked_output; `prep_sources` as there), so a
+    concurrent `--force` can neither clear this run's files nor have its own removed by this clean-up."""
     folder = Path(folder)
     existed = folder.exists()
-    before = (read_manifest(folder) or {}).get("claim") if existed and not folder.is_symlink() else None
-    try:
-        yield folder
-    except BaseException:
-        now = (read_manifest(folder) or {}).get("claim") if folder.is_dir() and not folder.is_symlink() else None
-        if now is not None and now != before:  # only what this run claimed, never an older output
-            discard_if_unfinished(folder, finished, keep_dir=existed)
-        raise
+    with locked_output(folder, command, prep_sources=prep_sources) if command else contextlib.nullcontext(folder):
+        before = (read_manifest(folder) or {}).get("claim") if existed and not folder.is_symlink() else None
+        try:
+            yield folder
+        except BaseException:
+            now = (read_manifest(folder) or {}).get("claim") if folder.is_dir() and not folder.is_symlink() else None
+            if now is not None and now != before:  # only what this run claimed, never an older output
+                discard_if_unfinished(folder, finished, keep_dir=existed)
+            raise
 
 
 # --- run lock -----------------------------------------------------------------------------------------
@@ -311,12 +318,94 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _read_lock(lock: Path) -> dict | None:
+    """The lock's record; {} for an empty or unparsable file (a killed write), None when there is none."""
+    try:
+        text = lock.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        held = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+@contextlib.contextmanager
+def _serialized(folder: Path) -> Iterator[bool]:
+    """flock the folder itself while a lock is inspected and taken, so two processes never both take over the
+    same stale lock; yields False where the file system offers no flock (then a taken lock is re-read)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _take_lock(folder: Path, lock: Path, me: dict) -> None:
+    """Create `lock` holding `me`; take over a stale (dead pid on this host) or empty/garbage lock file with a
+    one-line note on stderr; refuse a live holder and any lock from another host (RunLockedError, exit 2)."""
+    for attempt in range(5):
+        with _serialized(folder) as exclusive:
+            held = _read_lock(lock)
+            if held is not None:
+                pid, host = held.get("pid"), held.get("host")
+                if not held or not isinstance(pid, int) or not isinstance(host, str):
+                    if not exclusive and attempt < 2 and time.time() - _mtime(lock) < 2:
+                        time.sleep(0.5)  # maybe being written by a process we cannot flock against
+                        continue
+                    err_console.print(f"[yellow]note:[/] taking over {lock}: the lock file is empty or unreadable "
+                                      "(left by a killed textseg command)", highlight=False, soft_wrap=True)
+                elif host != me["host"]:
+                    raise RunLockedError(
+                        f"is in use by `textseg {held.get('command')}` (pid {pid} on {host}, since "
+                        f"{held.get('started')}); a lock from another host is never taken over: wait for that job, "
+                        f"or delete {lock} once it is gone", folder)
+                elif _alive(pid):
+                    raise RunLockedError(
+                        f"is in use by `textseg {held.get('command')}` (pid {pid} on {host}, since "
+                        f"{held.get('started')}); wait for it to finish, or choose another folder", folder)
+                else:
+                    err_console.print(f"[yellow]note:[/] taking over the stale lock {lock} of `textseg "
+                                      f"{held.get('command')}` (pid {pid} no longer runs)", highlight=False,
+                                      soft_wrap=True)
+                lock.unlink(missing_ok=True)
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue  # taken meanwhile (no flock): look again
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            if exclusive or (_read_lock(lock) or {}).get("token") == me["token"]:
+                return
+    raise RunLockedError(f"could not take {LOCK}: other textseg commands keep taking it", folder)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 @contextlib.contextmanager
 def run_lock(folder: str | Path, command: str) -> Iterator[Path]:
-    """Hold `folder/.textseg.lock` (pid, host, command) for the block; a second holder is refused.
+    """Hold `folder/.textseg.lock` (pid, host, command, start time) for the block; a second holder is refused.
 
-    A lock left by a process that no longer runs on this host is stale and taken over; one from another
-    host is never guessed about (the message says how to clear it).
+    A lock left by a process that no longer runs on this host, or an empty/unreadable lock file (a kill while it
+    was written), is taken over with a note on stderr; one from another host is never guessed about (the
+    message says how to clear it).
     """
     folder = Path(folder)
     if folder.is_symlink():
@@ -324,39 +413,43 @@ def run_lock(folder: str | Path, command: str) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-          "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                held = json.loads(lock.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                held = {}
-            pid, host = held.get("pid"), held.get("host")
-            if isinstance(pid, int) and host == me["host"] and not _alive(pid):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            if not held:
-                raise RunLockedError(f"is locked by {LOCK} (unreadable); if no textseg process uses this run, "
-                                     f"delete {lock}", folder)
-            raise RunLockedError(
-                f"is in use by `textseg {held.get('command')}` (pid {pid} on {host}, since {held.get('started')}); "
-                f"wait for it to finish, or delete {lock} if that process is gone", folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise RunLockedError(f"could not take {LOCK}", folder)
+          "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+    _take_lock(folder, lock, me)
     try:
         yield lock
     finally:
-        try:
-            if json.loads(lock.read_text(encoding="utf-8")).get("pid") == me["pid"]:
-                lock.unlink()
-        except (OSError, json.JSONDecodeError) as exc:
-            if getattr(exc, "errno", None) not in (None, errno.ENOENT):
-                raise
+        held = _read_lock(lock)
+        if held is not None and held.get("token") == me["token"]:
+            lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked_output(folder: str | Path, command: str, *, inputs: Iterable[str | Path] = (),
+                  sources: Iterable[str | Path] = (), prep_sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Hold the output folder's lock for a whole command that writes it (prep, export-data, eval, predict), from
+    before it is claimed (so a concurrent `--force` cannot clear it) until the result is written.
+
+    `out` is checked first, so no lock is written into an input: against `inputs`/`sources` as check_out_path
+    does, and against `prep_sources` as the preparers do (out may not be, contain or sit inside one). Folders
+    made only to hold the lock are removed again when the command leaves them empty."""
+    folder = check_out_path(folder, inputs, sources)
+    o = folder.resolve()
+    for s in prep_sources:
+        s = Path(s).resolve()
+        if o == s or s in o.parents or o in s.parents:
+            raise ConfigError(f"--out {folder} overlaps the source {s}; choose a separate folder")
+    made = []
+    p = folder.absolute()
+    while not p.exists() and p.parent != p:
+        made.append(p)
+        p = p.parent
+    try:
+        with run_lock(folder, command):
+            yield folder
+    finally:
+        for d in made:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only succeeds while empty
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ trains on exactly textseg's split (splits_final.json) and its predictions score 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ import numpy as np
 
 from textseg_cli.console import err_console
 from textseg_cli.data.io import write_nifti
+from textseg_cli.data.names import check_case_ids
 from textseg_cli.data.prep.custom import prep_custom
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.data.splits import labeled_subset
 from textseg_cli.errors import ConfigError, DataError
-from textseg_cli.storage.files import atomic_write_json, read_json
+from textseg_cli.storage.files import atomic_write_json, child_path, read_json
 from textseg_cli.storage.outputs import prepare_output_dir
 
 
@@ -74,9 +74,12 @@ def prep_nnunet(src: str | Path, out: str | Path, *, splits_final: str | Path | 
     folds = None
     with tempfile.TemporaryDirectory() as tmp:
         if sf.is_file():
-            folds = json.loads(sf.read_text(encoding="utf-8"))
-            if not isinstance(folds, list) or not folds or not all({"train", "val"} <= set(f) for f in folds):
+            folds = read_json(sf)
+            if not isinstance(folds, list) or not folds or not all(
+                    isinstance(f, dict) and all(isinstance(f.get(k), list) for k in ("train", "val")) for f in folds):
                 raise ConfigError("splits_final.json must be a list of {train: [...], val: [...]}", sf)
+            for f in folds:  # other people's file: its IDs become file names
+                check_case_ids(f["train"] + f["val"], sf)
             folds = [{"train": list(f["train"]), "val": sorted(f["val"])} for f in folds]
             options["split_file"] = Path(tmp) / "split.json"
             atomic_write_json(options["split_file"], {**folds[0], "test": []})
@@ -122,15 +125,15 @@ def export_data(prepared: str | Path, out: str | Path, fmt: str = "nnunet", labe
         sp = tuple(case.spacing)
         if fmt == "nnunet":
             for i, ch in enumerate(case.image):
-                write_nifti(out / img_dir / f"{cid}_{i:04d}{ending}", ch, sp)
+                write_nifti(child_path(out / img_dir, cid, f"_{i:04d}{ending}"), ch, sp)
             img = f"./{img_dir}/{cid}_0000{ending}"
         else:
             arr = case.image[0] if case.image.shape[0] == 1 else np.moveaxis(case.image, 0, -1)
-            write_nifti(out / img_dir / f"{cid}{ending}", arr, sp)
+            write_nifti(child_path(out / img_dir, cid, ending), arr, sp)
             img = f"./{img_dir}/{cid}{ending}"
         lab = None
         if case.label is not None:
-            write_nifti(out / lab_dir / f"{cid}{ending}", case.label.astype(np.uint8), sp)
+            write_nifti(child_path(out / lab_dir, cid, ending), case.label.astype(np.uint8), sp)
             lab = f"./{lab_dir}/{cid}{ending}"
         return img, lab
 

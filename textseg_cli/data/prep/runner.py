@@ -34,7 +34,7 @@ from textseg_cli.data.prep.steps import (
 from textseg_cli.data.prep.writer import PreparedWriter, volume_qc
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError, TextsegError
 from textseg_cli.storage.files import atomic_path, atomic_write_json
-from textseg_cli.storage.outputs import check_out_path
+from textseg_cli.storage.outputs import LOCK, MANIFEST, check_out_path, remove_leftovers
 
 STATE_DIR = ".prep"
 
@@ -159,10 +159,12 @@ def _finished_record(out: Path, cid: str, expected_hash: str) -> dict[str, Any] 
 def open_output(out: str | Path, *, force: bool, src, **writer_kw: Any) -> PreparedWriter:
     """A PreparedWriter that resumes an earlier run of a preparer (or starts fresh with force)."""
     out = check_out_path(out)
-    if not force and out.exists() and any(out.iterdir()) and not (out / STATE_DIR).is_dir():
+    if (not force and out.exists() and any(p.name not in (MANIFEST, LOCK) for p in out.iterdir())
+            and not (out / STATE_DIR).is_dir()):
         raise OutputExistsError(out)  # a foreign non-empty folder is never written into
     writer = PreparedWriter(out, force=force, src=src, resume=not force, **writer_kw)
     (out / STATE_DIR).mkdir(exist_ok=True)
+    remove_leftovers(out)  # temporaries of a killed run's atomic writes (images/.c1.nii.gz.ab12cd34.nii.gz ...)
     return writer
 
 

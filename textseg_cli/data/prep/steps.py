@@ -25,6 +25,7 @@ from textseg_cli.data.io import (
     read_sitk,
     read_sitk_image,
 )
+from textseg_cli.data.names import check_case_ids
 from textseg_cli.errors import ConfigError, DataError
 
 CROP_MODES = ("none", "nonzero", "body", "label")
@@ -334,6 +335,7 @@ def load_split_file(path: str | Path, case_ids: Sequence[str]) -> dict[str, list
     known = set(case_ids)
     seen: dict[str, str] = {}
     for name, ids in splits.items():
+        check_case_ids(ids, path)  # other people's file: its IDs become file names
         unknown = [i for i in ids if i not in known]
         if unknown:
             raise ConfigError(f"split '{name}' names unknown case(s) {unknown[:5]}", path)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from textseg_cli import __version__
 from textseg_cli.data.io import write_nifti
+from textseg_cli.data.names import check_case_id
 from textseg_cli.data.prepared import FORMAT, load_prepared
 from textseg_cli.errors import ConfigError
 from textseg_cli.storage.files import atomic_path, atomic_write_json
@@ -61,6 +62,7 @@ class PreparedWriter:
                  origin=None, direction=None, text: str | None = None, qc: dict[str, Any] | None = None,
                  has_label: bool | None = None, **extra: Any) -> None:
         """Write one case (image channels last for multi-channel). image=None records an already written case."""
+        check_case_id(case_id, self.out)  # the ID names images/<id>.nii.gz (and later eval/predict outputs)
         if image is not None:
             kw = {} if origin is None else {"origin": origin, "direction": direction}
             write_nifti(self.out / self.image_rel(case_id), np.asarray(image, dtype=np.float32), spacing, **kw)
