@@ -33,11 +33,11 @@ from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
 from textseg_cli.inference.predict import predict_case
 from textseg_cli.inference.settings import InferenceSettings
-from textseg_cli.inference.settings import default_stride as half_patch_stride
 from textseg_cli.inference.sliding_window import window_starts
 from textseg_cli.methods.base import StepContext
 from textseg_cli.methods.registry import build_method, list_methods
 from textseg_cli.runs.config import build_config
+from textseg_cli.runs.config import default_stride as half_patch_stride
 from textseg_cli.runtime.device import resolve_device
 from textseg_cli.runtime.environment import cpu_model
 from textseg_cli.runtime.precision import (

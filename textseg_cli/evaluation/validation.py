@@ -74,7 +74,6 @@ def validate(method: Method, cases: list[tuple[str, np.ndarray, np.ndarray]], cf
 
 @contextlib.contextmanager
 def _warnings_off():
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield

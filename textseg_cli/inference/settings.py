@@ -27,7 +27,7 @@ from textseg_cli.runtime.precision import (
     inference_request,
 )
 
-__all__ = ["InferenceSettings", "default_stride", "parse_decoder", "spatial_tuple"]
+__all__ = ["InferenceSettings", "parse_decoder", "spatial_tuple"]
 
 
 def spatial_tuple(value: Any, ndim: int | None, key: str) -> tuple[int, ...]:

@@ -8,6 +8,7 @@
 2. Self-training (the rest, 15,000): at the switch the student's weights are copied into the teacher, which
    then follows the student by EMA (decay 0.99). Teacher pseudo-labels of the unlabeled halves u_a, u_b are
    p_1 ≥ 0.5 reduced to their largest connected component. Two mixed images, one cuboid M (0 inside):
+
        X_in  = M ⊙ l_a + (1−M) ⊙ u_a     target M ⊙ y_a + (1−M) ⊙ ŷ_a
        X_out = M ⊙ u_b + (1−M) ⊙ l_b     target M ⊙ ŷ_b + (1−M) ⊙ y_b
 

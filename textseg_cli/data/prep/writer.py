@@ -22,6 +22,7 @@ class PreparedWriter:
     """Collects cases and writes a prepared folder.
 
     Usage::
+
         w = PreparedWriter(out, name="la", dim=3, modality="MR", channel_names=["LGE-MRI"],
                            class_names=["background", "left atrium"], force=force, src=src)
         w.add_case("ID", image, label, spacing)
