@@ -131,7 +131,7 @@ def test_bert_errors(minilm, tmp_path):
 def test_clip_vit_b32_random_weights_cli(tmp_path):
     out = tmp_path / "clip.safetensors"
     code, text = run_cli("encode", "--encoder", "clip", "--pretrained", "none", "--dataset", "pancreas", "--tokens",
-                         "--out", out, "--device", "cpu")
+                         "--normalize", "--out", out, "--device", "cpu")
     assert code == 0, text
     emb, meta = load_embeddings(out, encoder="clip", dim=512, rows=2)
     assert emb.shape == (2, 512)
@@ -164,16 +164,18 @@ def test_clip_checkpoint_file_is_loaded(tiny_clip_checkpoint, tmp_path):
     emb, meta = load_embeddings(res.path, dim=64, rows=2)
     assert meta["pretrained"] == str(ckpt.resolve()) and meta["pretrained_kind"] == "file"
     with torch.no_grad():
-        ref = model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(meta["texts"]), normalize=True)
-    assert torch.allclose(emb, ref, atol=1e-5)  # exactly the weights in the file
+        ref = model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(meta["texts"]))
+    # exactly the weights in the file; raw `encode_text` rows by default (VCLIPSeg's official script saves them so)
+    assert meta["normalized"] is False and torch.allclose(emb, ref, atol=1e-5)
     with_tokens = encode("clip", "spleen", model=TINY_CLIP, pretrained=str(ckpt), tokens=True, out=tmp_path / "t",
                          device="cpu")
     assert torch.allclose(load_embeddings(with_tokens.path)[0], emb, atol=1e-5)
     # same text, same embedding; another run over the same file agrees
     again = encode("clip", "spleen", model=TINY_CLIP, pretrained=str(ckpt), class_names=["spleen", "spleen", "liver"],
-                   out=tmp_path / "b", device="cpu", normalize=False)
+                   out=tmp_path / "b", device="cpu", normalize=True)
     e2, m2 = load_embeddings(again.path)
-    assert m2["normalized"] is False and torch.allclose(e2[0], e2[1]) and not torch.allclose(e2[0], e2[2])
+    assert m2["normalized"] is True and torch.allclose(e2[0], e2[1]) and not torch.allclose(e2[0], e2[2])
+    assert torch.allclose(e2[0], torch.nn.functional.normalize(ref[1], dim=-1), atol=1e-5)  # unit "spleen" row
     # random init differs from the file's weights
     rnd = encode("clip", "spleen", model=TINY_CLIP, pretrained="none", out=tmp_path / "c", device="cpu")
     assert not torch.allclose(load_embeddings(rnd.path)[0], emb, atol=1e-3)
@@ -218,6 +220,11 @@ def test_clip_errors(tmp_path):
     assert code == 2 and "unknown pretrained tag 'laion9'" in text and "openai" in text
     code, text = run_cli("encode", "--encoder", "clip", "--pretrained", tmp_path / "none.pt", "--out", tmp_path / "x")
     assert code == 2 and "checkpoint file not found" in text
+    (tmp_path / "folder").mkdir()  # a folder as --out used to write folder.safetensors beside it (issue 25 attack)
+    code, text = run_cli("encode", "--encoder", "clip", "--classes", "a,b", "--pretrained", "none", "--out",
+                         tmp_path / "folder")
+    assert code == 2 and "is a folder" in text, text
+    assert not (tmp_path / "folder.safetensors").exists() and not any((tmp_path / "folder").iterdir())
 
 
 def test_embedding_file_validation(tiny_clip_checkpoint, tmp_path):
@@ -241,3 +248,73 @@ def test_embedding_file_validation(tiny_clip_checkpoint, tmp_path):
         load_embeddings(tmp_path / "nothing.safetensors")
     with pytest.raises(ConfigError, match="--pooling"):
         encode("bert", pooling="max")
+
+
+def test_clip_default_is_raw_rows_and_cli_switches(tiny_clip_checkpoint, tmp_path):
+    """The documented CLIP command writes raw `encode_text` rows (what VCLIPSeg needs); `--normalize` unit rows."""
+    _, ckpt = tiny_clip_checkpoint
+    base = ("encode", "--encoder", "clip", "--model", TINY_CLIP, "--pretrained", ckpt, "--device", "cpu")
+    code, text = run_cli(*base, "--out", tmp_path / "raw")
+    assert code == 0 and "normalised=False" in text, text
+    raw, meta = load_embeddings(tmp_path / "raw.safetensors")
+    assert meta["normalized"] is False and not torch.allclose(raw.norm(dim=-1), torch.ones(len(raw)), atol=1e-2)
+    code, text = run_cli(*base, "--normalize", "--out", tmp_path / "unit")
+    unit, meta = load_embeddings(tmp_path / "unit.safetensors")
+    assert code == 0 and meta["normalized"] is True
+    assert torch.allclose(unit, torch.nn.functional.normalize(raw, dim=-1), atol=1e-6)
+
+
+def test_openai_tag_builds_the_quick_gelu_tower(monkeypatch):
+    """open_clip 3 builds `ViT-B-32` with nn.GELU even for the `openai` weights (it only warns); OpenAI's
+    `clip.load('ViT-B/32')`, which the official scripts call, runs QuickGELU. The weights' own activation is used."""
+    import open_clip.factory
+    from open_clip.transformer import QuickGELU
+
+    from textseg_cli.text.encoders import load_open_clip
+
+    # offline: no weights are fetched or loaded, only the architecture open_clip builds for the tag is inspected
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: "unused.pt")
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", lambda *a, **k: None)
+    clip, _, info = load_open_clip("ViT-B-32", "openai", "cpu")
+    assert info.quick_gelu is True
+    assert isinstance(clip.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    rnd, _, info = load_open_clip("ViT-B-32", "none", "cpu")  # random weights keep the model config's activation
+    assert info.quick_gelu is False and not isinstance(rnd.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+def test_vclipseg_refuses_normalised_clip_rows(tiny_clip_checkpoint, tmp_path, monkeypatch):
+    """VCLIPSeg's VWPM takes raw rows (official clip_embedding_LA.py:15-20): a `--normalize` file stops training
+    unless `method.text.allow_normalized` says so; an unrecorded file of unit rows gets a loud warning."""
+    import io
+
+    import torch.nn.functional as F
+
+    from textseg_cli.console import err_console
+    from textseg_cli.methods.registry import build_method
+    from textseg_cli.runs.config import build_config
+    from textseg_cli.text.embeddings import save_embeddings
+
+    _, ckpt = tiny_clip_checkpoint
+    kw = dict(model=TINY_CLIP, pretrained=str(ckpt), device="cpu", class_names=["background", "liver"])
+    raw = encode("clip", "synthetic", out=tmp_path / "raw", **kw).path
+    unit = encode("clip", "synthetic", out=tmp_path / "unit", normalize=True, **kw).path
+    bare = save_embeddings(tmp_path / "bare.safetensors", {"embeddings": F.normalize(torch.randn(2, 64), dim=-1)},
+                           {"encoder": "clip", "texts": ["a", "b"]})
+
+    def build(path, *sets):
+        cfg = build_config("vclipseg", "synthetic", 3, [32, 32, 16],
+                           sets=["method.backbone.n_filters=4", f"method.text.embeddings={path}", *sets])
+        return build_method("vclipseg", cfg, 1, 2, 3, class_names=["background", "liver"], dataset_name="synthetic",
+                            data_root=None, patch_size=[32, 32, 16])
+
+    m = build(raw)
+    assert torch.equal(m.text_embeddings, load_embeddings(raw)[0])
+    with pytest.raises(ConfigError, match="L2-normalised CLIP rows") as exc:
+        build(unit)
+    assert "allow_normalized" in str(exc.value.hint) and "--normalize" in str(exc.value.hint)
+    monkeypatch.setattr(err_console, "file", io.StringIO())
+    build(unit, "method.text.allow_normalized=true")
+    assert "warning: vclipseg trains on normalised text rows" in " ".join(err_console.file.getvalue().split())
+    monkeypatch.setattr(err_console, "file", io.StringIO())
+    build(bare)
+    assert "all norms 1" in " ".join(err_console.file.getvalue().split())

@@ -164,7 +164,8 @@ def test_preset_la_dry_run_lists_every_method_at_8_and_16_with_3_seeds():
 
     code, out = run_cli("experiment", "preset", "la", "--dry-run")
     assert code == 0, out
-    assert "x 2 labeled (8, 16) x 3 seed(s) (1337, 1338, 1339) = 72 runs" in out
+    n_runs = len(PRESETS["la"]["methods"]) * 2 * 3
+    assert f"x 2 labeled (8, 16) x 3 seed(s) (1337, 1338, 1339) = {n_runs} runs" in out
     for m in PRESETS["la"]["methods"]:
         mid = m.replace("+", "_plus")
         for lab in (8, 16):
@@ -184,13 +185,33 @@ def test_preset_writes_a_loadable_file(tmp_path):
     assert code == 2 and "unknown preset 'kidney'" in out
 
 
-def test_dry_run_estimates_time_from_a_short_bench(tmp_path, synthetic_data, one_thread):
-    code, out = run_cli("experiment", "run", _spec(tmp_path, synthetic_data, seeds=[1], methods=["sup"]),
-                        "--dry-run")
+def test_dry_run_estimates_time_from_a_short_bench(tmp_path, synthetic_data, one_thread, monkeypatch):
+    monkeypatch.setenv("TEXTSEG_CACHE", str(tmp_path / "cache"))
+    spec = _spec(tmp_path, synthetic_data, seeds=[1], methods=["sup"])
+    code, out = run_cli("experiment", "run", spec, "--dry-run", "--estimate")
     assert code == 0, out
     assert "textseg train --method sup" in out and "textseg eval" in out and "sup/2L_s1" in out
+    assert "bench sup on cpu (1/1)" in out and out.index("sup/2L_s1  ") < out.index("bench sup")  # plan first
     assert "ESTIMATE, not a measurement (from a short bench of each method on cpu" in out
     assert "training + validation + evaluation" in out and not (tmp_path / "exp").exists()
+    first = out.split("ESTIMATE")[1]
+    code, again = run_cli("experiment", "run", spec, "--dry-run", "--estimate")  # the bench result is cached
+    assert code == 0 and "bench sup: cached" in again and "bench sup on cpu" not in again, again
+    assert again.split("ESTIMATE")[1] == first
+
+
+def test_dry_run_prints_the_plan_without_benching(tmp_path, monkeypatch):
+    """The LA preset's whole plan at once: no bench unless --estimate (issue 29: it used to bench first)."""
+    import textseg_cli.experiments.experiment as experiment
+    from textseg_cli.experiments.presets import PRESETS
+
+    monkeypatch.setattr(experiment, "run_benchmark", lambda *a, **k: pytest.fail("--dry-run benched"))
+    code, out = run_cli("experiment", "preset", "la", "--out", tmp_path / "la.yaml")
+    assert code == 0, out
+    code, out = run_cli("experiment", "run", tmp_path / "la.yaml", "--dry-run")
+    assert code == 0, out
+    n_runs = len(PRESETS["la"]["methods"]) * len(PRESETS["la"]["labeled"]) * 3
+    assert f"= {n_runs} runs" in out and "ESTIMATE" not in out and "bench " not in out
 
 
 # --- tables from finished evaluations (no training) ------------------------------------------------------

@@ -31,35 +31,55 @@ def test_mlrp_default_feeds_logits_to_the_cross_entropy():
     assert _la("mlrp")["method"]["ce_on_probabilities"] is False
 
 
-def test_random_rot_flip_by_hand():
-    class Draws:  # k = 1, then flip axis 0
-        def __init__(self):
-            self.values = iter([1, 0])
+class _Draws:
+    """Stands for np.random / a RandomState: hands out the given values, checks each lies in [low, high) and
+    records the bounds asked for."""
 
-        def randint(self, low, high):
-            return next(self.values)
+    def __init__(self, *values):
+        self.values, self.bounds = iter(values), []
 
+    def randint(self, low, high):
+        value = next(self.values)
+        assert low <= value < high, (low, value, high)
+        self.bounds.append((low, high))
+        return value
+
+
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("axis", range(2))
+def test_random_rot_flip_by_hand(k, axis):
+    # UA-MT dataloaders/la_heart.py:112-121: k = randint(0, 4), rot90(k) in axes (0, 1), then axis = randint(0, 2)
+    # and one flip along it (the same code sits in MC-Net, DTC, BCP, MLRP and VCLIPSeg; compared with it in
+    # tests/parity/test_inference_parity.py)
     vol = np.arange(2 * 3 * 2).reshape(2, 3, 2)
-    img, lab = random_rot_flip(vol, vol.copy(), Draws())
-    expected = np.flip(np.rot90(vol, 1, axes=(0, 1)), axis=0)
-    assert img.shape == (3, 2, 2) and np.array_equal(img, expected) and np.array_equal(lab, expected)
+    draws = _Draws(k, axis)
+    img, lab = random_rot_flip(vol, vol.copy(), draws)
+    expected = np.flip(np.rot90(vol, k, axes=(0, 1)), axis=axis)
+    assert draws.bounds == [(0, 4), (0, 2)]
+    assert img.shape == expected.shape and np.array_equal(img, expected) and np.array_equal(lab, expected)
     # channel-first images rotate their spatial axes, not the channel axis
-    img_c, _ = random_rot_flip(vol[None], None, type("D", (), {"randint": Draws().randint})(), channel_axis=True)
+    img_c, _ = random_rot_flip(vol[None], None, _Draws(k, axis), channel_axis=True)
     assert np.array_equal(img_c[0], expected)
 
 
 def test_sampler_rotflip_rotates_the_volume_then_crops():
     vol = np.random.default_rng(0).random((1, 6, 6, 4)).astype(np.float32)
     lab = (vol[0] > 0.5).astype(np.uint8)
-    s = TwoStreamSampler([vol], [lab], [], [4, 4, 4], 1, 0, seed=3, augment=Augment(rotflip=True))
-    batch = s.next_batch()
-    rng = np.random.default_rng(3)
-    rng.permutation(1)  # the case cycle's draw
-    r_img, r_lab = random_rot_flip(vol, lab, rng, channel_axis=True)
-    starts = [int(rng.integers(0, n - 4 + 1)) for n in r_img.shape[1:]]
-    sl = tuple(slice(a, a + 4) for a in starts)
-    assert np.array_equal(batch.image_l[0].numpy(), r_img[(slice(None),) + sl])
-    assert np.array_equal(batch.label_l[0].numpy(), r_lab[sl])
+    seen = set()
+    for seed in range(16):
+        s = TwoStreamSampler([vol], [lab], [], [4, 4, 4], 1, 0, seed=seed, augment=Augment(rotflip=True))
+        batch = s.next_batch()
+        rng = np.random.default_rng(seed)  # the sampler's draws, in its order: case cycle, k, flip axis, crop
+        rng.permutation(1)
+        k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))
+        r_img = np.flip(np.rot90(vol, k, axes=(1, 2)), axis=axis + 1)  # by hand, not through random_rot_flip
+        r_lab = np.flip(np.rot90(lab, k, axes=(0, 1)), axis=axis)
+        starts = [int(rng.integers(0, n - 4 + 1)) for n in r_img.shape[1:]]
+        sl = tuple(slice(a, a + 4) for a in starts)
+        assert np.array_equal(batch.image_l[0].numpy(), r_img[(slice(None),) + sl])
+        assert np.array_equal(batch.label_l[0].numpy(), r_lab[sl])
+        seen.add((k, axis))
+    assert len(seen) >= 6  # most of the 8 (k, axis) pairs occur: the draws are really exercised
 
 
 @pytest.mark.parametrize("method", ["mcnet", "mcnet+", "uamt", "dtc", "bcp", "mlrp", "sup", "urpc", "cps", "vclipseg"])

@@ -162,14 +162,15 @@ def test_usl_loss_hand_computed():
     l0 = -0.95 * math.log(0.8)
     l2 = -0.98 * math.log(0.7)
     expected = (l0 + 0.01 + l2) / 3
-    assert usl_loss(p, q, t1, t2).item() == pytest.approx(expected, rel=1e-5)
-    assert usl_loss(p, q, t1, t2, kind="nll").item() == pytest.approx((l0 + l2) / 3, rel=1e-5)
+    # `reading="textseg"`: textseg's former reading (the default is Eq. 8 as printed, tests/test_usl_formula.py)
+    assert usl_loss(p, q, t1, t2, reading="textseg").item() == pytest.approx(expected, rel=1e-5)
+    assert usl_loss(p, q, t1, t2, kind="nll", reading="textseg").item() == pytest.approx((l0 + l2) / 3, rel=1e-5)
     mse = ((p - q) ** 2).mean(1).mean().item()
-    assert usl_loss(p, q, kind="mse").item() == pytest.approx(mse, rel=1e-6)
+    assert usl_loss(p, q, kind="mse", reading="textseg").item() == pytest.approx(mse, rel=1e-6)
     # three classes: the complement term still applies where no class is confident
     q3 = torch.tensor([[0.6], [0.35], [0.05]]).unsqueeze(0)
     p3 = torch.tensor([[0.5], [0.3], [0.2]]).unsqueeze(0)
-    assert usl_loss(p3, q3, t1, t2).item() == pytest.approx(-0.95 * math.log(0.8), rel=1e-5)
+    assert usl_loss(p3, q3, t1, t2, reading="textseg").item() == pytest.approx(-0.95 * math.log(0.8), rel=1e-5)
 
 
 def test_dca_mix_pastes_foreground_both_ways():

@@ -308,3 +308,37 @@ def test_vclipseg_step_weights_at_chosen_iterations(emb):
         assert w == pytest.approx(float(torch.exp(torch.tensor(-5 * (1 - min(epoch, 40) / 40) ** 2))), rel=1e-6)
     hp = m.hparams
     assert (hp["sup_weight"], hp["reg_weight"], hp["eval_decoder"], hp["pseudo_label"]) == (0.5, 0.5, 0, "hard")
+
+
+def test_text_addon_csa_defaults_are_published_and_former_reading_is_a_switch(emb):
+    """`--text` CSA: the published CSA by default (Text-SemiSeg trainer.py:122-138, value parity in
+    tests/parity/test_text_addon_parity.py); the add-on's former reading (softmax, average pooling, sum over classes,
+    raw F_t, no feature norm) stays reachable through `method.csa.*` / `method.text.normalize` and gives its value."""
+    from textseg_cli.methods.text_addon import CSA_DEFAULTS
+    from textseg_cli.text.embeddings import load_embeddings
+
+    old = ["method.csa.activation=softmax", "method.csa.resize=avgpool", "method.csa.class_reduction=sum",
+           "method.csa.feature_norm=none", "method.text.normalize=false"]
+    values = {}
+    for name, sets in (("default", []), ("former", old)):
+        torch.manual_seed(0)
+        m = _method("dtc", emb["clip"], "method.text_addon=tmr+csa", *sets)
+        fused, outs = [], []
+        hooks = [m.base.net.encoder.register_forward_hook(lambda mod, i, o: fused.append(o[-1])),
+                 m.base.net.register_forward_hook(lambda mod, i, o: outs.append(o))]
+        out = m.training_step(_batch(), _ctx(3))
+        for h in hooks:
+            h.remove()
+        values[name] = float(out["loss_csa"])
+        if name == "default":
+            assert m.csa == CSA_DEFAULTS and m.text.normalize is True
+            continue
+        seg = outs[0][0].detach()  # the former formula by hand: softmax([0, z]), average pooling, Σ classes, raw F_t
+        probs = torch.softmax(torch.cat([torch.zeros_like(seg), seg], 1), 1)
+        with torch.no_grad():
+            ref = csa_loss(m.csa_heads[0](fused[0]), [probs], load_embeddings(emb["clip"])[0], pool="mean",
+                           channel_reduction="mean")
+        assert float(out["loss_csa"]) == pytest.approx(float(ref), rel=1e-5)
+    assert values["default"] != pytest.approx(values["former"], rel=1e-3)
+    with pytest.raises(ConfigError, match="method.csa.activation"):
+        _method("dtc", emb["clip"], "method.text_addon=csa", "method.csa.activation=tanh")

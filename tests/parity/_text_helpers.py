@@ -14,25 +14,19 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-from parity_helpers import official_commit
+from parity_helpers import require_checkout, unavailable
 
 GENERIC = ("utils", "model", "networks", "dataloaders", "prediction", "test_patch", "losses", "ramps")
 
 
 def official_repo(name: str, commit: str) -> Path:
-    """`$TEXTSEG_OFFICIAL/<name>`, skipping the test when it is absent or at another commit than `commit`."""
+    """`$TEXTSEG_OFFICIAL/<name>`; absent or at another commit than `commit`: skipped, failed when strict (CI or
+    TEXTSEG_PARITY_STRICT=1, parity_helpers.require_checkout)."""
     root = os.environ.get("TEXTSEG_OFFICIAL")
     if not root:
-        pytest.skip("TEXTSEG_OFFICIAL is not set (folder of official checkouts)")
-    repo = Path(root) / name
-    if not repo.is_dir():
-        pytest.skip(f"{repo} is missing")
-    found = official_commit(repo.parent, name)
-    if found != commit:
-        pytest.skip(f"written against {commit[:7]}, found {found[:7]}")
-    return repo
+        unavailable("TEXTSEG_OFFICIAL is not set (folder of official checkouts)")
+    return require_checkout(Path(root), name, commit)
 
 
 def _purge() -> None:

@@ -1,7 +1,9 @@
 """Augmentation and inference parity with the official scripts.
 
 - RandomRotFlip (every repository that ships it) on a fixed seed equals `textseg_cli.data.augment.random_rot_flip`
-  given the same draws (np.random.seed(s) for the official global draws, RandomState(s) for ours).
+  given the same draws (np.random.seed(s) for the official global draws, RandomState(s) for ours); for every (k, axis)
+  both ask for the same bounds in the same order; the sampler's `augment.rotflip` equals the official class fed the
+  sampler's own draws.
 - Sliding-window prediction equals each official `test_single_case` on a fixed network (probabilities ≤1e-5 and the
   label map), and the LCC `textseg eval` applies equals the scripts' `getLargestCC`.
 Commits: read from each checkout's .commit (MC-Net@fee453c, UA-MT@88ed29a, DTC@2525b9c, BCP@7879f98, MLRP@5ca2d87,
@@ -15,6 +17,7 @@ import torch
 
 from parity_helpers import official_commit, official_module
 from textseg_cli.data.augment import random_rot_flip
+from textseg_cli.data.sampling import Augment, TwoStreamSampler
 from textseg_cli.inference.sliding_window import sliding_window_inference
 from textseg_cli.methods.registry import build_method
 from textseg_cli.metrics.postprocess import lcc_per_class
@@ -42,6 +45,61 @@ def test_random_rot_flip(official_dir, repo, module, record_property):
         assert np.array_equal(ref["image"], img) and np.array_equal(ref["label"], lb)
         seen.add(img.tobytes())
     assert len(seen) == 4  # a flip always follows the rotation: the 4 reflections of the square occur
+
+
+class _Draws:
+    """np.random.randint / RandomState.randint stand-in: hands out given values (or a Generator's draws in the
+    bounds asked for) and records the bounds."""
+
+    def __init__(self, values=(), rng=None):
+        self.values, self.rng, self.bounds = iter(values), rng, []
+
+    def randint(self, low, high):
+        self.bounds.append((low, high))
+        return int(self.rng.integers(low, high)) if self.rng is not None else next(self.values)
+
+
+@pytest.mark.parametrize("repo,module", ROTFLIP, ids=[r for r, _ in ROTFLIP])
+def test_random_rot_flip_draws_and_arrays_match_official(official_dir, repo, module, monkeypatch):
+    """Every (k, axis) the official RandomRotFlip can draw: the same bounds asked in the same order, the same
+    arrays (the official class runs with np.random.randint answering k and axis)."""
+    mod = official_module(official_dir, repo, module)
+    vol = np.random.default_rng(1).random((6, 5, 4)).astype(np.float32)
+    lab = (vol > 0.5).astype(np.uint8)
+    for k in range(4):
+        for axis in range(2):
+            official = _Draws((k, axis))
+            with monkeypatch.context() as mp:
+                mp.setattr(np.random, "randint", official.randint)
+                ref = mod.RandomRotFlip()({"image": vol, "label": lab})
+            ours = _Draws((k, axis))
+            img, lb = random_rot_flip(vol, lab, ours)
+            assert ours.bounds == official.bounds, (k, axis, ours.bounds, official.bounds)
+            assert np.array_equal(ref["image"], img) and np.array_equal(ref["label"], lb), (k, axis)
+
+
+@pytest.mark.parametrize("repo,module", ROTFLIP[:1], ids=[r for r, _ in ROTFLIP[:1]])
+def test_sampler_rotflip_equals_official_randomrotflip(official_dir, repo, module, monkeypatch):
+    """textseg's sampler with `augment.rotflip` (patch = the whole volume, so the crop keeps everything) against the
+    official RandomRotFlip fed the sampler's own random stream: the volume the network sees is the official one."""
+    mod = official_module(official_dir, repo, module)
+    vol = np.random.default_rng(0).random((1, 6, 6, 4)).astype(np.float32)
+    lab = (vol[0] > 0.5).astype(np.uint8)
+    seen = set()
+    for seed in range(16):
+        batch = TwoStreamSampler([vol], [lab], [], [6, 6, 4], 1, 0, seed=seed,
+                                 augment=Augment(rotflip=True)).next_batch()
+        rng = np.random.default_rng(seed)
+        rng.permutation(1)  # the sampler's case-cycle draw comes first
+        draws = _Draws(rng=rng)
+        with monkeypatch.context() as mp:
+            mp.setattr(np.random, "randint", draws.randint)
+            ref = mod.RandomRotFlip()({"image": vol[0], "label": lab})
+        assert draws.bounds == [(0, 4), (0, 2)]
+        assert np.array_equal(batch.image_l[0, 0].numpy(), ref["image"]), seed
+        assert np.array_equal(batch.label_l[0].numpy(), ref["label"]), seed
+        seen.add(ref["image"].tobytes())
+    assert len(seen) >= 4
 
 
 def _official_single_case(official_dir, repo):

@@ -8,12 +8,14 @@ import sys
 
 import click
 import typer
+from rich.markup import escape
 
 from textseg_cli.cli.usage import (
     CLICK_ERRORS,
     HELP_OPTIONS,
     USAGE_ERRORS,
     hoist_debug,
+    os_error_line,
     usage_line,
 )
 from textseg_cli.console import console, err_console
@@ -89,7 +91,7 @@ def run(argv: list[str] | None = None) -> int:
     except TextsegError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -108,6 +110,10 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as exc:  # unexpected: still one line unless --debug
         if debug:
             raise
+        line = os_error_line(exc) if isinstance(exc, OSError) else None
+        if line is not None:  # a read-only folder, missing permissions, a full disk: the user's, not a bug
+            err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            return 2
         err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         return 1

@@ -38,7 +38,8 @@ def encode_cmd(
     pooling: str = typer.Option("cls", "--pooling", help="BERT sentence embedding: 'cls' or 'mean' (masked)."),
     tokens: bool = typer.Option(False, "--tokens", help="Also store token-level embeddings and their mask."),
     normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
-                                             help="L2-normalise the embeddings (default: yes for CLIP, no for BERT)."),
+                                             help="L2-normalise the rows (default: no, raw CLIP "
+                                                  "encode_text rows as VCLIPSeg's official script saves them)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Output .safetensors (a .json sidecar goes beside it). Default: "
                                             "text_embeddings/<dataset>_<encoder>_<hash>.safetensors, reused if present."),

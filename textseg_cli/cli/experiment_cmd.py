@@ -23,8 +23,9 @@ def run_command(
     spec: Path = typer.Argument(..., metavar="EXP.yaml", help="The experiment file (see docs/experiments.md)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs, their settings and commands, and an "
                                                           "estimate of the time from a short bench; run nothing."),
-    estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="--dry-run: bench each method for the "
-                                                                          "time estimate."),
+    estimate: bool = typer.Option(False, "--estimate/--no-estimate", help="--dry-run: also bench each method for a "
+                                                                           "time estimate (minutes on a CPU; cached "
+                                                                           "per method, patch, device, precision)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run (default: report it "
                                                               "and go on)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="Run one run per GPU concurrently, e.g. 0,1,2,3 (each "

@@ -24,7 +24,7 @@ def models_command(
 
     A method built for one dimensionality only (tgcnet: 2D) is counted at its own default size.
     """
-    from textseg_cli.methods.fidelity import fidelity_rows  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.methods.fidelity import ADDON_NAME, fidelity_rows  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.methods.registry import list_methods  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.runs.listing import list_models  # lazy: keeps `textseg --help` torch-free
 
@@ -33,7 +33,7 @@ def models_command(
         table = Table(title="Fidelity ledger (docs/fidelity.md): default = official code, paper variants as switches")
         for col in ("method", "official code", "commit", "ledger"):
             table.add_column(col, overflow="fold")
-        for row in fidelity_rows(list_methods()):
+        for row in fidelity_rows([*list_methods(), ADDON_NAME]):
             table.add_row(*row)
         console.print(table)
         return

@@ -36,6 +36,10 @@ def train_command(
                                          "available."),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N iterations on the "
                                             "validation split (0 = off)."),
+    select: Optional[str] = typer.Option(None, "--select", help="How best.pt is chosen: val (default: best Dice "
+                                         "on the validation split) or legacy-test (best Dice on the TEST split, "
+                                         "every --val-every iterations, default 200, as the official MC-Net/BCP/"
+                                         "VCLIPSeg/Text-SemiSeg scripts; optimistic, and every table says so)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt "
                                 "(model, optimiser, schedule, RNG and sampler state)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels (slower)."),
@@ -71,6 +75,9 @@ def train_command(
     no_vtcm: bool = typer.Option(False, "--no-vtcm", rich_help_panel=_TEXT, help="vclipseg without VTCM."),
     unsup_loss: Optional[str] = typer.Option(None, "--unsup-loss", rich_help_panel=_TEXT,
                                              help="llm-segnet unsupervised loss: usl (default), mse or nll."),
+    usl_reading: Optional[str] = typer.Option(None, "--usl-reading", rich_help_panel=_TEXT,
+                                              help="llm-segnet USL: paper (Eq. 8 and Eq. 4 as printed, default) or "
+                                                   "textseg (the former reading: voxels counted once, soft MSE target)."),
     t1: Optional[float] = typer.Option(None, "--t1", rich_help_panel=_TEXT,
                                        help="llm-segnet USL confidence threshold (default 0.9)."),
     t2: Optional[float] = typer.Option(None, "--t2", rich_help_panel=_TEXT,
@@ -87,7 +94,8 @@ def train_command(
 ) -> None:
     """Train a method; writes RUN/config.yaml, env.json, log.csv and checkpoints/{last,best}.pt.
 
-    Checkpoints are selected on the validation split only. Ctrl-C saves a checkpoint; continue with
+    Checkpoints are selected on the validation split (--select legacy-test: on the test split, as the official
+    scripts, marked in every table). Ctrl-C saves a checkpoint; continue with
     --resume. Multi-GPU: torchrun --nproc_per_node=N $(which textseg) train ... (batch sizes are per process).
     """
     from textseg_cli.data.prepared import load_prepared  # lazy: keeps `textseg --help` torch-free
@@ -100,10 +108,15 @@ def train_command(
                           clip_pretrained=clip_pretrained, tmr="off" if no_tmr else tmr, text_fusion=text_fusion,
                           csa=False if no_csa else None, dca=False if no_dca else None,
                           vwpm=False if no_vwpm else None, vtcm=False if no_vtcm else None,
-                          unsup_loss=unsup_loss, t1=t1, t2=t2, sse=sse, clip_finetune=clip_finetune, date=date,
+                          unsup_loss=unsup_loss, usl_reading=usl_reading, t1=t1, t2=t2, sse=sse,
+                          clip_finetune=clip_finetune, date=date,
                           vlcm=vlcm, clip_weights=clip_weights) + list(sets or []) + ([f"data.fold={fold}"] if fold is not None else [])
     if precision is not None:
         sets.append(f"train.precision={precision}")
+    if select is not None:
+        sets.append(f"val.select={select}")
+        if select == "legacy-test" and val_every is None:
+            val_every = 200  # the official scripts' cadence (train_mcnet_3d.py, LA_BCP_train.py: iter_num % 200)
     if print_config:
         if method is None or data is None:
             raise ConfigError("--print-config needs --method and --data")

@@ -8,6 +8,7 @@ Multi-channel images are stored as 4D NIfTI with channels last and returned chan
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,17 @@ def check_complete(path: str | Path) -> int:
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
+        img = None
         try:
-            arr = np.asanyarray(nib.load(str(path)).dataobj)
-        except Exception as exc:  # EOFError, zlib.error, "Expected N bytes, got M"
+            img = nib.load(str(path))  # the header only
+            check_declared_size(path, img)  # before the array is allocated
+            arr = np.asanyarray(img.dataobj)
+        except DataError:
+            raise
+        except MemoryError:
+            raise DataError("not enough memory to read it" + (f": {_declared(img)}" if img is not None else ""),
+                            path) from None
+        except Exception as exc:  # EOFError, zlib.error, "Expected N bytes, got M", a header cut short
             raise DataError(f"truncated or corrupt NIfTI, the file is incomplete ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:160]})", path) from None
         return count_nonfinite(arr)
@@ -72,6 +81,78 @@ def check_complete(path: str | Path) -> int:
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise DataError(f"truncated or corrupt gzip stream ({exc}); the file is incomplete", path) from None
     return 0
+
+
+def _declared(img) -> str:
+    """'header declares 20000x20000x200 int16 voxels (160.0 GB)' for error messages."""
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    nbytes = int(np.prod(shape, dtype=object)) * img.header.get_data_dtype().itemsize
+    return f"the header declares {'x'.join(map(str, shape))} {img.header.get_data_dtype()} voxels ({_size(nbytes)})"
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: psutil's figure when installed, else Linux's
+    MemAvailable, else the physical memory (os.sysconf); None when none of them is known."""
+    try:
+        import psutil  # lazy: optional third-party package, not a textseg_cli module
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+_MAX_DEFLATE_RATIO = 1032  # the most a deflate stream (gzip) can expand: a bound on a .nii.gz's declared data
+
+
+def check_declared_size(path: str | Path, img, dtype=None) -> None:
+    """Refuse a NIfTI whose header declares more data than the file or the memory can hold, BEFORE the array
+    is allocated (issue 25.6): a corrupt dim field (20000x20000x200) otherwise ends in a MemoryError that read
+    as "truncated". A .nii must hold offset + voxels x itemsize bytes; a .nii.gz's uncompressed size is not
+    known up front, so its array (in `dtype`, or as nibabel returns it) must fit in the available memory."""
+    path = Path(path)
+    hdr = img.header
+    shape = tuple(int(s) for s in hdr.get_data_shape())
+    if any(s < 0 for s in shape):
+        raise DataError(f"corrupt NIfTI header: negative dimension in {shape}", path)
+    n_voxels = int(np.prod(shape, dtype=object))
+    disk = n_voxels * hdr.get_data_dtype().itemsize
+    # where nibabel reads the data from (a header's vox_offset 0 means right after it, byte 352)
+    offset = int(getattr(img.dataobj, "offset", None) or hdr.get_data_offset())
+    if not path.name.lower().endswith(".gz"):
+        size = path.stat().st_size
+        if offset + disk > size:
+            raise DataError(f"{_declared(img)} from byte {offset}, but the file holds {_size(size)}: a truncated "
+                            "file or a corrupt header", path)
+        return  # nibabel maps an uncompressed file; its size bounds the array
+    size = path.stat().st_size
+    if offset + disk > _MAX_DEFLATE_RATIO * size:
+        raise DataError(f"{_declared(img)}, but the file is {_size(size)}: deflate compresses at most "
+                        f"{_MAX_DEFLATE_RATIO}:1, so the file is truncated or its header corrupt", path)
+    slope, inter = hdr.get_slope_inter()
+    scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else (8 if scaled else hdr.get_data_dtype().itemsize)
+    need, avail = n_voxels * max(itemsize, hdr.get_data_dtype().itemsize), available_memory()
+    if avail is not None and need > avail:
+        raise DataError(f"{_declared(img)}, {_size(need)} in memory, more than the {_size(avail)} available: a "
+                        "corrupt header, or an image too large for this machine", path)
 
 
 def count_nonfinite(array: np.ndarray) -> int:
@@ -108,9 +189,15 @@ def read_nifti(path: str | Path, dtype=None) -> Volume:
         raise DataError("file not found", path)
     try:
         img = nib.load(str(path))
+    except Exception as exc:
+        raise DataError(f"unreadable NIfTI ({type(exc).__name__}: {exc})", path) from exc
+    check_declared_size(path, img, dtype)
+    try:
         arr = np.asarray(img.dataobj)
         if dtype is not None:
             arr = arr.astype(dtype, copy=False)
+    except MemoryError:
+        raise DataError(f"not enough memory to read it: {_declared(img)}", path) from None
     except Exception as exc:  # nibabel raises several types for truncated gzip / bad headers
         raise DataError(f"unreadable NIfTI ({type(exc).__name__}: {exc})", path) from exc
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])

@@ -8,6 +8,7 @@ atomic checkpoints (last + best), a CSV log, Ctrl-C handling, non-finite loss de
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from textseg_cli.runs.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from textseg_cli.runs.config import selection_split
 from textseg_cli.runs.load import build_run_method
 from textseg_cli.runtime.determinism import seed_everything
 from textseg_cli.runtime.precision import (
@@ -88,7 +90,20 @@ class Trainer:
         if cfg["data"]["labeled"] is None:  # the prepared set's default labeled count (LA: 8), else all
             default = (ds.spec.get("labeled") or {}).get("default")
             cfg["data"]["labeled"] = None if default is None else str(default)
-        self.labeled_ids, unlabeled_ids = labeled_subset(train_ids, cfg["data"]["labeled"])
+        self.labeled_note = ""  # how the labeled cases were chosen, when no rule was given (the startup line)
+        if cfg["data"]["labeled"] is None and not all(ds.has_label(c) for c in train_ids):
+            # no --labeled on a set with image-only training cases (prep custom): the cases with a label file are
+            # the labeled ones, the rest unlabeled -- "all labeled" would fail on the first missing label
+            self.labeled_ids = [c for c in train_ids if ds.has_label(c)]
+            unlabeled_ids = [c for c in train_ids if not ds.has_label(c)]
+            if not self.labeled_ids:
+                raise DataError("no case of splits.train has a label file; training needs labeled cases",
+                                ds.root / "dataset.json")
+            if train_ids[: len(self.labeled_ids)] == self.labeled_ids:  # the usual order: recorded as a count
+                cfg["data"]["labeled"] = str(len(self.labeled_ids))
+            self.labeled_note = " (no --labeled: the training cases with a label file; the image-only ones unlabeled)"
+        else:
+            self.labeled_ids, unlabeled_ids = labeled_subset(train_ids, cfg["data"]["labeled"])
         self.max_iterations = resolve_epochs(cfg, len(self.labeled_ids))  # train.epochs, if set
         self.stop = StopRules(cfg)
         method_cls = list_methods().get(cfg["method"]["name"])
@@ -133,14 +148,19 @@ class Trainer:
         val = self.cfg["val"]
         if not val["every"] and not val["at_start"]:
             return []
-        if val["split"] not in self.ds.spec["splits"]:
-            err_console.print(f"[yellow]warning:[/] no '{val['split']}' split in {self.ds.root}; validation is off "
+        split = selection_split(self.cfg)
+        if split not in self.ds.spec["splits"]:
+            err_console.print(f"[yellow]warning:[/] no '{split}' split in {self.ds.root}; validation is off "
                               "and no best.pt is written (carve one with `textseg prep ... --val N`)")
             return []
-        ids = self.ds.split(val["split"])
+        if split != val["split"] and self.dist.main:
+            err_console.print(f"[bold red]LEGACY SELECTION:[/] best.pt is chosen on the TEST split every {val['every']}"
+                              " iterations, as the official scripts do; numbers from best.pt are optimistic and every "
+                              "table marks them 'best-on-test'. Use the default (--select val) for new results.")
+        ids = self.ds.split(split)
         overlap = sorted(set(ids) & set(train_ids))
         if overlap:
-            raise DataError(f"validation split '{val['split']}' shares cases with splits.train: {overlap[:5]}",
+            raise DataError(f"validation split '{split}' shares cases with splits.train: {overlap[:5]}",
                             self.ds.root / "dataset.json")
         if val.get("max_cases"):
             ids = ids[: int(val["max_cases"])]
@@ -344,12 +364,17 @@ class Trainer:
             if it_start >= self.max_iterations:  # nothing to train (0 iterations or already done)
                 self.save("last")
         finally:
+            failing = sys.exc_info()[1]  # the error that stopped training, if any
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             if callable(getattr(self.sampler, "close", None)):
                 self.sampler.close()
             if self.log is not None:
-                self.log.close()
+                try:
+                    self.log.close()
+                except TextsegError:  # a full disk fails log.csv too: report what failed first (the checkpoint)
+                    if failing is None:
+                        raise
         return TrainResult(self.run_dir, self.iteration, self.best_metric, self.best_iteration, history,
                            time.perf_counter() - t_start, stop_reason=self.stop.reason)
 

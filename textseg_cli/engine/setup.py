@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from textseg_cli.console import console
+from textseg_cli.console import console, err_console
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.data.splits import apply_fold
 from textseg_cli.engine.distributed import (
@@ -28,8 +28,8 @@ from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.models.registry import count_parameters
 from textseg_cli.runs.bundle import snapshot_run_inputs
 from textseg_cli.runs.cases import RunCases, write_cases
-from textseg_cli.runs.checks import check_run_config
-from textseg_cli.runs.config import build_config, load_config, save_config
+from textseg_cli.runs.checks import check_run_config, check_run_length
+from textseg_cli.runs.config import build_config, load_config, save_config, selection_split
 from textseg_cli.runtime.determinism import determinism_record
 from textseg_cli.runtime.device import resolve_device
 from textseg_cli.runtime.environment import environment_info
@@ -56,11 +56,15 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         if threads < 1:
             raise ConfigError(f"--threads {threads}: expected at least 1")
         torch.set_num_threads(int(threads))
+    if iterations is not None:  # --iterations 0 or -5: refused before any folder, also with --resume
+        check_run_length({}, iterations)
     dist = dist_from_env()
     t0 = time.perf_counter()
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        if not (Path(out) / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {out} holds no run to continue (no config.yaml); start it without --resume")
         ignored = [f for f, v in (("--labeled", labeled), ("--seed", seed), ("--val-every", val_every),
                                   ("--set", list(sets)), ("--config", config), ("--data", data)) if v]
         if ignored:
@@ -84,6 +88,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
                  "seed": seed, "val.every": val_every, "deterministic": True if deterministic else None}
         cfg = build_config(method, ds.name, ds.dim, ds.patch_size, user_config=config, flags=flags, sets=sets)
         check_run_config(cfg, build_config(method, ds.name, ds.dim, ds.patch_size))
+        check_run_length(cfg, iterations)  # --set train.iterations=0, train.epochs=0, a --config file
         cfg["data"]["root"] = str(Path(data).resolve())
         if out is None:
             lab = str(cfg["data"]["labeled"] or "all").replace("%", "pct")
@@ -108,6 +113,13 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
         barrier(dist)
         trainer = Trainer(cfg, ds, run_dir, dev, dist, resume_from=last, quiet=quiet, precision=precision,
                           val_precision=val_precision)
+        val = cfg["val"]
+        if dist.main and not trainer.val_ids and (val["every"] or val["at_start"]) \
+                and val["split"] in ds.spec["splits"]:  # (a missing split: the Trainer says so)
+            err_console.print(f"warning: the '{val['split']}' split of {ds.root} is empty: training runs without "
+                              "validation and writes no best.pt (eval and predict use last.pt); `textseg prep` gives "
+                              "a set of 2 or more labelled cases at least one validation case", highlight=False,
+                              markup=False, soft_wrap=True)
         if dist.main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
@@ -115,7 +127,7 @@ def train(method: str | None = None, data: str | Path | None = None, *, labeled:
             _write_env(run_dir, cfg, dev, dist, resume,
                        precision={"train": precision.record(), "validation": val_precision.record()})
             write_cases(run_dir, RunCases(trainer.labeled_ids, trainer.unlabeled_ids, trainer.unused_ids,
-                                          cfg["val"]["split"], trainer.val_ids))
+                                          selection_split(cfg), trainer.val_ids))
             if not quiet:
                 _print_header(trainer, cfg, dev, dist)
         result = trainer.run()
@@ -160,7 +172,7 @@ def _write_env(run_dir: Path, cfg: dict[str, Any], dev: torch.device, dist: Dist
 def _print_header(tr: Trainer, cfg: dict[str, Any], dev: torch.device, dist: Dist) -> None:
     d, t = cfg["data"], cfg["train"]
     console.print(
-        f"[bold]{cfg['method']['name']}[/] on {tr.ds.name}: {len(tr.labeled_ids)} labeled, "
+        f"[bold]{cfg['method']['name']}[/] on {tr.ds.name}: {len(tr.labeled_ids)} labeled{tr.labeled_note}, "
         f"{len(tr.unlabeled_ids)} unlabeled, {len(tr.val_ids)} validation cases; patch {d['patch_size']}, "
         f"batch {t['batch_labeled']}+{t['batch_unlabeled'] if tr.unlabeled_ids else 0}"
         f"{f' ×{dist.world_size} processes' if dist.enabled else ''}; {t['iterations']} iterations on {dev}"

@@ -11,7 +11,7 @@ import numpy as np
 from textseg_cli.console import err_console
 from textseg_cli.data.io import read_input_image, write_mask
 from textseg_cli.data.prep.slices import restack_pairs, slice_info
-from textseg_cli.errors import DataError
+from textseg_cli.errors import DataError, TextsegError
 from textseg_cli.evaluation.folders import (
     check_eval_size,
     evaluate_pairs,
@@ -28,10 +28,20 @@ from textseg_cli.inference.predict import (
 from textseg_cli.inference.settings import InferenceSettings
 from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
 from textseg_cli.runs.cases import read_cases
+from textseg_cli.runs.config import selection_rule
 from textseg_cli.runs.load import load_run
 from textseg_cli.runtime.device import resolve_device
-from textseg_cli.storage.files import child_path
+from textseg_cli.storage.files import child_path, read_json
 from textseg_cli.storage.outputs import prepare_output_dir, run_lock
+
+
+def _train_precision(run_dir: Path) -> str | None:
+    """The precision the run trained in (RUN/env.json, as the engine recorded it), for every table's note."""
+    try:
+        rec = read_json(Path(run_dir) / "env.json").get("precision", {}).get("train", {})
+    except (TextsegError, OSError, AttributeError):
+        return None
+    return rec.get("precision") if isinstance(rec, dict) and isinstance(rec.get("precision"), str) else None
 
 
 def _labeled_counts(run) -> tuple[int | None, int | None]:
@@ -188,7 +198,8 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
         "split": split,
         "test_split_warning": split == "test",
         "checkpoint": str(run.checkpoint_path),
-        "checkpoint_rule": checkpoint_rule(rule, run.checkpoint_path),
+        "checkpoint_rule": (selection_rule(run.config) if str(rule) == "best"
+                            else checkpoint_rule(rule, run.checkpoint_path)),
         "iteration": getattr(run, "iteration", None),
         "decoder": settings.decoder,
         "inference": settings.mode,
@@ -201,6 +212,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
         "threshold": threshold if ds.dim == 2 and ds.num_classes == 2 else None,
         "device": str(dev),
         "precision": settings.precision.name,
+        "train_precision": _train_precision(run_dir),
         **scoring_meta(3 if per_volume else ds.dim, ds.name, per_volume, method_uses_text(run.method)),
         "overlays": [p.name for p in written],
         "train_cases_evaluated": trained,  # None: the run records no cases.json, nothing could be checked

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 import yaml
 
+from textseg_cli import __version__
 from textseg_cli.bench.benchmark import run_benchmark
 from textseg_cli.console import console
 from textseg_cli.data.prepared import load_prepared
-from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.experiments.launch import parse_gpus, run_on_gpus, run_with_submitit
 from textseg_cli.experiments.runner import Outcome, run_sequential, run_state
 from textseg_cli.experiments.spec import (
@@ -23,8 +29,10 @@ from textseg_cli.experiments.spec import (
     resolved_config,
     run_lcc,
 )
+from textseg_cli.runs.checks import check_run_length
 from textseg_cli.runtime.device import resolve_device
-from textseg_cli.storage.files import atomic_write_text
+from textseg_cli.runtime.environment import default_cache_root, hardware_name
+from textseg_cli.storage.files import atomic_write_json, atomic_write_text
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -73,6 +81,7 @@ def estimate(exp: Experiment, rows: list[dict], ds=None, device: str | None = No
         n_val = len(ds.split(rows[0]["cfg"]["val"]["split"])) if rows else None
         n_eval = len(ds.split(exp.eval["split"]))
     per_method: dict[str, dict] = {}
+    n_methods = len({r["run"].entry.id for r in rows})
     for row in rows:
         run, cfg = row["run"], row["cfg"]
         key = run.entry.id
@@ -81,19 +90,27 @@ def estimate(exp: Experiment, rows: list[dict], ds=None, device: str | None = No
             vol = tuple(int(round(p * 1.25)) for p in patch)  # a volume a little larger than the patch
             sets = list(run.entry.sets) + ([f"data.profile={cfg['data']['profile'] or exp.dataset or ''}"]
                                            if (cfg["data"].get("profile") or exp.dataset) else [])
-            log(f"bench {run.entry.method} on {dev}: patch {patch}, batch {row['batch']}")
-            rep = run_benchmark(run.entry.method, patch=patch, batch=(cfg["train"]["batch_labeled"],
-                                                                      max(0, cfg["train"]["batch_unlabeled"])),
-                                iterations=bench_iterations, repeats=1, device=dev, volume=vol,
-                                stride=cfg["inference"]["stride"], sw_batch_size=cfg["inference"]["sw_batch_size"],
-                                in_channels=ds.in_channels if ds is not None else 1,
-                                num_classes=ds.num_classes if ds is not None else 2,
-                                inference_modes=(cfg["inference"].get("mode") or "sliding",), sets=sets,
-                                feature_cache="on")
-            res = rep["results"][0]
-            per_method[key] = {"s_per_it": res.get("train_s_per_it"),
-                               "s_per_volume": res.get(f"{cfg['inference'].get('mode') or 'sliding'}_s"),
-                               "device_name": res.get("device_name")}
+            kwargs = dict(patch=patch, batch=(cfg["train"]["batch_labeled"], max(0, cfg["train"]["batch_unlabeled"])),
+                          iterations=bench_iterations, repeats=1, device=dev, volume=vol,
+                          stride=cfg["inference"]["stride"], sw_batch_size=cfg["inference"]["sw_batch_size"],
+                          in_channels=ds.in_channels if ds is not None else 1,
+                          num_classes=ds.num_classes if ds is not None else 2,
+                          inference_modes=(cfg["inference"].get("mode") or "sliding",), sets=sets,
+                          feature_cache="on")
+            cache = _bench_cache_path(run.entry.method, kwargs, cfg)
+            cached = _read_cached(cache)
+            if cached is not None:
+                log(f"bench {run.entry.method}: cached ({cache.name}; delete {cache.parent} to re-measure)")
+                per_method[key] = cached
+            else:
+                log(f"bench {run.entry.method} on {dev} ({len(per_method) + 1}/{n_methods}): patch {patch}, "
+                    f"batch {row['batch']} ...")
+                res = run_benchmark(run.entry.method, **kwargs)["results"][0]
+                per_method[key] = {"s_per_it": res.get("train_s_per_it"),
+                                   "s_per_volume": res.get(f"{cfg['inference'].get('mode') or 'sliding'}_s"),
+                                   "device_name": res.get("device_name")}
+                with contextlib.suppress(OSError):
+                    atomic_write_json(cache, per_method[key])
         b = per_method[key]
         its = int(cfg["train"]["iterations"])
         every = int(cfg["val"]["every"] or 0)
@@ -109,6 +126,26 @@ def estimate(exp: Experiment, rows: list[dict], ds=None, device: str | None = No
     return {"device": dev, "per_method": per_method, "total_s": total,
             "device_name": next(iter(per_method.values()))["device_name"] if per_method else None,
             "includes_eval": n_val is not None}
+
+
+def _bench_cache_path(method: str, kwargs: dict, cfg: dict) -> Path:
+    """$TEXTSEG_CACHE/bench/<key>.json: one bench result per (method, patch, batch, device, precision, settings,
+    textseg and torch version, CPU/GPU model), so a second --dry-run --estimate prints at once."""
+    key = {"method": method, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
+           "precision": (cfg.get("train") or {}).get("precision"), "textseg": __version__, "torch": torch.__version__,
+           "hardware": hardware_name(kwargs["device"]), "cpu_bf16": os.environ.get("TEXTSEG_CPU_BF16")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return default_cache_root() / "bench" / f"{method}-{digest}.json"
+
+
+def _read_cached(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), (int, float, type(None))) for k in
+                                        ("s_per_it", "s_per_volume"))
+    return data if ok else None
 
 
 def _hours(s: float) -> str:
@@ -138,19 +175,29 @@ def print_plan(exp: Experiment, rows: list[dict], est: dict | None, gpus: int = 
     say("runs (state; each run = the train and eval commands below it):")
     for r in rows:
         run = r["run"]
-        extra = f"; estimate {_hours(r['estimate_s'])}" if est else ""
-        say(f"  {run.key}  {run.entry.name}, {run.labeled} labeled, seed {run.seed}: {r['state']}{extra}")
+        say(f"  {run.key}  {run.entry.name}, {run.labeled} labeled, seed {run.seed}: {r['state']}")
         say(f"    {r['train']}")
         say(f"    {r['eval']}")
     if est:
-        todo = sum(1 for r in rows if r["state"] != "done")
-        scope = ("training + validation + evaluation" if est["includes_eval"] else
-                 "training and inference speed only (no prepared data found, so validation/evaluation counts are "
-                 "left out)")
-        say(f"ESTIMATE, not a measurement (from a short bench of each method on {est['device']}: "
-            f"{est['device_name']}; inference timed on a volume 1.25x the patch): {_hours(est['total_s'])} of "
-            f"{est['device'].upper()} time for the {todo} unfinished run(s), {scope}"
-            + (f"; about {_hours(est['total_s'] / gpus)} wall-clock on {gpus} GPUs" if gpus > 1 else "") + ".")
+        print_estimate(rows, est, gpus)
+
+
+def print_estimate(rows: list[dict], est: dict, gpus: int = 1) -> None:
+    """Per-run estimates and the total, after the plan (the bench behind them can take minutes on a CPU)."""
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    for r in rows:
+        say(f"  {r['run'].key}: estimate {_hours(r['estimate_s'])} ({r['state']})")
+    todo = sum(1 for r in rows if r["state"] != "done")
+    scope = ("training + validation + evaluation" if est["includes_eval"] else
+             "training and inference speed only (no prepared data found, so validation/evaluation counts are "
+             "left out)")
+    say(f"ESTIMATE, not a measurement (from a short bench of each method on {est['device']}: "
+        f"{est['device_name']}; inference timed on a volume 1.25x the patch): {_hours(est['total_s'])} of "
+        f"{est['device'].upper()} time for the {todo} unfinished run(s), {scope}"
+        + (f"; about {_hours(est['total_s'] / gpus)} wall-clock on {gpus} GPUs" if gpus > 1 else "") + ".")
 
 
 def write_frozen_copy(exp: Experiment) -> Path:
@@ -164,7 +211,7 @@ def write_frozen_copy(exp: Experiment) -> Path:
 
 
 def run_experiment(spec: str | Path, *, dry_run: bool = False, fail_fast: bool = False, gpus: str | None = None,
-                   launcher: str = "local", only: Sequence[str] = (), estimate_time: bool = True,
+                   launcher: str = "local", only: Sequence[str] = (), estimate_time: bool = False,
                    bench_iterations: int = 2, slurm_partition: str | None = None, slurm_time_min: int = 24 * 60,
                    slurm_gpus: int = 1, slurm_cpus: int | None = None, wait: bool = True, quiet: bool = False,
                    log: Callable[[str], None] | None = None) -> Outcome | list[dict]:
@@ -179,6 +226,7 @@ def run_experiment(spec: str | Path, *, dry_run: bool = False, fail_fast: bool =
         raise ConfigError(f"--launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
     if gpus and launcher != "local":
         raise ConfigError("--gpus applies to the local launcher; with --launcher slurm use --slurm-gpus")
+    gpu_ids = parse_gpus(gpus, check=not dry_run) if gpus else None  # GPUs not visible: refused before any write
     exp = load_experiment(spec)
     runs = exp.runs()
     if only:
@@ -188,11 +236,22 @@ def run_experiment(spec: str | Path, *, dry_run: bool = False, fail_fast: bool =
             raise ConfigError(f"--only {bad[0]!r}: not a run of this experiment (e.g. {runs[0].key})")
         runs = [r for r in runs if r.key in set(only)]
     ds = _dataset(exp, required=not dry_run)
-    if dry_run:
+    for r in runs:  # a run of 0 iterations (`iterations: 0`, a method's set/config) is refused before any write
+        try:
+            cfg = resolved_config(exp, r, ds)
+        except TextsegError:
+            continue  # any other bad setting fails that run when it starts, and the others go on
+        try:
+            check_run_length(cfg, r.iterations, option="iterations")
+        except ConfigError as exc:
+            raise ConfigError(f"run {r.key}: {exc.args[0]}", exp.path) from None
+    if dry_run:  # the plan at once; the estimate (a bench per method, cached) only when asked
         rows = plan(exp, runs, ds)
-        est = estimate(exp, rows, ds, exp.device, bench_iterations, log) if estimate_time else None
-        n_gpus = len(gpus.split(",")) if gpus else 1
-        print_plan(exp, rows, est, n_gpus)
+        n_gpus = len(gpu_ids) if gpu_ids else 1
+        print_plan(exp, rows, None, n_gpus)
+        if estimate_time:
+            est = estimate(exp, rows, ds, exp.device, bench_iterations, log)
+            print_estimate(rows, est, n_gpus)
         return rows
     write_frozen_copy(exp)
     if launcher != "local":
@@ -200,7 +259,7 @@ def run_experiment(spec: str | Path, *, dry_run: bool = False, fail_fast: bool =
                                     gpus_per_run=slurm_gpus, cpus_per_run=slurm_cpus, wait=wait,
                                     fail_fast=fail_fast, log=log)
     elif gpus:
-        outcome = run_on_gpus(exp, runs, parse_gpus(gpus), fail_fast=fail_fast, log=log)
+        outcome = run_on_gpus(exp, runs, gpu_ids, fail_fast=fail_fast, log=log)
     else:
         outcome = run_sequential(exp, runs, fail_fast=fail_fast, quiet=quiet, log=log)
     log(f"experiment {exp.name}: {len(outcome.done)} run(s) done, {len(outcome.skipped)} already finished (skipped), "

@@ -12,16 +12,44 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from textseg_cli.errors import ConfigError
 from textseg_cli.experiments.runner import Outcome, execute_run, run_state
 from textseg_cli.experiments.spec import SPEC_COPY, Experiment, Run
 
 
-def parse_gpus(text: str) -> list[str]:
+def parse_gpus(text: str, check: bool = True) -> list[str]:
+    """`--gpus 0,1` -> ["0", "1"]; with `check`, refused unless this process sees each of those GPUs."""
     ids = [g.strip() for g in str(text).split(",") if g.strip()]
     if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
         raise ConfigError(f"--gpus {text!r}: expected distinct GPU indices such as 0,1,2,3")
+    if check:
+        check_gpus(ids)
     return ids
+
+
+def check_gpus(ids: Sequence[str]) -> None:
+    """Refuse GPU indices this process does not see, before anything is launched: a child given
+    CUDA_VISIBLE_DEVICES=<missing GPU> sees no CUDA device and would quietly train on the CPU.
+
+    Indices count the visible devices, as torch numbers them (`torch.cuda.device_count()`, which honours
+    CUDA_VISIBLE_DEVICES)."""
+    n = int(torch.cuda.device_count())
+    missing = [g for g in ids if int(g) >= n]
+    if not missing:
+        return
+    visible = ("none (no CUDA device: the runs would train on the CPU)" if n == 0
+               else f"{n} ({', '.join(str(i) for i in range(n))})")
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError(f"--gpus {','.join(ids)}: GPU {', '.join(missing)} not visible; visible GPUs: {visible}"
+                      + (f" with CUDA_VISIBLE_DEVICES={cvd!r}" if cvd is not None else ""))
+
+
+def _physical(gpu: str) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of visible GPU `gpu` (this process's own mapping, when it has one)."""
+    entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return entries[int(gpu)] if int(gpu) < len(entries) else gpu
 
 
 def child_command(exp: Experiment, run: Run) -> list[str]:
@@ -48,7 +76,7 @@ def run_on_gpus(exp: Experiment, runs: Sequence[Run], gpus: Sequence[str], *, fa
             while todo and free and not stop:
                 run, gpu = todo.pop(0), free.pop(0)
                 log_path = exp.out / "logs" / run.status_name.replace(".json", ".log")
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=_physical(gpu))  # index 1 of "2,3" is GPU 3
                 with open(log_path, "ab") as fh:
                     proc = subprocess.Popen(command(exp, run), env=env, stdout=fh, stderr=subprocess.STDOUT)
                 active[gpu] = (run, proc, log_path)

@@ -25,6 +25,7 @@ from textseg_cli.evaluation.run import evaluate_run
 from textseg_cli.experiments.spec import Experiment, Run, load_experiment, run_lcc
 from textseg_cli.runs.config import load_config
 from textseg_cli.storage.files import atomic_write_json, read_json
+from textseg_cli.storage.outputs import check_no_links_below
 
 
 class RunFailed(TextsegError):
@@ -72,6 +73,7 @@ def _write_status(exp: Experiment, run: Run, **fields) -> dict:
 def run_one(exp: Experiment, run: Run, *, launcher: str = "local", quiet: bool = False) -> str:
     """Train (or resume) and evaluate one run; returns "skipped" or "done". KeyboardInterrupt marks it
     interrupted and propagates; any other error marks it failed and raises RunFailed."""
+    check_no_links_below(exp.out, run.dir)  # a link at OUT/runs/<id> would carry the run's writes outside OUT
     state = run_state(exp, run)
     if state == "done":
         return "skipped"

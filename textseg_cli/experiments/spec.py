@@ -42,6 +42,7 @@ from textseg_cli.errors import ConfigError
 from textseg_cli.evaluation.folders import check_empty_policy
 from textseg_cli.methods.registry import list_methods
 from textseg_cli.runs.config import build_config
+from textseg_cli.storage.files import read_text
 
 CHECKPOINT_RULES = {"best-on-val": "best", "best": "best", "last": "last"}
 LCC_MODES = ("protocol", "on", "off")
@@ -153,7 +154,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise ConfigError("experiment file not found", path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(read_text(path, ConfigError)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
     if not isinstance(raw, dict):
@@ -177,8 +178,8 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError("labeled: give at least one labeled count, e.g. [8, 16]", path)
     seeds = raw.get("seeds")
     seeds = [seeds] if isinstance(seeds, int) else seeds
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"seeds: expected a list of integers, got {seeds!r}", path)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError(f"seeds: expected a list of whole numbers ≥ 0, got {seeds!r}", path)
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {seeds} repeats a seed", path)
     ev = dict(EVAL_DEFAULTS)
@@ -211,7 +212,7 @@ def load_experiment(path: str | Path) -> Experiment:
         if m["method"] not in known:
             raise ConfigError(f"methods[{i}]: unknown method {m['method']!r}; available: {', '.join(known)}", path)
         sets = m.get("set") or []
-        sets = [sets] if isinstance(sets, str) else [str(s) for s in sets]
+        sets = [sets] if isinstance(sets, str) else _rejoin_sets([str(s) for s in sets], f"methods[{i}].set", path)
         if m.get("id") is not None:  # becomes the folder OUT/runs/<id>/: no separators, no '..'
             why = case_id_problem(str(m["id"]), "id")
             if why is not None:
@@ -237,6 +238,22 @@ def load_experiment(path: str | Path) -> Experiment:
                      methods=methods, raw=raw)
     exp.reference_entry()
     return exp
+
+
+def _rejoin_sets(items: list[str], where: str, path: Path) -> list[str]:
+    """Undo YAML's split of `set: [data.patch_size=64,64,32]` at its commas (into "data.patch_size=64", "64", "32"):
+    an item without '=' continues the one before it, so the comma list reaches the config as written (list-valued
+    keys read "64,64,32" as three values)."""
+    out: list[str] = []
+    for item in items:
+        if "=" in item:
+            out.append(item)
+        elif out:
+            out[-1] += f",{item}"
+        else:
+            raise ConfigError(f"{where}: {item!r} is not KEY=VALUE; YAML splits an unquoted list item at its "
+                              'commas, so quote it: set: ["data.patch_size=[64,64,32]"]', path)
+    return out
 
 
 def frozen_copy(exp: Experiment) -> dict:

@@ -164,12 +164,14 @@ def notes(exp: Experiment, rows: list[GridRow]) -> list[str]:
     out = [
         f"Cells: mean ± SD over seeds of each run's mean over cases (n = {'/'.join(map(str, n_seeds))} seed(s) "
         f"per row; seeds {', '.join(map(str, exp.seeds))}); Dice and Jaccard in %.",
-        f"Split: {exp.eval['split']}; checkpoint: {exp.eval['checkpoint']}; LCC: "
+        f"Split: {exp.eval['split']}; checkpoint: "
+        + _settings_note(rows, "checkpoint_rule", lambda v: str(v or exp.eval["checkpoint"])) + "; LCC: "
         + _settings_note(rows, "lcc", lambda v: "unknown" if v is None else ("on" if v else "off"))
         + "; 95HD/ASD in " + _settings_note(rows, "distance_unit", lambda v: str(v or "unknown")) + ".",
         "Empty-mask policy: " + _settings_note(rows, "empty_policy", lambda p: f"'{p}' ({EMPTY_POLICIES.get(p, '?')})")
         + ".",
-        f"Iterations: {per_method(its)}; text encoder weights: {per_method(enc)}.",
+        f"Iterations: {per_method(its)}; text encoder weights: {per_method(enc)}; training precision: "
+        + _settings_note(rows, "train_precision", lambda v: str(v or "unknown")) + " (the official codes train in fp32).",
     ]
     one = sum(m["n_one_empty"] for r in rows for m in r.metas)
     both = sum(m["n_both_empty"] for r in rows for m in r.metas)
@@ -237,8 +239,8 @@ def _cells(exp: Experiment, rows: list[GridRow], latex: bool, published: bool):
             cells += [f"{pub['dice']:.2f}" if pub else dash, f"{diff:+.2f}" if math.isfinite(diff) else dash]
         if show_p:
             p = r.p_value
-            cells.append("ref." if r.entry is ref else dash if p is None else
-                         (esc("<0.001") if p < 0.001 else f"{p:.3f}"))
+            cells.append("ref." if r.entry is ref else dash if p is None else "n/a" if not math.isfinite(p) else
+                         (esc("<0.001") if p < 0.001 else f"{p:.3f}"))  # n/a: one pair, no test (paired_wilcoxon)
         body.append(cells)
     if latex:
         head = [" & ".join(top) + r" \\", " & ".join(second) + r" \\"]

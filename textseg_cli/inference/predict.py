@@ -8,8 +8,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from textseg_cli.console import console, progress
+from textseg_cli.console import console, err_console, progress
 from textseg_cli.data.io import NAN_POLICIES, apply_nan_policy, read_input_image
+from textseg_cli.data.prep.custom import looks_like_label
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.data.preprocessing import zscore
 from textseg_cli.errors import ConfigError, DataError, TextsegError
@@ -94,6 +95,33 @@ def probs_to_mask(probs: torch.Tensor) -> np.ndarray:
 
 # --- geometry-preserving image I/O --------------------------------------------------------------------
 
+SPACING_FAR = 2.0  # an input axis whose spacing is over 2x (or under 1/2) the training spacing is "far"
+
+
+def spacing_warning(file: str | Path, spacing: Sequence[float], training: Sequence[float] | None,
+                    resampled: bool) -> dict[str, Any] | None:
+    """A record (and its one-line message) when an input's spacing is far from the training spacing: some
+    axis ratio input/training outside [1/SPACING_FAR, SPACING_FAR]. The model learnt structures at the training
+    scale; resampling to it does not remove the shift either (a 3x upsampled image is blurred, a 3x
+    downsampled one has lost detail). None when the spacings are close or the training spacing is unknown."""
+    if not training:
+        return None
+    sp = [float(s) for s in spacing][: len(training)]
+    tr = [float(t) for t in training][: len(sp)]
+    ratios = [s / t if s > 0 and t > 0 else 1.0 for s, t in zip(sp, tr)]
+    if all(1 / SPACING_FAR <= r <= SPACING_FAR for r in ratios):
+        return None
+
+    def fmt(v: Sequence[float]) -> str:
+        return "x".join(f"{x:.3g}" for x in v)
+
+    how = ("predict resamples it to the training spacing, itself a domain shift" if resampled
+           else "it is not resampled, so the model sees structures at another scale")
+    msg = (f"{Path(file).name}: spacing {fmt(sp)} mm is far from the training spacing {fmt(tr)} mm (ratio "
+           f"{fmt(ratios)}; far = some axis outside x{1 / SPACING_FAR:g}..x{SPACING_FAR:g}); {how}")
+    return {"file": str(file), "spacing": sp, "training_spacing": tr, "ratio": [round(r, 4) for r in ratios],
+            "resampled": resampled, "warning": msg}
+
 
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, checkpoint: str = "best",
                    decoder: int | str | None = None, inference: str | None = None, force: bool = False,
@@ -112,7 +140,9 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     records the run, checkpoint, decoder, preprocessing and inference settings. Returns the mask paths.
     A file that cannot be segmented (unreadable, wrong shape, NaN/Inf voxels under `nan_policy="refuse"`;
     "zero" replaces them by 0) does not stop the others: the good masks and predict.json are written,
-    then a DataError lists the failed files.
+    then a DataError lists the failed files. An input whose spacing is far from the training spacing
+    (`spacing_warning`) is segmented with a one-line warning on stderr, recorded in predict.json
+    `spacing_warnings`.
     """
     images, out = Path(images), Path(out)
     if not images.exists():
@@ -127,12 +157,23 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     settings = InferenceSettings.from_config(run.config, device=dev, mode=inference, decoder=decoder,
                                              precision=precision, sw_batch_size=sw_batch_size, out_device=out_device,
                                              ndim=dim)
+    skipped: list[str] = []  # label-looking files of an --images folder, not segmented
     if images.is_dir() and (images / "dataset.json").exists():
         ds = load_prepared(images)
         inputs = [(cid, [ds.image_path(cid)]) for cid in ds.case_ids]
         chain, steps = replay.Processing(normalize="none"), "none (a prepared folder)"
     else:
         inputs = replay.list_raw_inputs(images)
+        if images.is_dir():  # reference masks kept beside their images (case_gt.nii.gz, case_seg.nrrd) are not images
+            skipped = [files[0].name for _, files in inputs if len(files) == 1 and looks_like_label(files[0])]
+            if skipped and len(skipped) == len(inputs):
+                raise DataError(f"every file here is named like a label ({', '.join(skipped[:5])}: _seg, _label, "
+                                "_labels, _mask or _gt); pass one of them as --images FILE to segment it anyway", images)
+            if skipped:
+                inputs = [(n, fs) for n, fs in inputs if fs[0].name not in skipped]
+                console.print(f"note: skipped {len(skipped)} file(s) named like labels, not images: "
+                              f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}", highlight=False,
+                              markup=False, soft_wrap=True)
         if preprocessed:
             chain, steps = replay.Processing(normalize="none"), "none (--preprocessed)"
         else:
@@ -140,6 +181,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
             chain = replay.replay_processing(recorded, run.dataset.root / "dataset.json")
             steps = [s for s in recorded if s.get("step") not in replay.SOURCE_STEPS]
     identity = chain == replay.Processing(normalize="none")
+    training_spacing = run.dataset.spec.get("spacing")  # the prepared cases' typical (median) spacing
     if dim != 3 and not identity:
         raise replay.ReplayError("replaying preprocessing is implemented for 3D data sets; pass --preprocessed "
                                  "with images prepared like the training data", run.dataset.root / "dataset.json")
@@ -150,6 +192,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
 
     written: list[Path] = []
     failed: dict[str, str] = {}
+    far: dict[str, dict[str, Any]] = {}  # predict.json `spacing_warnings`, per output file
     with progress() as bar:
         task = bar.add_task("predict", total=len(inputs), info="")
         for name, files in inputs:
@@ -157,13 +200,14 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
             try:
                 if identity and len(files) == 1 and files[0].name.lower().endswith(replay.NIFTI):
                     # nibabel keeps any affine exactly (SimpleITK refuses non-orthonormal ones)
-                    arr, raw = read_input_image(files[0], dim, name=name).array, None
+                    inp, raw = read_input_image(files[0], dim, name=name), None
+                    arr, in_spacing = inp.array, inp.spacing
                     arr, note = apply_nan_policy(arr, nan_policy, name, files[0])
                     if note:
                         console.print(f"[yellow]warning:[/] {note}", highlight=False)
                 else:  # NaN/Inf are handled before the chain, as prep does
                     raw = replay.load_raw(name, files, chain, nan_policy=nan_policy)
-                    arr = raw.array
+                    arr, in_spacing = raw.array, raw.spacing
                     for note in raw.warnings:
                         console.print(f"[yellow]warning:[/] {note}", highlight=False)
                 if normalize == "zscore":
@@ -175,6 +219,10 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                 continue
             mask = probs_to_mask(probs)
             target = child_path(out, replay.output_name(files[0], name))
+            shift = spacing_warning(files[0], in_spacing, training_spacing, chain.target_spacing is not None)
+            if shift is not None:
+                err_console.print(f"warning: {shift['warning']}", highlight=False, markup=False, soft_wrap=True)
+                far[target.name] = shift
             replay.write_like(target, mask if raw is None else raw.restore_mask(mask), files[0])
             if save_probabilities:
                 p = probs.to(device="cpu", dtype=torch.float32).numpy()
@@ -188,7 +236,8 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
         "images": str(images.resolve()), "preprocessing": steps, "normalize": normalize,
         "probabilities": "<name>_probs: float32 softmax, classes on the last axis" if save_probabilities else None,
         "inference": settings.record(), "device": str(dev), "precision": settings.precision.name,
-        "cases": [p.name for p in written], **({"failed": failed} if failed else {})})
+        "cases": [p.name for p in written], **({"spacing_warnings": far} if far else {}),
+        **({"failed": failed} if failed else {}), **({"skipped_label_files": skipped} if skipped else {})})
     console.print(f"wrote {len(written)} mask(s) to {out}")
     if failed:
         for msg in failed.values():

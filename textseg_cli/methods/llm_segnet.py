@@ -5,12 +5,14 @@ Two networks A and B of the same architecture (V-Net for LA and Pancreas, the 3D
 β · z to their bottleneck, D(E(x) + β·z), where z maps the BERT embeddings of the N LLM descriptions through an
 MLP to the bottleneck's shape (C × grid, one learned map from the N descriptions to the grid; textseg's
 reading, `models.text_fusion.TextInjection`; `method.text_injection: pooled` = the former per-channel constant;
-β = 0.1 on LA, 1 on Pancreas and BraTS). Inputs get uniform noise
+β a hyperparameter (paper Table 5): 0.1 on LA, 1 on Pancreas and BraTS). Inputs get uniform noise
 U(−0.2, 0.2). B sees a CutMix of the unlabeled images (a cuboid of each image replaced by the next image's);
 A sees them unmixed and its probabilities are CutMixed identically, so both predictions are aligned.
 
 L = Σ_{A,B} (Dice + CE)(labeled) + λ(t) · [USL(ŷ_A, ỹ_B) + USL(ŷ_B, ỹ_A)] with the unified segmentation
-loss of `text_losses.usl_loss` (thresholds t1, t2; `--unsup-loss mse|nll` for the paper's Table 7) and
+loss of `text_losses.usl_loss` (thresholds t1, t2; `--unsup-loss mse|nll` for the paper's Table 7): Eq. 8 as
+printed (both NLL terms, each over its own voxel set) and Eq. 4's MSE to the argmax pseudo-label by default,
+`--usl-reading textseg` (`method.usl_reading`) textseg's former reading (voxels counted once, soft MSE target); and
 λ(t) = weight · ramp(t // 150, rampup); Eq. 1 has no ramp, so `consistency.rampup` defaults to 0 (constant
 weight) and `--set method.consistency.rampup=40` restores the ramp textseg used before.
 """
@@ -35,7 +37,7 @@ from textseg_cli.methods.ssl_common import (
     ramped_weight,
 )
 from textseg_cli.methods.text_addon import load_method_embeddings
-from textseg_cli.methods.text_losses import usl_loss
+from textseg_cli.methods.text_losses import USL_READINGS, usl_loss
 from textseg_cli.models.text_fusion import TextInjection
 from textseg_cli.models.unet3d import UNet3DDeepSup
 from textseg_cli.models.vnet import VNet
@@ -94,7 +96,8 @@ class LLMSegNet(Method):
     official_code = "none published (paper only)"
     official_commit = ""
     ledger = "docs/fidelity.md#llm-segnet-llm-segnet--no-official-code"
-    cli_flags = {"unsup_loss": ("usl", "mse", "nll"), "t1": None, "t2": None, "beta": None}
+    cli_flags = {"unsup_loss": ("usl", "mse", "nll"), "usl_reading": USL_READINGS, "t1": None, "t2": None,
+                 "beta": None}
     has_text = True
     dims = (3,)
 
@@ -116,6 +119,9 @@ class LLMSegNet(Method):
         kind = str(hp.get("unsup_loss", "usl"))
         if kind not in ("usl", "mse", "nll"):
             raise ConfigError(f"method.unsup_loss {kind!r}: expected usl, mse or nll")
+        reading = str(hp.get("usl_reading", "paper"))
+        if reading not in USL_READINGS:
+            raise ConfigError(f"method.usl_reading {reading!r}: expected {' or '.join(USL_READINGS)}")
 
     def _apply(self, fn, recurse: bool = True):
         # keep the networks' (unregistered) view of the text buffer on the buffer's device
@@ -155,7 +161,9 @@ class LLMSegNet(Method):
             p_a_mix = mix(p_a, p_a[perm], mask)  # A's prediction CutMixed like B's input
             p_b = torch.softmax(logits_b[bl:], 1)
             t1, t2, kind = float(hp.get("t1", 0.9)), float(hp.get("t2", 0.1)), str(hp.get("unsup_loss", "usl"))
-            unsup = usl_loss(p_a_mix, p_b, t1, t2, kind) + usl_loss(p_b, p_a_mix, t1, t2, kind)
+            reading = str(hp.get("usl_reading", "paper"))
+            unsup = (usl_loss(p_a_mix, p_b, t1, t2, kind, reading=reading)
+                     + usl_loss(p_b, p_a_mix, t1, t2, kind, reading=reading))
             w = ramped_weight(hp, ctx.iteration + 1, 1.0, 0)
             loss = loss + w * unsup
             out.update(loss_unsup=unsup.detach(), consistency_weight=torch.tensor(w))

@@ -9,7 +9,11 @@ Text reaches training in one of two ways (config `method.text`):
 
 The add-on wraps any method whose networks have the V-Net encoder (UA-MT, DTC, MC-Net, ...) with
 Text-SemiSeg's TMR (on the bottleneck, between encoder and decoder; EMA teachers get an EMA copy) and
-CSA (a projection head on the fused bottleneck, pulled to the text features by the predictions).
+CSA (a projection head on the fused bottleneck, pulled to the text features by the predictions). Its defaults
+are the text-DTC network the official repository ships (taozh2017/Text-SemiSeg@18ceced model/MC_CLIP.py:583-609,
+`VNet_DTC`: TMR on the bottleneck, a 256→512 1×1×1 projection head on the fused bottleneck) with the published
+CSA (trainer.py:122-138) and L2-normalised F_t (model/CoOp.py:199); TMR keeps the paper's mechanism unless
+`--tmr official`, as for Text-SemiSeg itself (docs/fidelity.md, "+Text").
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ def text_hparams(hp: dict[str, Any]) -> dict[str, Any]:
     return dict(hp.get("text") or {})
 
 
-def load_method_embeddings(hp: dict[str, Any], method_label: str, encoder: str, dataset: str | None,
-                           rows: int | None = None) -> torch.Tensor:
-    """The frozen embedding matrix named by `method.text.embeddings`; a clear error when it is missing."""
+def method_embeddings_and_meta(hp: dict[str, Any], method_label: str, encoder: str, dataset: str | None,
+                               rows: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(frozen embedding matrix named by `method.text.embeddings`, its metadata); a clear error when it is missing."""
 
     path = text_hparams(hp).get("embeddings")
     if not path:
@@ -54,8 +58,14 @@ def load_method_embeddings(hp: dict[str, Any], method_label: str, encoder: str, 
         cmd = ENCODE_HINTS[encoder].format(dataset=dataset or "DATASET")
         raise ConfigError(f"{method_label} needs {what}: pass --text-embeddings FILE "
                           f"(or --set method.text.embeddings=FILE), produced by `{cmd}`")
-    emb, _ = load_embeddings(path, encoder=encoder, rows=rows)
-    return emb.float()
+    emb, meta = load_embeddings(path, encoder=encoder, rows=rows)
+    return emb.float(), meta
+
+
+def load_method_embeddings(hp: dict[str, Any], method_label: str, encoder: str, dataset: str | None,
+                           rows: int | None = None) -> torch.Tensor:
+    """The frozen embedding matrix named by `method.text.embeddings`; a clear error when it is missing."""
+    return method_embeddings_and_meta(hp, method_label, encoder, dataset, rows)[0]
 
 
 def cached_clip(model: str, pretrained: str | None):
@@ -132,7 +142,7 @@ def build_text_source(hp: dict[str, Any], context: dict[str, Any], num_classes: 
     an embedding file is given, else coop)."""
     t = text_hparams(hp)
     kind = str(t.get("source") or default)
-    normalize = bool(t.get("normalize", False))
+    normalize = bool(t.get("normalize", True))  # F_t / ||F_t|| per class as the official PromptMaker (CoOp.py:199)
     if kind == "auto":
         kind = "file" if t.get("embeddings") else "coop"
     if kind == "file":
@@ -180,9 +190,11 @@ def tmr_setting(hp: dict[str, Any]) -> str | None:
     return str(v)
 
 
-def logits_to_probs(out: Any, num_classes: int) -> list[torch.Tensor]:
+def logits_to_probs(out: Any, num_classes: int, activation: str = "softmax") -> list[torch.Tensor]:
     """A network output as a list of class-probability maps: a list (one per decoder), a (seg, aux) tuple
-    (DTC: sigmoid channels, made K-class as [0, z]) or one logits tensor."""
+    (DTC) or one logits tensor. activation="softmax" over the K channels; "sigmoid" of each channel (the published
+    CSA, trainer.py:118-119). K−1 channels (DTC's sigmoid head) become K classes as softmax([0, z]), which is
+    [1 − σ(z), σ(z)] for two classes, with either activation."""
     if isinstance(out, tuple):  # (seg, aux) or (per-decoder logits, per-decoder features)
         outs = list(out[0]) if isinstance(out[0], list) else [out[0]]
     elif isinstance(out, list):
@@ -194,8 +206,41 @@ def logits_to_probs(out: Any, num_classes: int) -> list[torch.Tensor]:
         o = o.float()
         if o.shape[1] == num_classes - 1:
             o = torch.cat([torch.zeros_like(o[:, :1]), o], dim=1)
-        probs.append(torch.softmax(o, dim=1))
+            probs.append(torch.softmax(o, dim=1))
+        else:
+            probs.append(torch.sigmoid(o) if activation == "sigmoid" else torch.softmax(o, dim=1))
     return probs
+
+
+# The published CSA (Text-SemiSeg trainer.py:122-138) is the add-on's default; every key is `method.csa.KEY`.
+# The add-on's former reading is activation=softmax, resize=avgpool, class_reduction=sum, feature_norm=none
+# together with method.text.normalize=false.
+CSA_DEFAULTS: dict[str, Any] = {"weight": 1.0, "activation": "sigmoid", "resize": "trilinear", "pool": "mean",
+                                "channel_reduction": "mean", "class_reduction": "mean", "feature_norm": "official"}
+CSA_CHOICES = {"activation": ("sigmoid", "softmax"), "resize": ("trilinear", "avgpool"), "pool": ("mean", "masked"),
+               "channel_reduction": ("mean", "sum"), "class_reduction": ("mean", "sum"),
+               "feature_norm": ("official", "channel", "none")}
+
+
+def csa_settings(hp: dict[str, Any]) -> dict[str, Any]:
+    """`method.csa` of a method wrapped by the add-on, over CSA_DEFAULTS; a ConfigError names a bad value."""
+    given = hp.get("csa")
+    out = {**CSA_DEFAULTS, **(given if isinstance(given, dict) else {})}
+    for key, choices in CSA_CHOICES.items():
+        if out[key] not in choices:
+            raise ConfigError(f"method.csa.{key} {out[key]!r}: expected one of {', '.join(choices)}")
+    out["weight"] = float(out["weight"])
+    return out
+
+
+def csa_feature_norm(feats: torch.Tensor, mode: str) -> torch.Tensor:
+    """The projected features before CSA: "official" divides by their norm over dim −1, the LAST SPATIAL axis, as
+    the published code does (trainer.py:123); "channel" L2-normalises the D channels; "none" leaves them."""
+    if mode == "official":
+        return feats / feats.norm(dim=-1, keepdim=True)
+    if mode == "channel":
+        return F.normalize(feats, dim=1)
+    return feats
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,6 +293,10 @@ def _vnet_networks(method: Method) -> tuple[list[nn.Module], list[nn.Module]]:
 class TextAddon(Method):
     """Wraps a built method: TMR on each V-Net bottleneck and/or CSA added to its loss (`--text tmr+csa`)."""
 
+    official_code = "taozh2017/Text-SemiSeg (model/MC_CLIP.py:583-609 VNet_DTC, trainer.py:122-138 CSA)"
+    official_commit = "18ceced"
+    ledger = "docs/fidelity.md#text-add-on-text_addon"
+
     def __init__(self, base: Method, spec: str):
         super().__init__(base.cfg, base.in_channels, base.num_classes, base.dim, **base.context)
         self.parts = parse_addon(spec)
@@ -280,6 +329,7 @@ class TextAddon(Method):
                 teachers[i].encoder = TextEncoder(teachers[i].encoder, t_fusion, self._frozen_text)
         self.csa_heads = nn.ModuleList(ProjectionHead(channels, self.text.dim) for _ in students) \
             if "csa" in self.parts else None
+        self.csa = csa_settings(hp) if self.csa_heads is not None else None
         self._outputs: list[list[Any]] = [[] for _ in students]
         for i, s in enumerate(students):
             s.register_forward_hook(self._make_hook(i))
@@ -305,19 +355,20 @@ class TextAddon(Method):
             for s in self.students:
                 s.encoder.recording = False
         if self.csa_heads is not None:
-            csa_cfg = self.hparams.get("csa") or {}
+            c = self.csa
             text = self.text()
             total = None
             for i, s in enumerate(self.students):
                 for x5, o in zip(s.encoder.records, self._outputs[i]):
-                    term = csa_loss(self.csa_heads[i](x5.float()), logits_to_probs(o, self.num_classes), text,
-                                    pool=str(csa_cfg.get("pool", "mean")),
-                                    channel_reduction=str(csa_cfg.get("channel_reduction", "mean")))
+                    feats = csa_feature_norm(self.csa_heads[i](x5.float()), c["feature_norm"])
+                    term = csa_loss(feats, logits_to_probs(o, self.num_classes, c["activation"]), text,
+                                    pool=c["pool"], channel_reduction=c["channel_reduction"],
+                                    class_reduction=c["class_reduction"], resize=c["resize"])
                     total = term if total is None else total + term
                 s.encoder.records.clear()
                 self._outputs[i].clear()
             if total is not None:
-                out["loss"] = out["loss"] + float(csa_cfg.get("weight", 1.0)) * total
+                out["loss"] = out["loss"] + c["weight"] * total
                 out["loss_csa"] = total.detach()
         return out
 

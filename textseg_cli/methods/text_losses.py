@@ -132,29 +132,42 @@ def dlb_pseudo_label(probs: list[torch.Tensor], weights: torch.Tensor) -> torch.
     return dlb_fused(probs, weights).argmax(dim=1)
 
 
-def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1, kind: str = "usl") -> torch.Tensor:
-    """Unified segmentation loss of LLM-SegNet (Eqs. 8–11), student probabilities p vs the other model's q.
+USL_READINGS = ("paper", "textseg")
 
-    - confident voxels (max q > t1): NLL of p at argmax q, weighted by max q;
-    - complementary voxels (min q < t2, not already confident): NLL of the complement, −log(1 − p at argmin q),
-      weighted by 1 − min q. With two classes max q > t1 ⇔ min q < 1 − t1, and −log(1 − p_argmin) is the
-      confident term again, so counting confident voxels here too would weigh them twice;
-    - uncertain voxels (t2 < min q and max q < t1): MSE between p and q (mean over classes).
-    Each term is summed over its voxels and divided by the total voxel count. kind="mse" uses MSE
-    everywhere, kind="nll" only the two NLL terms (paper Table 7).
+
+def usl_loss(p: torch.Tensor, q: torch.Tensor, t1: float = 0.9, t2: float = 0.1, kind: str = "usl",
+             reading: str = "paper") -> torch.Tensor:
+    """Unified segmentation loss of LLM-SegNet (Eqs. 4, 8–11), student probabilities p vs the other model's q.
+
+    reading="paper" (default; the equations as printed, no official code exists):
+    - confident voxels (max q > t1): NLL of p at argmax q, weighted by max q (Eq. 8, first term);
+    - complementary voxels (min q < t2): NLL of the complement, −log(1 − p at argmin q), weighted by 1 − min q
+      (Eq. 8, second term). Eq. 8 sums both terms over their own sets, so a voxel in both counts in both: with
+      two classes max q > t1 ⇔ min q < 1 − t1, and a confident binary voxel gets 2 · max q · (−log p_argmax);
+    - uncertain voxels (t2 < min q and max q < t1): MSE between p and the one-hot argmax ỹ of q (Eq. 4), mean
+      over classes.
+    reading="textseg" (textseg's former reading, `method.usl_reading: textseg`): the complementary set leaves
+    out confident voxels (each voxel counts once) and the MSE target is the soft q.
+    Each term is summed over its voxels and divided by the total voxel count (batch × voxels). kind="mse" uses
+    the MSE everywhere, kind="nll" only the two NLL terms (paper Table 7).
     """
+    if reading not in USL_READINGS:
+        raise ValueError(f"USL reading must be one of {', '.join(USL_READINGS)}, got {reading!r}")
     q = q.detach()
     eps = 1e-6
     n = q[:, 0].numel()  # batch × voxels
-    mse_all = ((p - q) ** 2).mean(dim=1)
+    qmax, qarg = q.max(dim=1)
+    target = q if reading == "textseg" else F.one_hot(qarg, q.shape[1]).movedim(-1, 1).to(p.dtype)
+    mse_all = ((p - target) ** 2).mean(dim=1)
     if kind == "mse":
         return mse_all.sum() / n
-    qmax, qarg = q.max(dim=1)
     qmin, qargmin = q.min(dim=1)
     p_pos = p.gather(1, qarg.unsqueeze(1)).squeeze(1)
     p_neg = p.gather(1, qargmin.unsqueeze(1)).squeeze(1)
     conf = qmax > t1
-    comp = (qmin < t2) & ~conf
+    comp = qmin < t2
+    if reading == "textseg":
+        comp = comp & ~conf
     l_pos = -(qmax * torch.log(p_pos.clamp_min(eps)))[conf].sum()
     l_neg = -((1 - qmin) * torch.log((1 - p_neg).clamp_min(eps)))[comp].sum()
     total = l_pos + l_neg

@@ -7,8 +7,10 @@ Backbone: MC-Net's shared V-Net encoder with decoders of upsampling modes 0 and 
 come from learnable CoOp prompts over the frozen CLIP ViT-B/32 text tower (or a frozen `textseg encode`
 file), L2-normalised per class (CoOp.py:199; `method.text.normalize`). Per decoder d:
 
-- TMR on the bottleneck: the paper's mechanism (`text_fusion.TMR`, default) or the published layer
-  (`--tmr official`, `text_fusion.TMROfficial`); or the "repeat" fusion;
+- TMR on the bottleneck: textseg's interpretation of the paper's mechanism (`text_fusion.TMR`, default; Eq. 2 is
+  dimensionally ambiguous and the published layer gives the text no forward effect, so the ledger lists it as an
+  interpretation) or the published layer (`--tmr official`, `text_fusion.TMROfficial`, which the paper-table
+  presets use); or the "repeat" fusion;
 - CSA: a projection head maps the fused bottleneck to 512 channels; avg(F_p · ŷ_d,k) is pulled to F_t^k.
   Published scale: ŷ = sigmoid(logits) sampled trilinearly onto the grid, mean of the squared error over
   batch, classes and channels, and F_p of decoder 1 divided by its norm along the last spatial axis

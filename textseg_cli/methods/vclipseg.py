@@ -4,7 +4,8 @@ Defaults follow the published code (SmileJET/VCLIPSeg@fe50145, code/train_3d.py,
 code/test_3d.py); docs/fidelity.md lists each item with its file:line and the paper's switch.
 
 Frozen CLIP embeddings of "A pixel of a {class}." (K×512, `textseg encode --encoder clip`, NOT normalised as
-published) and a V-Net encoder with two decoders (upsampling modes 0 and 1):
+published; a file recorded as normalised is refused, `check_raw_rows`) and a V-Net encoder with two decoders
+(upsampling modes 0 and 1):
 
 - VWPM on the bottleneck (`models.text_fusion.VWPM`): 3³ conv+BN+LeakyReLU to 64, MLP 64→16→K, softmax per
   voxel, Σ_k map_k · Linear_{512→256}(t_k), 3³ fusion conv+BN+LeakyReLU of [F, prompt];
@@ -29,13 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from textseg_cli.console import err_console
 from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
 from textseg_cli.methods.base import Method, StepContext, decoder_index
 from textseg_cli.methods.losses import dice_loss
 from textseg_cli.methods.registry import register_method
 from textseg_cli.methods.ssl_common import backbone_kwargs, ramped_weight
-from textseg_cli.methods.text_addon import load_method_embeddings
+from textseg_cli.methods.text_addon import method_embeddings_and_meta, text_hparams
 from textseg_cli.methods.text_losses import (
     ProjectionHead,
     dlb_fused,
@@ -44,6 +46,28 @@ from textseg_cli.methods.text_losses import (
 )
 from textseg_cli.models.registry import build_model
 from textseg_cli.models.text_fusion import VWPM
+
+
+def check_raw_rows(emb: torch.Tensor, meta: dict[str, Any], text_hp: dict[str, Any]) -> None:
+    """VCLIPSeg's VWPM feeds the RAW `encode_text` rows to its Linear (official clip_embedding_LA.py:15-20 saves them
+    un-normalised; ViT-B/32 rows have norms ~9× those of unit rows), so a file written with `--normalize` would train
+    a different network without any error. Refused unless `method.text.allow_normalized: true`; a file without the
+    `normalized` record (not written by `textseg encode`) whose rows all have norm 1 gets a loud warning."""
+    path = text_hp.get("embeddings")
+    allow = bool(text_hp.get("allow_normalized", False))
+    recorded = meta.get("normalized")
+    unit = (recorded is None and emb.device.type != "meta" and emb.numel() > 0
+            and bool(((emb.norm(dim=-1) - 1).abs() < 1e-4).all()))
+    what = (f"{path} holds L2-normalised CLIP rows, but VCLIPSeg's VWPM takes the raw `encode_text` rows "
+            "(official clip_embedding_LA.py; ~9× larger)")
+    fix = ("re-encode without --normalize (`textseg encode --encoder clip` writes raw rows by default), or set "
+           "method.text.allow_normalized=true to train on unit rows on purpose")
+    if recorded is True and not allow:
+        raise ConfigError(f"vclipseg: {what}", hint=fix)
+    if recorded is True or unit:
+        how = "(method.text.allow_normalized=true)" if recorded is True else "(no `normalized` record; all norms 1)"
+        err_console.print(f"[bold yellow]warning:[/] vclipseg trains on normalised text rows {how}: {what}",
+                          highlight=False)
 
 
 @register_method("vclipseg")
@@ -71,7 +95,9 @@ class VCLIPSeg(Method):
         self.use_vwpm = bool(hp.get("vwpm", True))
         self.use_vtcm = bool(hp.get("vtcm", True))
         if self.use_vwpm or self.use_vtcm:
-            emb = load_method_embeddings(hp, "vclipseg", "clip", context.get("dataset_name"), rows=num_classes)
+            emb, meta = method_embeddings_and_meta(hp, "vclipseg", "clip", context.get("dataset_name"),
+                                                   rows=num_classes)
+            check_raw_rows(emb, meta, text_hparams(hp))
             self.register_buffer("text_embeddings", emb)
             text_dim = int(emb.shape[-1])
         else:

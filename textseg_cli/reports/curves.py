@@ -15,7 +15,13 @@ from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.storage.files import atomic_path
 
-_SKIP = {"iteration", "lr", "it_per_s", "time_s", "val_seconds", "val_best"}
+
+
+def loss_columns(columns) -> list[str]:
+    """The loss terms of a log.csv: `loss` and the columns that name a loss (loss_dice, unsup_loss, ...); timing,
+    throughput and diagnostics (data_wait_s, it_per_s, phase, pseudo_fg_fraction) are not losses."""
+    return [c for c in columns if "loss" in str(c).lower() and not str(c).startswith("val_")]
+
 
 
 def read_log(run_dir: str | Path):
@@ -47,7 +53,7 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
         df = read_log(run)
         c = colours[i % len(colours)]
         it = df["iteration"]
-        terms = [col for col in df.columns if col not in _SKIP and not col.startswith("val_") and "weight" not in col]
+        terms = loss_columns(df.columns)
         for j, col in enumerate(terms):
             s = df[col].notna()
             if s.any():  # one run: a colour per term; several: a colour per run, the terms dashed
@@ -68,8 +74,8 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
                       (ax_val, "validation Dice")):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        if ax.lines:  # beside the panel, never over the curves
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     for ax in axes[1]:
@@ -77,7 +83,7 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")  # "tight": the legends outside the panels are kept
     plt.close(fig)
     return out
 

@@ -18,11 +18,12 @@ def _num(value: float, scale: float) -> str:
 def summary_table(summary: pd.DataFrame, meta: dict) -> Table:
     unit = meta.get("distance_unit", "voxel")
     n_empty = len(meta.get("cases_with_empty_mask") or [])
+    checkpoint = f" · checkpoint {meta['checkpoint_rule']}" if meta.get("checkpoint_rule") else ""
     table = Table(title=f"Evaluation: {meta.get('name', '')}",
                   caption=f"n = finite values / cases · SD over cases · distances in {unit} · "
                           f"LCC {'on' if meta.get('lcc') else 'off'} · empty-mask policy '{meta.get('empty_policy')}'"
                           f" ({n_empty} case(s) with one mask empty, "
-                          f"{len(meta.get('cases_with_both_masks_empty') or [])} with both empty)")
+                          f"{len(meta.get('cases_with_both_masks_empty') or [])} with both empty){checkpoint}")
     for head in ("class", "metric", "mean ± SD", "median", "min – max", "n"):
         table.add_column(head, justify="left" if head in ("class", "metric") else "right")
     for cls, group in summary.groupby("class", sort=False):

@@ -4,7 +4,10 @@ contour (red), the case's text printed underneath.
 - 2D cases (`render_2d`): one panel; arrays are shown as stored, rows = first array axis (so an LViT
   picture appears upright).
 - 3D cases (`render_3d`): two panels, the middle axial slice (z = Z // 2) and the axial slice where
-  the reference (else the prediction) has the largest area, each shown as `volume[:, :, z]`.
+  the reference (else the prediction) has the largest area. Given the image's NIfTI affine (`prep overlays`),
+  slices are shown in the radiological convention whatever the array order: the volume is reoriented to RAS
+  and each axial slice drawn with the patient's right on the image's left and anterior at the top. Without an
+  affine a slice is shown as stored, `volume[:, :, z]` (rows = first array axis).
 
 Contours are the one-pixel inner boundary of each mask (mask minus its 4-connected erosion) drawn at
 display resolution; small images are enlarged by an integer factor (nearest) so that they stay
@@ -16,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
@@ -136,8 +140,9 @@ def compose(panels: Sequence[np.ndarray], captions: Sequence[str] | None = None,
     head = [title] if title else []
     caption_h = line_h if captions else 0
     body = _text_lines(probe, font, text, width - 2 * PAD) if text else []
+    legend_lines = _text_lines(probe, font, legend, width - 2 * PAD) if legend else [""]
     top = PAD + line_h * len(head) + caption_h
-    height = top + max(p.shape[0] for p in panels) + PAD + line_h * (len(body) + 1) + PAD
+    height = top + max(p.shape[0] for p in panels) + PAD + line_h * (len(body) + len(legend_lines)) + PAD
     fig = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(fig)
     y = PAD
@@ -154,7 +159,9 @@ def compose(panels: Sequence[np.ndarray], captions: Sequence[str] | None = None,
     for line in body:
         draw.text((PAD, y), line, fill=TEXT_COLOUR, font=font)
         y += line_h
-    draw.text((PAD, y), legend, fill=(160, 160, 160), font=font)
+    for line in legend_lines:
+        draw.text((PAD, y), line, fill=(160, 160, 160), font=font)
+        y += line_h
     return fig
 
 
@@ -189,29 +196,71 @@ def slices_to_show(reference: np.ndarray | None, prediction: np.ndarray | None, 
     return shown
 
 
+RADIOLOGICAL = "axial, radiological view: patient's right on the left, anterior at the top"
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """The last three axes of `array` (x, y, z as stored) reordered and flipped so that they run along the
+    patient's Right, Anterior, Superior axes (the NIfTI affine's RAS world), plus (the stored axis that became
+    the S axis, +1 / -1 for its direction) to name slices by their stored index."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=float))
+    arr = np.asarray(array)
+    lead = arr.ndim - 3
+    ras = nib.orientations.apply_orientation(np.moveaxis(arr, range(lead), range(-lead, 0)) if lead else arr, ornt)
+    ras = np.moveaxis(ras, range(-lead, 0), range(lead)) if lead else ras
+    s_axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    return np.ascontiguousarray(ras), (s_axis, int(ornt[s_axis, 1]))
+
+
+def radiological(slice_ra: np.ndarray) -> np.ndarray:
+    """An axial slice indexed (..., R, A) as displayed: rows from anterior (top) to posterior, columns from the
+    patient's right (image left) to left."""
+    return np.ascontiguousarray(np.flip(np.swapaxes(slice_ra, -1, -2), (-2, -1)))
+
+
 def render_3d(image: np.ndarray | None, reference: np.ndarray | None = None, prediction: np.ndarray | None = None,
-              text: str | None = None, title: str | None = None, scale: int | None = None):
-    """PIL image of a 3D case (image (x, y, z) or (C, x, y, z)): middle and largest-label axial slices."""
+              text: str | None = None, title: str | None = None, scale: int | None = None,
+              affine: np.ndarray | None = None):
+    """PIL image of a 3D case (image (x, y, z) or (C, x, y, z)): middle and largest-label axial slices.
+
+    affine: the image's NIfTI (RAS) affine; given, slices are shown in the radiological convention (module
+    docstring), else as stored."""
     vol = None if image is None else np.asarray(image)
     if vol is not None and vol.ndim == 3:
         vol = vol[None]
+    stored_axis = None
+    if affine is not None:
+        vol = None if vol is None else to_ras(vol, affine)[0]
+        reference = None if reference is None else to_ras(reference, affine)[0]
+        prediction = None if prediction is None else to_ras(prediction, affine)[0]
+        stored_axis = to_ras(np.zeros((1, 1, 1)), affine)[1]
+    show = radiological if affine is not None else (lambda a: a)
     depth = next(np.shape(a)[-1] for a in (vol, reference, prediction) if a is not None)
     panels, captions = [], []
     for z, caption in slices_to_show(reference, prediction, depth):
-        panels.append(panel(None if vol is None else vol[..., z], None if reference is None else reference[..., z],
-                            None if prediction is None else prediction[..., z], scale))
+        panels.append(panel(None if vol is None else show(vol[..., z]),
+                            None if reference is None else show(reference[..., z]),
+                            None if prediction is None else show(prediction[..., z]), scale))
+        if stored_axis is not None:  # name the slice by its index in the stored array
+            axis, sign = stored_axis
+            caption = caption.replace(f"z={z}", f"{'xyz'[axis]}={z if sign > 0 else depth - 1 - z}", 1)
         captions.append(caption)
-    return compose(panels, captions, title, text, legend_for(reference, prediction))
+    legend = legend_for(reference, prediction)
+    if affine is not None:
+        legend = f"{legend}   {RADIOLOGICAL}" if legend else RADIOLOGICAL
+    return compose(panels, captions, title, text, legend)
 
 
 def render_case(image, reference=None, prediction=None, text=None, title=None, dim: int | None = None,
-                scale: int | None = None):
-    """`render_2d` or `render_3d` by `dim` (default: from the mask's number of axes)."""
+                scale: int | None = None, affine: np.ndarray | None = None):
+    """`render_2d` or `render_3d` by `dim` (default: from the mask's number of axes); `affine` (3D): radiological
+    display (`render_3d`)."""
     if dim is None:
         ref = reference if reference is not None else prediction
         dim = np.ndim(ref) if ref is not None else (np.ndim(image) - (1 if np.ndim(image) == 4 else 0))
-    render = render_2d if dim == 2 else render_3d
-    return render(image, reference, prediction, text, title, scale)
+    if dim == 2:
+        return render_2d(image, reference, prediction, text, title, scale)
+    return render_3d(image, reference, prediction, text, title, scale, affine=affine)
 
 
 def save_png(picture, path: str | Path, force: bool = False) -> Path:
@@ -277,7 +326,8 @@ def prepared_overlays(data: str | Path, out: str | Path | None = None, n: int = 
         for cid in chosen:
             case = ds.load_case(cid, with_label=ds.has_label(cid))
             title = f"{ds.name} / {cid}" + ("" if case.label is not None else " (no label)")
-            pic = render_case(case.image, case.label, None, case.text, title, dim=ds.dim)
+            affine = nib.load(str(ds.image_path(cid))).affine if ds.dim == 3 else None  # header only
+            pic = render_case(case.image, case.label, None, case.text, title, dim=ds.dim, affine=affine)
             paths.append(save_png(pic, child_path(out_dir, cid, ".png"), force))
             bar.update(task, advance=1, info=cid)
     return paths

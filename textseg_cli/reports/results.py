@@ -9,7 +9,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import wilcoxon
 
 from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.metrics.table import metric_names
@@ -113,24 +112,32 @@ def _named_result(path: str | Path) -> EvalResult:
 
 
 def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float | None, int]:
-    """Two-sided Wilcoxon signed-rank p-value of paired values over the common (finite) index."""
+    """Two-sided Wilcoxon signed-rank p-value of paired values over the common (finite) index.
+
+    None when no case is shared; NaN (tables print "n/a") when only one pair is: a signed-rank test over one
+    difference says nothing (scipy would report p = 1 or a meaningless value)."""
 
     joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
     n = len(joined)
     if n == 0:
         return None, 0
+    if n < 2:
+        return float("nan"), n
     diff = joined["a"].to_numpy(float) - joined["b"].to_numpy(float)
     if not np.any(diff != 0):
         return 1.0, n  # identical per-case values: no evidence of a difference
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        from scipy.stats import wilcoxon  # lazy: scipy.stats costs 1-2 s at import; only p-value tables need it
+
         return float(wilcoxon(joined["a"], joined["b"]).pvalue), n
 
 
 def _settings(meta: dict) -> dict:
     # `eval --allow-train-cases`: cases the run trained on were scored; every table built from it says so
     n_train_cases = len(meta.get("train_cases_evaluated") or [])
-    return {**{k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule", "precision")},
+    return {**{k: meta.get(k) for k in ("empty_policy", "lcc", "distance_unit", "checkpoint_rule", "precision",
+                                          "train_precision")},
             "n_missing": len(meta.get("missing_predictions") or []),
             **({"n_train_cases_evaluated": n_train_cases} if n_train_cases else {})}
 

@@ -73,8 +73,10 @@ def _cell(row: ResultRow, metric: str, std: bool) -> str:
 def _p_cell(row: ResultRow, first: bool) -> str:
     if first:
         return "ref."
-    if row.p_value is None or not math.isfinite(row.p_value):
+    if row.p_value is None:
         return "–"
+    if not math.isfinite(row.p_value):  # too few common cases for a test (paired_wilcoxon)
+        return "n/a"
     return "<0.001" if row.p_value < 0.001 else f"{row.p_value:.3f}"
 
 
@@ -217,6 +219,9 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
     ]
     if any(r.settings.get("precision") for r in rows):  # evaluations of runs record their inference precision
         notes.append("Inference precision: " + describe("precision", lambda v: str(v or "unknown")) + ".")
+    if any(r.settings.get("train_precision") for r in rows):  # the run's env.json; every official code trains in fp32
+        notes.append("Training precision: " + describe("train_precision", lambda v: str(v or "unknown"))
+                     + " (the official codes train in fp32).")
     n_cases = {r.n_cases for r in rows}
     stat = "mean ± SD over cases" if std else "mean over cases"
     runs = [r.settings.get("n_runs") for r in rows if r.settings.get("n_runs")]
@@ -247,7 +252,9 @@ def footnotes(rows: list[ResultRow], std: bool = False) -> list[str]:
         commons = {r.n_common for r in rows[1:] if r.p_value is not None}
         n_txt = f" over {commons.pop()} common cases" if len(commons) == 1 else " over the cases each shares with it"
         notes.append("p: two-sided Wilcoxon signed-rank test of per-case Dice against the first row (ref.)"
-                     + n_txt + "; not corrected for multiple comparisons.")
+                     + n_txt + "; not corrected for multiple comparisons."
+                     + (" n/a: a single common case, too few for a test." if any(
+                         r.p_value is not None and not math.isfinite(r.p_value) for r in rows[1:]) else ""))
     return notes
 
 

@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from textseg_cli.errors import DataError
 from textseg_cli.storage.files import atomic_write_json
 
 CASES_FILE = "cases.json"
@@ -34,15 +35,28 @@ def write_cases(run_dir: str | Path, cases: RunCases) -> Path:
 
 
 def read_cases(run_dir: str | Path) -> RunCases | None:
-    """The run's cases, or None when the file is absent or unreadable (runs written before it existed)."""
+    """The run's cases, or None when the file is absent (runs written before it existed).
+
+    A present file that is not what textseg writes (not UTF-8 JSON, not an object, a list that is not a list of
+    strings) is a DataError naming it: `eval` relies on it to refuse training cases, so a damaged or doctored
+    copy must not silently make that check vacuous."""
     path = Path(run_dir) / CASES_FILE
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            return None
-        lists = {k: [str(x) for x in (data.get(k) or [])] for k in ("labeled", "unlabeled", "unused_unlabeled", "val")}
-        return RunCases(val_split=data.get("val_split"), **lists)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"unreadable ({type(exc).__name__}: {exc}); restore it from the run's origin or delete it "
+                        "to evaluate without the training-case check", path) from None
+    if not isinstance(data, dict):
+        raise DataError(f"expected a JSON object, got {type(data).__name__}", path)
+    lists = {}
+    for key in ("labeled", "unlabeled", "unused_unlabeled", "val"):
+        value = data.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise DataError(f"'{key}' must be a list of case IDs (strings), got {value!r:.80}", path)
+        lists[key] = value
+    split = data.get("val_split")
+    if split is not None and not isinstance(split, str):
+        raise DataError(f"'val_split' must be a split name, got {split!r:.80}", path)
+    return RunCases(val_split=split, **lists)

@@ -21,10 +21,28 @@ from textseg_cli.errors import ConfigError
 from textseg_cli.methods.registry import method_config_path
 from textseg_cli.metrics.case import EMPTY_POLICIES
 from textseg_cli.runtime.precision import inference_request
-from textseg_cli.storage.files import atomic_write_text
+from textseg_cli.storage.files import atomic_write_text, read_text
 
 SCHEDULES = ("constant", "poly", "step", "linear", "cosine_restarts")
 INFERENCE_MODES = ("sliding", "whole")
+
+
+
+SELECTIONS = ("val", "legacy-test")
+
+
+def selection_split(cfg: dict[str, Any]) -> str:
+    """The split best.pt is selected on: `val.split`, or the test split under `val.select: legacy-test`."""
+    val = cfg.get("val") or {}
+    return "test" if str(val.get("select", "val")) == "legacy-test" else str(val.get("split", "val"))
+
+
+def selection_rule(cfg: dict[str, Any]) -> str:
+    """How best.pt was chosen, as every table states it (`checkpoint_rule` of an evaluation)."""
+    val = cfg.get("val") or {}
+    if str(val.get("select", "val")) == "legacy-test":
+        return f"best-on-test every {val.get('every')} it (legacy, as the official code: optimistic)"
+    return "best-on-val"
 
 
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
@@ -37,11 +55,26 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     return data
 
 
+_PARSED: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _yaml_file(path: Path, where: str) -> dict[str, Any]:
+    """A config file parsed once per (path, mtime, size) and handed out as a fresh copy: an experiment plan
+    resolves the same few method configs hundreds of times (the LA preset: 144), and YAML parsing dominated."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _PARSED:
+        _PARSED[key] = _read_yaml(read_text(path, ConfigError), where)
+    return copy.deepcopy(_PARSED[key])
+
+
 def packaged_config(name: str) -> dict[str, Any]:
     """`textseg_cli/configs/<name>.yaml` as a dict ({} when the method ships no file)."""
     ref = resources.files("textseg_cli").joinpath("configs", f"{config_file_stem(name)}.yaml")
     if not ref.is_file():
         return {}
+    if isinstance(ref, Path):
+        return _yaml_file(ref, f"textseg_cli/configs/{ref.name}")
     return _read_yaml(ref.read_text(encoding="utf-8"), f"textseg_cli/configs/{ref.name}")
 
 
@@ -58,7 +91,7 @@ def method_config(method: str) -> dict[str, Any]:
         return packaged_config(method)
     if not path.is_file():
         raise ConfigError(f"config file of method '{method}' not found (its class's config_path)", path)
-    return _read_yaml(path.read_text(encoding="utf-8"), str(path))
+    return _yaml_file(path, str(path))
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,7 +170,7 @@ def build_config(method: str, dataset_name: str | None = None, dataset_dim: int 
         p = Path(user_config)
         if not p.exists():
             raise ConfigError("config file not found", p)
-        user = _read_yaml(p.read_text(encoding="utf-8"), str(p))
+        user = _read_yaml(read_text(p, ConfigError), str(p))  # --config: not UTF-8 names the file
     elif isinstance(user_config, dict):
         user = copy.deepcopy(user_config)
     parsed_sets = parse_set(sets)
@@ -207,6 +240,8 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
         raise ConfigError("train.iterations must be ≥ 0, train.batch_labeled ≥ 1, train.batch_unlabeled ≥ 0")
     if train["log_every"] < 1 or train["checkpoint_every"] < 1:
         raise ConfigError("train.log_every and train.checkpoint_every must be ≥ 1")
+    if val["every"] < 0:
+        raise ConfigError(f"val.every (--val-every) {val['every']}: expected ≥ 0 (0 turns validation off)")
     if optim["schedule"] not in SCHEDULES:
         raise ConfigError(f"optim.schedule {optim['schedule']!r}: expected one of {', '.join(SCHEDULES)}")
     if optim["name"] not in ("sgd", "adam", "adamw"):
@@ -218,9 +253,12 @@ def resolve(cfg: dict[str, Any], dim: int | None, dataset_patch: list[int] | Non
     inference_request(cfg)  # names train.precision / inference.precision when either is not auto|fp32|bf16
     if val.get("empty_policy") is not None and str(val["empty_policy"]) not in EMPTY_POLICIES:
         raise ConfigError(f"val.empty_policy {val['empty_policy']!r}: expected one of {', '.join(EMPTY_POLICIES)}")
-    if str(val.get("split")) == "test":
-        raise ConfigError("val.split=test: selecting checkpoints on the test split is refused; "
-                          "use a validation split carved from the training cases")
+    if str(val.get("select", "val")) not in SELECTIONS:
+        raise ConfigError(f"val.select {val['select']!r}: expected one of {', '.join(SELECTIONS)}")
+    if str(val.get("split")) == "test" and str(val.get("select", "val")) != "legacy-test":
+        raise ConfigError("val.split=test: selecting checkpoints on the test split is refused; use a validation "
+                          "split carved from the training cases (or, to reproduce an official script like for "
+                          "like, --select legacy-test, which every table marks)")
     return cfg
 
 
@@ -242,4 +280,4 @@ def load_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError("config.yaml not found (is this a run folder?)", p)
-    return _read_yaml(p.read_text(encoding="utf-8"), str(p))
+    return _read_yaml(read_text(p, ConfigError), str(p))

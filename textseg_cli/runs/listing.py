@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,11 +101,17 @@ def _build_for_counting(build):
     """Build on the meta device (shapes, so parameter counts, without allocating or initialising weights);
     modules that move tensors between devices while building are built normally."""
 
+    # open_clip logs "No pretrained weights loaded ... initialized randomly" for every random CLIP it builds: here
+    # random weights are the point (only shapes count), so the warning would only alarm the reader
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         with torch.device("meta"):
             return build()
     except Exception:  # e.g. a frozen tower copied between devices: build for real; its errors are reported
         return build()
+    finally:
+        logging.disable(previous)
 
 
 def _listing_text(cfg: dict[str, Any], cls, num_classes: int, tmp: Path) -> None:

@@ -22,11 +22,11 @@ import torch
 from textseg_cli.console import err_console
 from textseg_cli.data.prepared import PreparedDataset
 from textseg_cli.data.splits import apply_fold
-from textseg_cli.errors import DataError
+from textseg_cli.errors import ConfigError, DataError
 from textseg_cli.methods.base import Method
-from textseg_cli.methods.registry import build_method
+from textseg_cli.methods.registry import build_method, list_methods
 from textseg_cli.runs.bundle import localize_config, run_dataset
-from textseg_cli.runs.checkpoint import load_checkpoint
+from textseg_cli.runs.checkpoint import load_checkpoint, load_method_state
 from textseg_cli.runs.config import load_config
 
 
@@ -64,6 +64,23 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str | Path = "best") -> tup
     return Path(checkpoint), "file"
 
 
+_SECTIONS = ("method", "data", "train", "optim", "val", "inference")
+
+
+def check_saved_config(cfg: Any, path: Path) -> dict[str, Any]:
+    """A run folder may come from someone else: RUN/config.yaml must have the shape textseg writes (the sections
+    are mappings, the method is a known one) before anything reads it, else a ConfigError naming the file."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"expected a mapping of config sections, got {type(cfg).__name__}", path)
+    for key in _SECTIONS:
+        if not isinstance(cfg.get(key), dict):
+            raise ConfigError(f"section '{key}' must be a mapping, got {cfg.get(key)!r:.60}; was the file edited?", path)
+    name = cfg["method"].get("name")
+    if name not in list_methods():
+        raise ConfigError(f"method.name {name!r:.60} is not a textseg method ({', '.join(sorted(list_methods()))})",
+                          path)
+    return cfg
+
 def load_run(run_dir: str | Path, checkpoint: str | Path = "best", device: str | torch.device = "cpu",
              data_root: str | Path | None = None) -> LoadedRun:
     """Rebuild a run's method from RUN/config.yaml and load a checkpoint ("best", "last" or a path).
@@ -75,12 +92,13 @@ def load_run(run_dir: str | Path, checkpoint: str | Path = "best", device: str |
     if not run_dir.is_dir():
         raise DataError("run folder not found", run_dir)
 
-    cfg = localize_config(load_config(run_dir / "config.yaml"), run_dir)  # text inputs: the run's own copies
+    cfg = check_saved_config(load_config(run_dir / "config.yaml"), run_dir / "config.yaml")
+    cfg = localize_config(cfg, run_dir)  # text inputs: the run's own copies
     ds = run_dataset(cfg, run_dir, data_root)  # the data folder, else the run's RUN/prepared.json
     apply_fold(ds, cfg["data"].get("fold"))
     path, rule = checkpoint_path(run_dir, checkpoint)
     ckpt = load_checkpoint(path, map_location="cpu")
     method = build_run_method(cfg, ds)
-    method.load_state_dict(ckpt["method"])
+    load_method_state(method, ckpt["method"], path)  # another run's checkpoint: one line, not a key dump
     method.to(torch.device(device)).eval()
     return LoadedRun(method, cfg, ds, run_dir, path, int(ckpt.get("iteration", 0)), rule, ckpt.get("best_metric"))

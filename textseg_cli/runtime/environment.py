@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -59,3 +60,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+CACHE_ENV = "TEXTSEG_CACHE"
+
+
+def default_cache_root() -> Path:
+    """`$TEXTSEG_CACHE`, else `$XDG_CACHE_HOME/textseg`, else `~/.cache/textseg` (LLM replies, bench results)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "textseg"
+
+
+def hardware_name(device: str) -> str:
+    """The model name of the device a measurement ran on (GPU name, else the CPU model)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_model()

@@ -81,6 +81,20 @@ def check_out_path(out: str | Path, inputs: Iterable[str | Path] = (), sources: 
     return out
 
 
+def check_no_links_below(base: str | Path, path: str | Path) -> Path:
+    """`path`, which textseg builds below `base` from names (an experiment's OUT/runs/<id>/<run>), when no part of
+    it below `base` is a symbolic link: a link placed there (in a shared folder) would carry every write out of
+    `base`. Refused with exit 2 naming the link."""
+    base, path = Path(base), Path(path)
+    p = base
+    for part in path.relative_to(base).parts:
+        p = p / part
+        if p.is_symlink():
+            raise ConfigError(f"{p} is a symbolic link (to {os.readlink(p)}); textseg writes only into real "
+                              f"folders below {base} — remove the link")
+    return path
+
+
 def read_manifest(folder: str | Path) -> dict | None:
     """The folder's manifest, its entry names checked (a manifest may come from someone else's folder)."""
     path = Path(folder) / MANIFEST
@@ -411,6 +425,7 @@ def run_lock(folder: str | Path, command: str) -> Iterator[Path]:
     if folder.is_symlink():
         raise ConfigError(f"--out {folder} is a symbolic link (to {os.readlink(folder)}); give the real folder instead")
     folder.mkdir(parents=True, exist_ok=True)
+    read_manifest(folder)  # a doctored manifest (entries outside the folder) is refused before anything is written
     lock = folder / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
           "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}

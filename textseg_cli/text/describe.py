@@ -23,7 +23,7 @@ from textseg_cli import __version__
 from textseg_cli.console import err_console, progress
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.errors import ConfigError, DataError, OutputExistsError
-from textseg_cli.storage.files import atomic_write_json, read_json
+from textseg_cli.storage.files import atomic_write_json, read_json, read_text
 from textseg_cli.storage.outputs import check_out_path
 from textseg_cli.text.llm import (
     DEFAULT_API_KEY_ENV,
@@ -247,7 +247,7 @@ def load_descriptions(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError("descriptions file not found", path)
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path)  # not UTF-8: names the file
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(raw)

@@ -1,7 +1,9 @@
 """`textseg encode`: turn class prompts (CLIP) or task descriptions (BERT) into an embedding file.
 
 * ``encoder="clip"``: one prompt per class from the data set's CLIP template
-  ("A pixel of a {class}.", background included) → ``embeddings`` (K, D), L2-normalised by default.
+  ("A pixel of a {class}.", background included) → ``embeddings`` (K, D), raw ``encode_text`` rows by default
+  (what VCLIPSeg's official clip_embedding_LA.py saves and its VWPM's Linear expects; ~9× the norm of unit rows);
+  ``normalize=True`` (``--normalize``) writes unit rows. The sidecar's ``normalized`` records which.
 * ``encoder="bert"``: the descriptions (a `describe` JSON, a text file with one per line, or the
   prompt file's bundled set) → ``embeddings`` (N, D) with CLS or masked-mean pooling; optionally
   ``token_embeddings`` (N, L, D) and ``attention_mask`` (N, L).
@@ -39,6 +41,7 @@ from textseg_cli.text.encoders import (
     DEFAULT_CLIP_PRETRAINED,
     BertTextEncoder,
     ClipTextEncoder,
+    tag_needs_quick_gelu,
 )
 from textseg_cli.text.prompts import GENERIC, list_datasets, load_prompts
 
@@ -72,7 +75,8 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
     CLIP (default ViT-B-32). pretrained (CLIP only): open_clip tag (default "openai"), a checkpoint
     file, or "none" for random weights. class_names / data (a prepared folder whose dataset.json
     class names are used) override the prompt file's classes for CLIP. texts overrides everything
-    (Python API). normalize: default True for CLIP, False for BERT.
+    (Python API). normalize: L2-normalise the rows; default False for both encoders (raw CLIP `encode_text`
+    rows, as VCLIPSeg's official embedding script saves them; consumers that want unit rows normalise on load).
     """
     encoder = encoder.lower()
     if encoder not in ENCODERS:
@@ -82,6 +86,7 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
     if pretrained is not None and encoder == "bert":
         raise ConfigError("--pretrained applies to --encoder clip only (BERT weights come with --model)")
     data_name = None
+    typed_names = class_names is not None  # --classes: used exactly as typed (VCLIPSeg's "Background,Left Atrial")
     if data is not None:
         prepared = load_prepared(data, check_files=False)
         data_name = prepared.name
@@ -90,14 +95,16 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
     if dataset is None:  # the prepared folder's own prompt file when there is one, else generic
         dataset = data_name if data_name in list_datasets(prompts_dir) else (GENERIC if data_name else "synthetic")
     ps = load_prompts(dataset, prompts_dir)
-    normalize = (encoder == "clip") if normalize is None else bool(normalize)
+    normalize = False if normalize is None else bool(normalize)
     provenance: dict[str, Any] = {}
     if encoder == "clip":
         model = model or DEFAULT_CLIP
         pretrained = DEFAULT_CLIP_PRETRAINED if pretrained is None else pretrained
         template = template or ps.clip_templates[0]
         names = list(class_names) if class_names is not None else ps.class_names
-        texts = list(texts) if texts is not None else ps.class_prompts(template, names)
+        # names from dataset.json or a prompt file are often identifiers ("left_atrium"): a prompt reads words
+        spoken = names if typed_names else [n.replace("_", " ") for n in names]
+        texts = list(texts) if texts is not None else ps.class_prompts(template, spoken)
         source = {"kind": "class_prompts", "class_names": names, "prompt_template": template}
     else:
         model = model or DEFAULT_BERT
@@ -118,6 +125,8 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
     settings = {"encoder": encoder, "model": model, "pretrained": pretrained if encoder == "clip" else None,
                 "pooling": pooling if encoder == "bert" else "eot", "tokens": bool(tokens), "normalized": normalize,
                 "texts": texts}
+    if encoder == "clip":  # part of the cache key: files written before the QuickGELU fix are not reused
+        settings["quick_gelu"] = tag_needs_quick_gelu(model, pretrained)
     key = hashlib.sha256(json.dumps({**settings, "model": _model_identity(model)}, sort_keys=True,
                                     ensure_ascii=False).encode()).hexdigest()[:12]
     if out is None:
@@ -130,6 +139,8 @@ def encode(encoder: str = "clip", dataset: str | None = None, *, model: str | No
             except Exception:  # noqa: BLE001 - a broken cache file is simply recomputed
                 pass
     else:
+        if Path(out).is_dir():  # 'DIR' would become DIR.safetensors beside it, outside the folder named
+            raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {Path(out) / 'embeddings.safetensors'}")
         path = tensor_path(check_out_path(out))
         for p in (path, sidecar_path(path)):
             if p.exists() and not force:

@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,21 @@ class ClipLoadInfo:
     model: str
     pretrained: str | None  # tag, resolved file path, or None for random weights
     pretrained_kind: str  # "tag" | "file" | "none"
+    quick_gelu: bool = False  # the text tower's activation is QuickGELU (OpenAI's CLIP), not nn.GELU
+
+
+def tag_needs_quick_gelu(model: str, pretrained: str | None) -> bool:
+    """Whether open_clip tag `pretrained` was trained with QuickGELU while `model`'s config says GELU.
+
+    open_clip 3 builds `ViT-B-32` with nn.GELU even for the `openai` tag (it only warns "QuickGELU mismatch"),
+    which is not the network OpenAI's `clip.load('ViT-B/32')` runs; the official scripts use the latter."""
+    import open_clip  # lazy: heavy (open_clip and its timm)
+
+    if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
+        return False
+    tag_cfg = open_clip.get_pretrained_cfg(model, str(pretrained)) or {}
+    model_cfg = open_clip.get_model_config(model) or {}
+    return bool(tag_cfg.get("quick_gelu", False)) and not bool(model_cfg.get("quick_gelu", False))
 
 
 def load_open_clip(model: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
@@ -162,10 +178,19 @@ def load_open_clip(model: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_C
             raise ConfigError(f"unknown pretrained tag '{p}' for {model}",
                               hint=f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file or 'none'")
     dev = resolve_device(device)
+    quick_gelu = kind == "tag" and tag_needs_quick_gelu(model, resolved)  # the weights' own activation
     try:
         with _quiet_logging(level=logging.CRITICAL):  # its warnings/errors repeat what we report ourselves
-            clip = open_clip.create_model(model, pretrained=resolved, precision="fp32", device=dev)
+            clip = open_clip.create_model(model, pretrained=resolved, precision="fp32", device=dev,
+                                          force_quick_gelu=quick_gelu)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle that runs code
+        raise ConfigError("not a plain weights file: it holds pickled Python objects (which could run code), so it "
+                          "cannot be loaded safely; pass a state_dict saved with torch.save or a .safetensors file",
+                          resolved) from None
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        if "weights_only" in str(exc):  # never relay torch's advice to load with weights_only=False
+            raise ConfigError("not a plain weights file: it cannot be loaded safely; pass a state_dict saved with "
+                              "torch.save or a .safetensors file", resolved) from None
         detail = " ".join(str(exc).split())[:300]
         if kind == "tag":
             raise ConfigError(f"cannot load pretrained weights '{resolved}' for {model}: {detail}",
@@ -173,7 +198,7 @@ def load_open_clip(model: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_C
         raise ConfigError(f"cannot load CLIP model {model} from {resolved or 'random init'}: {detail}") from None
     clip.eval()
     tokenizer = open_clip.get_tokenizer(model)
-    return clip, tokenizer, ClipLoadInfo(model, resolved, kind)
+    return clip, tokenizer, ClipLoadInfo(model, resolved, kind, quick_gelu)
 
 
 class ClipTextTower:
@@ -275,4 +300,5 @@ class ClipTextEncoder:
 
     def info(self) -> dict[str, Any]:
         return {"model": self.load_info.model, "pretrained": self.load_info.pretrained,
-                "pretrained_kind": self.load_info.pretrained_kind, "context_length": int(self.tower.positional_embedding.shape[0])}
+                "pretrained_kind": self.load_info.pretrained_kind, "quick_gelu": self.load_info.quick_gelu,
+                "context_length": int(self.tower.positional_embedding.shape[0])}

@@ -23,23 +23,15 @@ from urllib.parse import urlparse
 
 from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError, TextsegError
+from textseg_cli.runtime.environment import default_cache_root
 from textseg_cli.storage.files import atomic_write_json
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-CACHE_ENV = "TEXTSEG_CACHE"
 
 
 class LLMError(TextsegError):
     """The LLM server could not be used (unreachable, refused, unknown model, exhausted retries)."""
-
-
-def default_cache_root() -> Path:
-    """`$TEXTSEG_CACHE`, else `$XDG_CACHE_HOME/textseg`, else `~/.cache/textseg`."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "textseg"
 
 
 def default_llm_cache_dir() -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from textseg_cli.errors import ConfigError
+from textseg_cli.storage.files import read_text
 
 PROMPTS_ENV = "TEXTSEG_PROMPTS"
 GENERIC = "generic"
@@ -110,11 +111,9 @@ def list_datasets(prompts_dir: str | Path | None = None) -> list[str]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path, ConfigError))  # not UTF-8, unreadable: names the prompt file
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML ({exc})".replace("\n", " "), path) from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read prompt file ({exc.strerror})", path) from exc
     if not isinstance(data, dict):
         raise ConfigError("a prompt file must hold a YAML mapping", path)
     return data

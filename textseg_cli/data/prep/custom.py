@@ -38,6 +38,13 @@ def _stem(path: Path) -> str | None:
     return None
 
 
+def looks_like_label(path: Path) -> bool:
+    """Whether an image file's name ends in a label suffix (`case_seg.nii.gz`, `case_gt.nrrd`, ...; see
+    `_LABEL_SUFFIX`): `predict --images DIR` skips such files instead of segmenting a mask as an image."""
+    stem = _stem(path)
+    return stem is not None and _LABEL_SUFFIX.match(stem) is not None
+
+
 def match_cases(images: Path, labels: Path | None) -> tuple[dict[str, list[Path]], dict[str, Path], list[str]]:
     """-> ({case: [image files in channel order]}, {case: label file}, labels without an image)."""
     groups: dict[str, list[tuple[int, Path]]] = {}
@@ -139,6 +146,9 @@ def prep_custom(images: str | Path, out: str | Path, *, labels: str | Path | Non
             raise DataError("no image has a label; pass --labels DIR (image-only data sets need a --split-file)",
                             images)
         splits = make_splits(labeled, split=split, split_file=None, seed=seed)
+        if len(labeled) == 1 and not folds:
+            warnings.append(f"only one labelled case ('{labeled[0]}'): no validation or test case; `textseg train` "
+                            "runs without validation (no best.pt; eval and predict use last.pt)")
         splits["train"] += unlabeled
     fold_list = None
     if isinstance(folds, list):  # given folds (nnU-Net's splits_final.json)

@@ -25,7 +25,7 @@ import numpy as np
 from textseg_cli.console import err_console
 from textseg_cli.data.io import write_nifti
 from textseg_cli.data.names import check_case_ids
-from textseg_cli.data.prep.custom import prep_custom
+from textseg_cli.data.prep.custom import match_cases, prep_custom
 from textseg_cli.data.prepared import load_prepared
 from textseg_cli.data.splits import labeled_subset
 from textseg_cli.errors import ConfigError, DataError
@@ -34,15 +34,62 @@ from textseg_cli.storage.outputs import prepare_output_dir
 
 
 def read_nnunet_spec(src: Path) -> dict[str, Any]:
+    """SRC/dataset.json, checked whole before anything is written (issue 25.7): a malformed field is a
+    DataError naming the file and the field, not a ValueError half-way through the preparation."""
     path = src / "dataset.json"
     if not path.is_file():
         raise DataError("no dataset.json: expected an nnU-Net v2 raw folder (DatasetXXX_Name)", src)
     spec = read_json(path)
+    if not isinstance(spec, dict):
+        raise DataError(f"expected a JSON object at the top level, got {type(spec).__name__}", path)
     missing = [k for k in ("channel_names", "labels", "file_ending") if k not in spec]
     if missing:
         raise DataError(f"nnU-Net v2 dataset.json lacks {missing}" + (" (an MSD task? use `textseg prep msd`)"
                                                                       if "training" in spec else ""), path)
+    chans = spec["channel_names"]
+    if not isinstance(chans, dict) or not chans or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in chans.items()):
+        raise DataError(f"channel_names {chans!r}: expected an object like {{\"0\": \"CT\"}} (channel index → name)",
+                        path)
+    if sorted(int(k) for k in chans) != list(range(len(chans))):
+        raise DataError(f"channel_names {sorted(chans, key=int)}: expected channels numbered 0..{len(chans) - 1}", path)
+    labels = spec["labels"]
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"labels {_short(labels)}: expected an object mapping class names to values, e.g. "
+                        '{"background": 0, "liver": 1}', path)
+    for name, value in labels.items():
+        if not (isinstance(value, (list, tuple)) or (isinstance(value, int) and not isinstance(value, bool))):
+            raise DataError(f"labels.{name} {value!r}: expected an integer label value", path)
+    ending = spec["file_ending"]
+    if (not isinstance(ending, str) or not ending.startswith(".") or len(ending) < 2 or ".." in ending
+            or "/" in ending or "\\" in ending or "\0" in ending):
+        raise DataError(f"file_ending {ending!r}: expected a file extension such as \".nii.gz\"", path)
+    n = spec.get("numTraining")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise DataError(f"numTraining {n!r}: expected a whole number of training cases", path)
+    if spec.get("name") is not None and not isinstance(spec["name"], str):
+        raise DataError(f"name {spec['name']!r}: expected a string", path)
     return spec
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_splits_final(sf: Path, case_ids: set[str]) -> list[dict[str, list[str]]]:
+    """nnU-Net's splits_final.json: a list of {train, val} folds over known cases, each case at most once per
+    fold. Every error names `sf` (the user's file), checked before anything is written (issue 25.9)."""
+    folds = read_json(sf)
+    if not isinstance(folds, list) or not folds or not all(
+            isinstance(f, dict) and all(isinstance(f.get(k), list) for k in ("train", "val")) for f in folds):
+        raise ConfigError("splits_final.json must be a list of {train: [...], val: [...]}", sf)
+    for i, f in enumerate(folds):
+        check_case_ids(f["train"] + f["val"], sf)  # other people's file: its IDs become file names (and no repeats)
+        unknown = sorted(set(f["train"] + f["val"]) - case_ids)
+        if unknown:
+            raise ConfigError(f"fold {i} names case(s) that are not in imagesTr/labelsTr: {unknown[:5]}", sf)
+    return [{"train": list(f["train"]), "val": sorted(f["val"])} for f in folds]
 
 
 def class_names_from_labels(labels: dict[str, Any], where: Any = None) -> list[str]:
@@ -62,7 +109,8 @@ def class_names_from_labels(labels: dict[str, Any], where: Any = None) -> list[s
 def prep_nnunet(src: str | Path, out: str | Path, *, splits_final: str | Path | None = None, name: str | None = None,
                 **options: Any):
     """Prepare an nnU-Net v2 raw folder (names intact). `splits_final` (default: `src/splits_final.json` when
-    present) supplies the folds; other `options` are those of `prep_custom` (spacing, window, crop, ...)."""
+    present) supplies the folds; other `options` are those of `prep_custom` (spacing, window, crop, ...).
+    dataset.json and splits_final.json are checked whole before anything is written."""
     src = Path(src)
     spec = read_nnunet_spec(src)
     classes = class_names_from_labels(spec["labels"], src / "dataset.json")
@@ -74,13 +122,10 @@ def prep_nnunet(src: str | Path, out: str | Path, *, splits_final: str | Path | 
     folds = None
     with tempfile.TemporaryDirectory() as tmp:
         if sf.is_file():
-            folds = read_json(sf)
-            if not isinstance(folds, list) or not folds or not all(
-                    isinstance(f, dict) and all(isinstance(f.get(k), list) for k in ("train", "val")) for f in folds):
-                raise ConfigError("splits_final.json must be a list of {train: [...], val: [...]}", sf)
-            for f in folds:  # other people's file: its IDs become file names
-                check_case_ids(f["train"] + f["val"], sf)
-            folds = [{"train": list(f["train"]), "val": sorted(f["val"])} for f in folds]
+            image_files, _, _ = match_cases(src / "imagesTr", src / "labelsTr")
+            folds = read_splits_final(sf, set(image_files))
+            # prep_custom reads fold 0 as a split file; read_splits_final checked everything its reader checks,
+            # so no error can name this temporary copy
             options["split_file"] = Path(tmp) / "split.json"
             atomic_write_json(options["split_file"], {**folds[0], "test": []})
         elif splits_final:
@@ -89,7 +134,7 @@ def prep_nnunet(src: str | Path, out: str | Path, *, splits_final: str | Path | 
                          channel_names=chans, name=name or spec.get("name") or src.name, require_labels=True,
                          folds=folds, **options)
     n = spec.get("numTraining")
-    if n is not None and int(n) != len(ds.case_ids):
+    if n is not None and n != len(ds.case_ids):
         err_console.print(f"[yellow]warning:[/] dataset.json says numTraining {n}; {len(ds.case_ids)} cases found")
     return ds
 

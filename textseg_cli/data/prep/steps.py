@@ -27,6 +27,7 @@ from textseg_cli.data.io import (
 )
 from textseg_cli.data.names import check_case_ids
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.storage.files import read_text
 
 CROP_MODES = ("none", "nonzero", "body", "label")
 NORMALIZE_MODES = ("zscore", "zscore-nonzero", "none")
@@ -268,11 +269,13 @@ def apply_processing(case_id: str, loaded: Loaded, proc: Processing) -> Processe
 def parse_split_counts(spec: Any, n: int, names: Sequence[str] = ("train", "val", "test")) -> dict[str, int]:
     """'48,15' (train,test) or '250,25,60' (train,val,test); fractions like '0.8,0.2' are scaled to n.
 
-    'auto': 20 % test and, from 5 cases on, 10 % (at least one) validation, so small sets still get a
-    best-on-validation checkpoint."""
+    'auto': 10 % (at least one) validation from 2 cases on, so every set that can have one gets a
+    best-on-validation checkpoint, and 20 % test as long as a training case remains (2 cases: 1/1/0,
+    3: 1/1/1, 4: 2/1/1, 10: 7/1/2). A single case is all training: `textseg train` then runs without
+    validation (it says so; no best.pt, eval/predict use last.pt)."""
     if isinstance(spec, str) and spec.strip().lower() == "auto":
-        n_test = int(math.floor(0.2 * n + 0.5)) if n >= 2 else 0
-        n_val = max(1, int(math.floor(0.1 * n + 0.5))) if n >= 5 else 0
+        n_val = max(1, int(math.floor(0.1 * n + 0.5))) if n >= 2 else 0
+        n_test = min(int(math.floor(0.2 * n + 0.5)), n - n_val - 1) if n >= 2 else 0
         return dict(zip(names, (n - n_val - n_test, n_val, n_test)))
     parts = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
     try:
@@ -317,10 +320,10 @@ def load_split_file(path: str | Path, case_ids: Sequence[str]) -> dict[str, list
             for ext in (".txt", ".list", ""):
                 f = path / f"{name}{ext}"
                 if f.is_file():
-                    splits[name] = [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                    splits[name] = [ln.strip() for ln in read_text(f, ConfigError).splitlines() if ln.strip()]
                     break
     elif path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, ConfigError)  # not UTF-8: names the split file
         try:
             data = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
         except Exception as exc:

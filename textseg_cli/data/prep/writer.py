@@ -15,7 +15,7 @@ from textseg_cli.data.names import check_case_id
 from textseg_cli.data.prepared import FORMAT, load_prepared
 from textseg_cli.errors import ConfigError
 from textseg_cli.storage.files import atomic_path, atomic_write_json
-from textseg_cli.storage.outputs import prepare_output_dir, seal
+from textseg_cli.storage.outputs import note_written, prepare_output_dir, seal
 
 
 class PreparedWriter:
@@ -43,8 +43,11 @@ class PreparedWriter:
             if o == s or s in o.parents or o in s.parents:
                 raise ConfigError(f"--out {self.out} overlaps the source {s}; choose a separate folder")
         prepare_output_dir(self.out, force=force and not resume, allow_existing=resume, command="prep", sources=srcs)
-        (self.out / "images").mkdir(exist_ok=True)
-        (self.out / "labels").mkdir(exist_ok=True)
+        for sub in ("images", "labels"):
+            (self.out / sub).mkdir(exist_ok=True)
+            # registered at once: a prep killed during its first write leaves images/ holding only a temporary,
+            # and --force must still recognise the folder as textseg's (and remove it with the temporary)
+            note_written(self.out / sub)
         self.meta = dict(name=name, dim=dim, modality=modality, channel_names=list(channel_names),
                          class_names=list(class_names))
         self.cases: list[dict[str, Any]] = []

@@ -61,7 +61,10 @@ def build_open_clip(model: str | dict[str, Any], pretrained: str | None = None) 
     if model not in open_clip.list_models():
         raise ConfigError(f"unknown CLIP model '{model}' (open_clip knows e.g. ViT-L-14-336, ViT-B-16)")
     try:
-        return open_clip.create_model(model, pretrained=pretrained, pretrained_text=False)
+        # device: the current default device, so that a build under `with torch.device("meta")` (`textseg models`
+        # counting parameters) stays on meta instead of open_clip moving it to the CPU, which meta tensors refuse
+        return open_clip.create_model(model, pretrained=pretrained, pretrained_text=False,
+                                      device=torch.get_default_device())
     except Exception as exc:  # missing tag / unreadable file: say which
         raise ConfigError(f"could not load CLIP weights '{pretrained}' for {model} ({type(exc).__name__}: {exc}); "
                           "pass --clip-weights PATH to a local checkpoint") from exc

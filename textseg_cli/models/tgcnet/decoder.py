@@ -30,18 +30,23 @@ from textseg_cli.models.tgcnet.vlcm import masked_mean
 
 
 class WindowBlock(nn.Module):
-    """Swin block with guidance concatenated to the query/key input; relative position bias."""
+    """Swin block with guidance concatenated to the query/key input, as CAT-Seg's `SwinTransformerBlock`.
+
+    CAT-Seg's `WindowAttention` (cat_seg/modeling/transformer/model.py) has no relative position bias, although its
+    docstring, copied from Swin, mentions one; `rel_pos_bias=True` adds Swin's learned bias table (textseg's
+    former default, an addition to what the paper says the decoder follows)."""
 
     def __init__(self, dim: int = 128, guide_dim: int = 128, heads: int = 4, window: int = 12, shifted: bool = False,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, rel_pos_bias: bool = False):
         super().__init__()
         self.dim, self.heads, self.window, self.shifted = dim, heads, window, shifted
         self.norm1 = nn.LayerNorm(dim)
         self.qk = nn.Linear(dim + guide_dim, 2 * dim)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
-        self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        nn.init.trunc_normal_(self.bias_table, std=0.02)
+        self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads)) if rel_pos_bias else None
+        if self.bias_table is not None:
+            nn.init.trunc_normal_(self.bias_table, std=0.02)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
@@ -73,7 +78,7 @@ class WindowBlock(nn.Module):
         n = ws * ws
         q, k = self.qk(win).view(-1, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         v = self.v(win[..., :c]).view(-1, n, self.heads, c // self.heads).transpose(1, 2)
-        bias = self._rel_bias(ws, x.device)[None].to(q.dtype)
+        bias = self._rel_bias(ws, x.device)[None].to(q.dtype) if self.bias_table is not None else None
         if shift:  # tokens from different regions of the rolled map must not attend to each other
             region = torch.zeros(1, hp, wp, 1, device=x.device)
             cnt = 0
@@ -83,7 +88,7 @@ class WindowBlock(nn.Module):
                     cnt += 1
             rw = self._partition(region, ws)[..., 0]
             mask = (rw[:, :, None] != rw[:, None, :]).to(q.dtype) * -100.0  # (nW, n, n)
-            bias = (bias + mask[:, None]).repeat(b, 1, 1, 1)  # windows are ordered batch-major
+            bias = (mask[:, None] if bias is None else bias + mask[:, None]).repeat(b, 1, 1, 1)  # batch-major windows
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(-1, n, c)
         out = out.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
@@ -96,10 +101,11 @@ class WindowBlock(nn.Module):
 class SwinPair(nn.Module):
     """CAT-Seg's Swin block pair: unshifted then shifted window block, guidance LayerNorm-ed once."""
 
-    def __init__(self, dim: int = 128, guide_dim: int = 128, heads: int = 4, window: int = 12):
+    def __init__(self, dim: int = 128, guide_dim: int = 128, heads: int = 4, window: int = 12,
+                 rel_pos_bias: bool = False):
         super().__init__()
-        self.block_1 = WindowBlock(dim, guide_dim, heads, window, shifted=False)
-        self.block_2 = WindowBlock(dim, guide_dim, heads, window, shifted=True)
+        self.block_1 = WindowBlock(dim, guide_dim, heads, window, shifted=False, rel_pos_bias=rel_pos_bias)
+        self.block_2 = WindowBlock(dim, guide_dim, heads, window, shifted=True, rel_pos_bias=rel_pos_bias)
         self.guidance_norm = nn.LayerNorm(guide_dim)
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
@@ -174,9 +180,9 @@ class GuidedUp(nn.Module):
 class AggregatorLayer(nn.Module):
     """[Swin block pair → class aggregation], one of CAT-Seg's NUM_LAYERS."""
 
-    def __init__(self, hidden: int, heads: int, window: int, pool: int):
+    def __init__(self, hidden: int, heads: int, window: int, pool: int, rel_pos_bias: bool = False):
         super().__init__()
-        self.swin = SwinPair(hidden, hidden, heads, window)
+        self.swin = SwinPair(hidden, hidden, heads, window, rel_pos_bias)
         self.classes = ClassBlock(hidden, hidden, heads, pool=pool)
 
     def forward(self, x: torch.Tensor, app: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -188,12 +194,13 @@ class AggregatorLayer(nn.Module):
 
 class CostAggregationDecoder(nn.Module):
     def __init__(self, d_model: int = 256, text_len: int = 32, hidden: int = 128, layers: int = 2, heads: int = 4,
-                 window: int = 12, pool: int = 2, up_channels=(64, 32), guide_channels=(32, 16)):
+                 window: int = 12, pool: int = 2, up_channels=(64, 32), guide_channels=(32, 16),
+                 rel_pos_bias: bool = False):
         super().__init__()
         self.embed = nn.Conv2d(text_len, hidden, 7, padding=3)
         self.app_guide = nn.Sequential(nn.Conv2d(d_model, hidden, 3, padding=1), nn.ReLU())
         self.text_guide = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU())
-        self.layers = nn.ModuleList(AggregatorLayer(hidden, heads, window, pool) for _ in range(layers))
+        self.layers = nn.ModuleList(AggregatorLayer(hidden, heads, window, pool, rel_pos_bias) for _ in range(layers))
         self.dec_guide = nn.ModuleList(nn.Sequential(nn.Conv2d(d_model, g, 3, padding=1), nn.ReLU())
                                        for g in guide_channels)
         self.up1 = GuidedUp(hidden, up_channels[0], guide_channels[0])

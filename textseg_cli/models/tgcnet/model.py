@@ -45,7 +45,7 @@ class TGCNet(nn.Module):
                  clip_weights: str | None = None, clip_finetune: str = "none", sse: str = "on",
                  date: str = "injection", vlcm: str = "gated", d_model: int = 256, text_len: int = 32,
                  sse_layers: int = 3, cnn_channels: Sequence[int] = (32, 64, 128, 256, 352), date_heads: int = 8,
-                 decoder_hidden: int = 128, window: int = 12, cache_size: int = 4096,
+                 decoder_hidden: int = 128, window: int = 12, rel_pos_bias: bool = False, cache_size: int = 4096,
                  cache_bytes: int = 2 * 2 ** 30):
         super().__init__()
         if in_channels not in (1, 3):
@@ -61,7 +61,7 @@ class TGCNet(nn.Module):
         self.vlcm = VLCM(d_model, 8, vlcm)
         h = int(decoder_hidden)  # CAT-Seg ViT-L: hidden 128, decoder (64, 32), guidance (32, 16), in that ratio
         self.decoder = CostAggregationDecoder(d_model, text_len, h, window=window, up_channels=(h // 2, h // 4),
-                                              guide_channels=(max(1, h // 4), max(1, h // 8)))
+                                              guide_channels=(max(1, h // 4), max(1, h // 8)), rel_pos_bias=rel_pos_bias)
         self.cache = FeatureCache(cache_size if self.clip.frozen else 0, max_bytes=cache_bytes)  # host memory
         self.use_cache = True
 
