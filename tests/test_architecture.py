@@ -27,7 +27,7 @@ def test_import_contracts_hold():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "importlinter.cli"]
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run(cmd + ["--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "0 broken" in res.stdout
 
@@ -59,6 +59,6 @@ def test_package_top_holds_only_the_named_modules():
 def test_help_does_not_import_torch():
     """`textseg --help` stays fast: the CLI imports torch only when a command runs."""
     code = "import sys, textseg_cli.cli; print('torch' in sys.modules)"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"

@@ -6,12 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from scipy import ndimage
 
-from conftest import run_cli
 from textseg_cli.data.batch import Batch
 from textseg_cli.methods.base import StepContext
-from textseg_cli.methods.crossmatch import Draws, cutmix_box, foreground_dice, gaussian_blur
+from textseg_cli.methods.crossmatch import (
+    Draws,
+    cutmix_box,
+    foreground_dice,
+    gaussian_blur,
+)
 from textseg_cli.methods.registry import build_method
 from textseg_cli.runs.checkpoint import load_checkpoint
 from textseg_cli.runs.config import build_config
@@ -89,7 +94,7 @@ def test_perturbation_dropouts_act_in_eval_mode_too():
 def test_draws_depend_on_seed_rank_and_step_only():
     m = _method()
     u = torch.randn(2, 1, 32, 32, 16)
-    ctx = lambda it, rank=0: StepContext(it, 10, torch.device("cpu"), extra={"rank": rank})  # noqa: E731
+    ctx = lambda it, rank=0: StepContext(it, 10, torch.device("cpu"), extra={"rank": rank})
     one = m.perturb_images(u[:1], u[1:], m.draws(ctx(3)))
     again = m.perturb_images(u[:1], u[1:], m.draws(ctx(3)))
     assert all(torch.equal(p, q) for p, q in zip(one, again))

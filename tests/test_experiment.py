@@ -159,16 +159,16 @@ def test_submitit_local_executor_runs_the_experiment(tmp_path, synthetic_data):
     assert "| V-Net | 2 | 1 |" in experiment_table(spec, "md")
 
 
-def test_preset_la_dry_run_lists_every_method_at_8_and_16_with_3_seeds():
+def test_preset_la_dry_run_lists_every_method_at_4_8_and_16_with_3_seeds():
     from textseg_cli.experiments.presets import PRESETS
 
     code, out = run_cli("experiment", "preset", "la", "--dry-run")
     assert code == 0, out
-    n_runs = len(PRESETS["la"]["methods"]) * 2 * 3
-    assert f"x 2 labeled (8, 16) x 3 seed(s) (1337, 1338, 1339) = {n_runs} runs" in out
+    n_runs = len(PRESETS["la"]["methods"]) * 3 * 3
+    assert f"x 3 labeled (4, 8, 16) x 3 seed(s) (1337, 1338, 1339) = {n_runs} runs" in out
     for m in PRESETS["la"]["methods"]:
         mid = m.replace("+", "_plus")
-        for lab in (8, 16):
+        for lab in (4, 8, 16):
             for seed in (1337, 1338, 1339):
                 assert f"  {mid}/{lab}L_s{seed} " in out
     assert "MC-Net [mcnet]: patch 112x112x80, stride 18x18x4, 15000 iterations, batch 2+2, sgd 0.01 constant" in out
@@ -273,7 +273,7 @@ def _pdflatex(tmp_path: Path, tex: str, width: str = "") -> tuple[int, str]:
            + tex + "\\end{document}\n")
     (tmp_path / "t.tex").write_text(doc)
     proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     return proc.returncode, (tmp_path / "t.log").read_text(errors="replace") if (tmp_path / "t.log").exists() else ""
 
 

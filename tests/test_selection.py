@@ -53,7 +53,7 @@ def test_legacy_test_selection_is_loud_and_marked_in_every_table(runs, synthetic
     code, text = run_cli("eval", "--compare", next((run / "eval").glob("test-*")), next((runs["val"][0] / "eval").glob("test-*")),
                          "--out", run / "table.md")
     assert code == 0, text
-    notes = (run / "table.md").read_text()
+    notes = (run / "table.md").read_text(encoding="utf-8")
     assert "best-on-test every 1 it" in notes and "best-on-val" in notes  # MIXED: each row says how it was chosen
     assert "Training precision: fp32 (the official codes train in fp32)" in notes  # tests run with TEXTSEG_CPU_BF16=0
 

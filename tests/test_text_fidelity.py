@@ -153,6 +153,33 @@ def test_tgcnet_decoder_follows_catseg_vitl_layout():
     assert seen == [(1, 3, 2 * 3, 8)] and y.shape == (1, 3, 4, 6, 8)
 
 
+def test_tgcnet_window_attention_has_no_position_bias_by_default():
+    """CAT-Seg's WindowAttention (cat_seg/modeling/transformer/model.py) has no relative position bias (its
+    docstring, copied from Swin, says otherwise); TGC-Net follows CAT-Seg, Swin's table is `rel_pos_bias=True`."""
+    from textseg_cli.models.tgcnet.decoder import CostAggregationDecoder, WindowBlock
+
+    plain, biased = CostAggregationDecoder(d_model=64, text_len=4), CostAggregationDecoder(64, 4, rel_pos_bias=True)
+    assert not any("bias_table" in n for n, _ in plain.named_parameters())
+    tables = [p for n, p in biased.named_parameters() if n.endswith("bias_table")]
+    assert len(tables) == 4 and all(t.shape == ((2 * 12 - 1) ** 2, 4) for t in tables)  # 2 layers × 2 blocks
+    assert sum(p.numel() for p in biased.parameters()) - sum(p.numel() for p in plain.parameters()) == 4 * 529 * 4
+    # without the table the block is plain windowed attention: permuting tokens inside one window permutes the output
+    torch.manual_seed(0)
+    blk = WindowBlock(dim=8, guide_dim=4, heads=2, window=4).eval()
+    x, g = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 4)
+    perm = torch.randperm(16)
+    with torch.no_grad():
+        y = blk(x, g).reshape(16, 8)
+        yp = blk(x.reshape(16, 8)[perm].reshape(1, 4, 4, 8), g.reshape(16, 4)[perm].reshape(1, 4, 4, 4)).reshape(16, 8)
+    assert torch.allclose(yp, y[perm], atol=1e-5)
+    blk_b = WindowBlock(dim=8, guide_dim=4, heads=2, window=4, rel_pos_bias=True).eval()
+    with torch.no_grad():
+        blk_b.bias_table.normal_()
+        yb = blk_b(x, g).reshape(16, 8)
+        ybp = blk_b(x.reshape(16, 8)[perm].reshape(1, 4, 4, 8), g.reshape(16, 4)[perm].reshape(1, 4, 4, 4))
+    assert not torch.allclose(ybp.reshape(16, 8), yb[perm], atol=1e-3)  # the position bias breaks the symmetry
+
+
 def test_per_case_auxiliary_prompt_word_cap(tmp_path, monkeypatch):
     # issue 20: the cap of `prompts/aux_prompt.yaml` (max_words) holds offline and for LLM replies (2 × cap)
     from fake_openai_server import FakeOpenAIServer

@@ -48,7 +48,7 @@ def test_cli_errors_and_print_config(small_data, tmp_path):
                         "--set", "optim.lr=0.005")
     assert code == 0 and "lr: 0.005" in out and "up_modes: [0, 1, 2]" in out
     code, out = run_cli("train", "--resume", "--out", tmp_path / "missing")
-    assert code == 2 and "config.yaml not found" in out
+    assert code == 2 and "holds no run to continue (no config.yaml)" in out
 
 
 def test_cli_resume_extends_a_run(small_data, tmp_path):

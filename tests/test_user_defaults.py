@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pandas as pd
-import pytest
 from conftest import run_cli
 
 from textseg_cli.data.io import write_nifti
@@ -212,3 +211,54 @@ def test_prep_overlays_show_the_patients_right_on_the_image_left_and_anterior_up
         assert rows.size, cid
         # the blob sits at the patient's right-anterior: image left, top (was: bottom right for "ras")
         assert cols.mean() < pan.shape[1] / 2 and rows.mean() < pan.shape[0] / 2, (cid, rows.mean(), cols.mean())
+
+
+# --- 9. export: TorchScript's deprecation notices are silenced, nothing else ----------------------------------------
+def test_export_silences_only_torchscripts_own_deprecation_warnings(synthetic_data, tmp_path, monkeypatch):
+    import warnings
+
+    import torch
+
+    from textseg_cli.inference import export
+
+    run = tmp_path / "run"
+    code, text = run_cli("train", "--method", "sup", "--data", synthetic_data, "--labeled", "2", "--out", run, *TINY)
+    assert code == 0, text
+    forward = export._Probabilities.forward
+
+    def noisy(self, x):  # a model that warns while it is traced: the user must see that
+        if torch.jit.is_tracing():
+            warnings.warn("the model's own FutureWarning while traced", FutureWarning)
+        return forward(self, x)
+
+    monkeypatch.setattr(export._Probabilities, "forward", noisy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, text = run_cli("export", run, "--format", "torchscript", "--out", tmp_path / "exp", "--checkpoint",
+                             "last")
+    assert code == 0, text
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "torch.jit" in m], messages  # trace/save/load deprecations: silenced
+    assert "the model's own FutureWarning while traced" in messages  # was: every FutureWarning swallowed
+
+
+# --- 4. `textseg models`: CLIP towers counted on the meta device, no "random weights" warnings ---------------------
+def test_models_counts_tgcnet_on_the_meta_device_without_warnings(monkeypatch):
+    from textseg_cli.models.tgcnet import clip_backbone
+
+    devices = []
+    build = clip_backbone.build_open_clip
+
+    def spy(*args, **kwargs):
+        clip = build(*args, **kwargs)
+        devices.append(next(clip.parameters()).device.type)
+        return clip
+
+    monkeypatch.setattr(clip_backbone, "build_open_clip", spy)
+    code, out = run_cli("models", "--in-channels", "1", "--classes", "2", "--patch", "112,112,80")
+    assert code == 0, out
+    # was: open_clip moved the tower to the CPU, meta refused, and ViT-L-14-336 was built and initialised for real
+    # (most of the command's 30 s), twice, each time logging "No pretrained weights loaded"
+    assert devices and set(devices) == {"meta"}, devices
+    assert "No pretrained weights loaded" not in out and "initialized randomly" not in out, out
+    assert "439,165,026" in out and "427,944,193" in out  # tgcnet and its frozen CLIP: the counts of a real build

@@ -120,6 +120,12 @@ def compare(official: Snapshot, ours: Snapshot, mapping: dict[str, dict[str, str
             bad.append(f"{what}: max |Δ| {float(diff.max()):.3e}, max rel {rel:.3e}")
 
     it = ours.iteration
+    for on, tn in term_map.items():
+        a, b = ours.terms.get(tn), official.terms.get(on)
+        if a is None or b is None:
+            bad.append(f"it {it} term {tn}/{on} missing ({a}, {b})")
+        elif abs(a - b) > atol + rtol * abs(b):
+            bad.append(f"it {it} term {tn}: {a!r} vs official {on} {b!r}")
     for net, names in mapping.items():
         lr_bad = [(tn, ours.lr.get(net, {}).get(tn), official.lr.get(net, {}).get(on)) for on, tn in names.items()
                   if on in official.lr.get(net, {}) or tn in ours.lr.get(net, {})]
@@ -134,12 +140,6 @@ def compare(official: Snapshot, ours: Snapshot, mapping: dict[str, dict[str, str
                     bad.append(f"it {it} momentum {net}.{tn}: present on one side only")
                 else:
                     check(f"it {it} momentum {net}.{tn}", ours.momentum[net][tn], official.momentum[net][on])
-    for on, tn in term_map.items():
-        a, b = ours.terms.get(tn), official.terms.get(on)
-        if a is None or b is None:
-            bad.append(f"it {it} term {tn}/{on} missing ({a}, {b})")
-        elif abs(a - b) > atol + rtol * abs(b):
-            bad.append(f"it {it} term {tn}: {a!r} vs official {on} {b!r}")
     return bad
 
 

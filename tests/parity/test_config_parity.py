@@ -326,7 +326,6 @@ def _admt(profile: str) -> list[Row]:
              ("optim.momentum", call(ADMT, "SGD", kw="momentum")),
              ("optim.weight_decay", call(ADMT, "SGD", kw="weight_decay"))]
     return [Row("ad-mt", k, src, profiles=(profile,)) for k, src in rows]
-CM, CM_SH = "CrossMatch/LA/code/train_cross_match.py", "CrossMatch/LA/code/train.sh"
 
 _per = dict(pos=0, pick=lambda a: a.right)  # get_current_consistency_weight(iter_num // 150): the 150
 _unlabeled = functools.partial(derived, operator.sub, how="batch_size − labeled_bs (the script's batch holds both)")
@@ -497,6 +496,11 @@ ROWS: list[Row] = [
     Row("crossmatch", "optim.poly_power", lr_rule(CM, "power")),
     Row("crossmatch", "optim.poly_iterations", assign(CM, "lr_", pick=lambda v: v.right.left.right.right)),
     Row("crossmatch", "data.augment.rotflip", called(CM, "RandomRotFlip"), profiles=_LA_ONLY),
+    Row("crossmatch", "method.conf_thresh", arg(CM, "--conf_thresh")),
+    Row("crossmatch", "train.batch_unlabeled", arg(CM, "--batch_size"), transform=lambda b: 2 * b,
+        note="two unlabeled loaders of batch_size each (the images and their CutMix partners)"),
+    Row("crossmatch", "optim.name", called(CM, "AdamW", "adamw")),
+    Row("crossmatch", "data.patch_size", assign(CM, "patch_size"), profiles=_LA_ONLY),
     # LViT's U-Net (Config.py holds the settings, train_model.py the loss/optimiser)
     Row("lvit-unet", "seed", assign(LVIT_CFG, "seed")),
     Row("lvit-unet", "train.epochs", assign(LVIT_CFG, "epochs")),
@@ -511,24 +515,6 @@ ROWS: list[Row] = [
     Row("lvit-unet", "optim.schedule", called(LVIT_TRAIN, "CosineAnnealingWarmRestarts", "cosine_restarts")),
     Row("lvit-unet", "optim.restart_period", call(LVIT_TRAIN, "CosineAnnealingWarmRestarts", kw="T_0")),
     Row("lvit-unet", "optim.eta_min", call(LVIT_TRAIN, "CosineAnnealingWarmRestarts", kw="eta_min")),
-    # CrossMatch (LA script run by train.sh; Pancreas, with no script of its own, runs the LA values)
-    Row("crossmatch", "method.conf_thresh", shell_flag(CM_SH, "--conf_thresh")),
-    Row("crossmatch", "method.conf_thresh", arg(CM, "--conf_thresh")),
-    Row("crossmatch", "method.eta", arg(CM, "--eta")),
-    Row("crossmatch", "method.pert_gap", arg(CM, "--pert_gap")),
-    Row("crossmatch", "method.temperature", arg(CM, "--temperature")),
-    Row("crossmatch", "train.iterations", shell_flag(CM_SH, "--max_iterations"), transform=lambda v: v + 1,
-        note="the loop breaks once iter_num > max_iterations: 14,001 steps, test.py evaluates iter_14001"),
-    Row("crossmatch", "train.batch_labeled", arg(CM, "--batch_size")),
-    Row("crossmatch", "train.batch_unlabeled", arg(CM, "--batch_size"), transform=lambda b: 2 * b,
-        note="two unlabeled loaders of batch_size each (the images and their CutMix partners)"),
-    Row("crossmatch", "optim.name", called(CM, "AdamW", "adamw")),
-    Row("crossmatch", "optim.lr", shell_flag(CM_SH, "--base_lr")),
-    Row("crossmatch", "optim.weight_decay", call(CM, "AdamW", kw="weight_decay")),
-    Row("crossmatch", "optim.schedule", lr_rule(CM, "schedule")),
-    Row("crossmatch", "optim.poly_power", lr_rule(CM, "power")),
-    Row("crossmatch", "data.patch_size", assign(CM, "patch_size"), profiles=_LA_ONLY),
-    Row("crossmatch", "data.augment.rotflip", called(CM, "RandomRotFlip"), profiles=_LA_ONLY),
 ]
 
 WITH_OFFICIAL_CODE = tuple(n for n, c in list_methods().items() if c.official_code

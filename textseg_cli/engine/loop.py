@@ -406,7 +406,16 @@ class Trainer:
         if self.channels_last:
             batch.image_l, batch.image_u = channels_last(batch.image_l), channels_last(batch.image_u)
         with self.precision.autocast():
-            out = self.step_module(batch, ctx)
+            try:
+                out = self.step_module(batch, ctx)
+            except ValueError as exc:  # BatchNorm on one value per channel: the patch/batch choice, not a bug
+                if "Expected more than 1 value per channel" not in str(exc):
+                    raise
+                raise ConfigError(f"data.patch_size {self.cfg['data']['patch_size']} with batches of "
+                                  f"{self.cfg['train']['batch_labeled']}+{self.cfg['train']['batch_unlabeled']}: a "
+                                  "forward pass of this method sees one value per channel at a BatchNorm layer "
+                                  "(the bottleneck of a 16-voxel patch); use a larger patch or batches of at least 2"
+                                  ) from None
         loss = out["loss"]
         bad = not bool(torch.isfinite(loss.detach()).all())
         if self._all_any(bad):

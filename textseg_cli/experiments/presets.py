@@ -2,7 +2,7 @@
 
 Each method runs with its packaged config under the data set's profile (the official patch, stride,
 schedule, batch and decoder of each method, see textseg_cli/configs/); the preset adds only what the
-configs do not hold: the method list, 10 % / 20 % labeled (LA: 8 / 16 of 80), 3 seeds, and the LCC of each
+configs do not hold: the method list, 10 % / 20 % labeled (LA: 4 / 8 / 16 of 80), 3 seeds, and the LCC of each
 method's official test script (the `protocol_lcc` of its class, with file:line), and the `--set` items of
 `REPRODUCE_SETS` where a method's packaged default is textseg's interpretation rather than the published code
 (Text-SemiSeg's TMR: the tables run `--tmr official`), and `train.precision=fp32` for every method (the
@@ -23,10 +23,10 @@ from textseg_cli.storage.outputs import guard_output_file
 
 _BASELINES_3D = ["sup", "uamt", "dtc", "urpc", "cps", "mcnet", "mcnet+", "mcf", "mlrp", "bcp"]
 PRESETS = {
-    "la": {"labeled": [8, 16], "methods": _BASELINES_3D + ["crossmatch", "vclipseg", "llm-segnet"],
-           "note": "LA (Yu et al. split: 80 training / 20 test); 8 and 16 labeled = 10 % and 20 %"},
+    "la": {"labeled": [4, 8, 16], "methods": _BASELINES_3D + ["crossmatch", "ad-mt", "vclipseg", "llm-segnet"],
+           "note": "LA (Yu et al. split: 80 training / 20 test); 4, 8 and 16 labeled = 5 %, 10 % and 20 %"},
     "pancreas": {"labeled": ["10%", "20%"],
-                 "methods": _BASELINES_3D + ["crossmatch", "vclipseg", "llm-segnet", "text-semiseg"],
+                 "methods": _BASELINES_3D + ["crossmatch", "ad-mt", "vclipseg", "llm-segnet", "text-semiseg"],
                  "note": "Pancreas-CT (62 training / 20 test): 10 % and 20 % labeled"},
     "brats": {"labeled": ["10%", "20%"], "methods": _BASELINES_3D + ["llm-segnet", "text-semiseg"],
               "note": "BraTS 2019 (250 training / 25 val / 60 test in the SSL4MIS split): 10 % and 20 % labeled"},

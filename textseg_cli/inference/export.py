@@ -4,7 +4,8 @@ Writes to `OUT` (default `RUN/export/`):
 
     model.torchscript.pt   (--format torchscript) torch.jit.trace of `method.predict_proba(x, decoder)` on one
                            patch: input (1, C, *patch) float32 preprocessed like the training data, output
-                           (1, K, *patch) softmax probabilities; load with `torch.jit.load(path)` (no textseg)
+                           (1, K, *patch) softmax probabilities; load with `torch.jit.load(path)` (no textseg;
+                           PyTorch now deprecates TorchScript and warns there: prefer --format torch-export)
     model.pt2              (--format torch-export) the same as a `torch.export` program (TorchScript's successor
                            in PyTorch); load with `torch.export.load(path).module()`
     weights.pt             `method.state_dict()`; load with `textseg_cli.runs.load.load_run(RUN)` or
@@ -60,8 +61,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "t
     x = torch.randn((1, ds.in_channels) + patch, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = wrapper(x)
-    with warnings.catch_warnings():  # torch marks TorchScript deprecated; the file still loads everywhere
-        warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings():
+        # PyTorch marks TorchScript deprecated: every torch.jit.trace/save/load raises a FutureWarning. --format
+        # torchscript asks for exactly that file (it loads without textseg, also from C++), and the load-back check
+        # must read the file written, so those deprecations and only those are silenced; --format torch-export is
+        # the successor and needs no filter. Other warnings (e.g. the model's own while traced) stay visible.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         if fmt == "torchscript":
             ts_path = out / "model.torchscript.pt"
             with torch.no_grad():

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from textseg_cli.data.batch import Batch
 from textseg_cli.errors import ConfigError
@@ -82,10 +82,15 @@ def compromise(label_t: torch.Tensor, conf_t: torch.Tensor, label_s: torch.Tenso
     return label, conf
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bfloat16 outputs (autocast); float64 stays (the parity tests run in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over the voxels where `keep` (the code's ignore_index=-100, reduction="mean");
     0 when no voxel is kept (the code's mean would be NaN there)."""
-    ce = F.cross_entropy(logits.float(), torch.where(keep, labels, torch.zeros_like(labels)).long(), reduction="none")
+    ce = F.cross_entropy(_f32(logits), torch.where(keep, labels, torch.zeros_like(labels)).long(), reduction="none")
     k = keep.to(ce.dtype)
     return (ce * k).sum() / k.sum().clamp_min(1.0)
 
@@ -197,7 +202,7 @@ class ADMT(Method):
 
     @torch.no_grad()
     def _mirror_state(self) -> None:
-        name, keys, pos, has_gauss, gauss = self.rng.get_state(legacy=True)
+        _, keys, pos, has_gauss, gauss = self.rng.get_state(legacy=True)
         self.rpa_state.copy_(torch.tensor([int(self.active_first), self.counter, self.period]))
         self.rng_keys.copy_(torch.from_numpy(np.concatenate([keys.astype(np.int64), [pos, has_gauss, 1]])))
         self.rng_gauss.fill_(float(gauss))
@@ -226,8 +231,8 @@ class ADMT(Method):
         self.teacher2.train(not self.active_first)
         strong = strong_view(self.rng, u, hp) if self.active_first else None  # the loader's view (T₁ periods)
         with torch.no_grad():
-            p1 = torch.softmax(self.teacher1(u).float(), 1)
-            p2 = torch.softmax(self.teacher2(u).float(), 1)
+            p1 = torch.softmax(_f32(self.teacher1(u)), 1)
+            p2 = torch.softmax(_f32(self.teacher2(u)), 1)
             teacher_conflict = p1.argmax(1) != p2.argmax(1)
             ens = entropy_ensemble(p1, p2, float(hp.get("ensemble_temperature", 1.0)))
             conf, label = ens.max(1)
@@ -236,7 +241,7 @@ class ADMT(Method):
                 strong, label, conf, teacher_conflict = cutmix_3d(self.rng, u, label, conf, teacher_conflict)
             else:
                 strong = u.clone()
-        logits = self.student(torch.cat([batch.image_l, u, strong])).float()
+        logits = _f32(self.student(torch.cat([batch.image_l, u, strong])))
         pred_l, pred_w, pred_s = logits[:bl], logits[bl:bl + bu], logits[bl + bu:]
         with torch.no_grad():
             conf_s, label_s = torch.softmax(pred_w.detach(), 1).max(1)

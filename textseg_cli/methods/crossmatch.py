@@ -109,7 +109,7 @@ def bias_field(spatial: list[int], coefficients: list[float], order: int, device
     (arange(−n/2, n/2) + 0.5) scaled to max 1, terms in the order x, y, z (its coefficients' draw order)."""
     axes = []
     for n in spatial:
-        r = torch.arange(n, dtype=torch.float64, device=device) - n / 2
+        r = torch.arange(n, dtype=torch.float64, device=device) - n / 2 + 0.5
         axes.append(r / r.max() if r.max() > 0 else r)
     ax, ay, az = axes
     field = torch.zeros(spatial, dtype=torch.float64, device=device)
@@ -257,7 +257,7 @@ class CrossMatch(Method):
         t2, c2 = pasted(mask_u, conf_u, mask_mix, conf_mix, box2)
         t2_weak, c2_weak = pasted(mask_u_weak, conf_u_weak, mask_mix_weak, conf_mix_weak, box2)
         t2_strong, c2_strong = pasted(mask_u_strong, conf_u_strong, mask_mix_strong, conf_mix_strong, box2)
-        sm = lambda logits: torch.softmax(logits, 1)  # noqa: E731
+        sm = lambda logits: torch.softmax(logits, 1)
 
         loss_x = (F.cross_entropy(p_x, y.long()) + foreground_dice(sm(p_x), y)) / 2  # :301-304
         loss_s1 = foreground_dice(sm(p_s1), t1, c1 >= thr)  # :306-310

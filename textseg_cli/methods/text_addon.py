@@ -307,7 +307,7 @@ class TextAddon(Method):
         if not students:
             raise ConfigError(f"--text {spec}: method '{name}' has no V-Net encoder to enhance "
                               "(supported: methods built on the V-Net, e.g. uamt, dtc, mcnet)")
-        if teachers and len(teachers) != len(students):
+        if teachers and len(teachers) != len(students) and len(students) != 1:  # one student: every teacher
             raise ConfigError(f"--text {spec}: cannot pair the {len(teachers)} teacher(s) of '{name}' with its "
                               f"{len(students)} student network(s)")
         self.needs_unlabeled = base.needs_unlabeled
@@ -322,11 +322,11 @@ class TextAddon(Method):
             fusion = build_fusion("tmr", channels, self.text.dim, base.num_classes, mode,
                                   patch_size=base.patch_size()) if "tmr" in self.parts else None
             s.encoder = TextEncoder(s.encoder, fusion, self.text)
-            if teachers:
+            for t in (teachers if len(students) == 1 else teachers[i:i + 1]):  # AD-MT: two teachers of one student
                 t_fusion = copy.deepcopy(fusion)
                 if t_fusion is not None:
                     t_fusion.requires_grad_(False)
-                teachers[i].encoder = TextEncoder(teachers[i].encoder, t_fusion, self._frozen_text)
+                t.encoder = TextEncoder(t.encoder, t_fusion, self._frozen_text)
         self.csa_heads = nn.ModuleList(ProjectionHead(channels, self.text.dim) for _ in students) \
             if "csa" in self.parts else None
         self.csa = csa_settings(hp) if self.csa_heads is not None else None

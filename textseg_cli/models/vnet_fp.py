@@ -13,7 +13,7 @@ torch RNG, in the official order (weak on the five feature maps, then strong), l
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

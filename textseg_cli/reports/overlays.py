@@ -247,7 +247,7 @@ def render_3d(image: np.ndarray | None, reference: np.ndarray | None = None, pre
         captions.append(caption)
     legend = legend_for(reference, prediction)
     if affine is not None:
-        legend = f"{legend}   {RADIOLOGICAL}" if legend else RADIOLOGICAL
+        legend = f"{legend}\n{RADIOLOGICAL}" if legend else RADIOLOGICAL
     return compose(panels, captions, title, text, legend)
 
 

@@ -60,15 +60,16 @@ def check_run_config(cfg: dict[str, Any], reference: dict[str, Any]) -> None:
 def _check_batchnorm_bottleneck(cfg: dict[str, Any]) -> None:
     """A V-Net with BatchNorm halves each side 4 times: a 16-voxel patch leaves one voxel per channel at the
     bottleneck, and with one image in a forward pass BatchNorm has a single value per channel and fails mid-run
-    ("Expected more than 1 value per channel when training"). Refused before a run folder exists."""
+    ("Expected more than 1 value per channel when training"). A batch of one image in all is refused before a run
+    folder exists; a method that also forwards a single stream alone (a teacher on one unlabeled image) fails at
+    its first step, which the engine reports the same way (engine/loop.py)."""
     m = cfg.get("method") or {}
     norm = str((m.get("backbone") or {}).get("normalization") or "")
     patch = (cfg.get("data") or {}).get("patch_size") or []
     tr = cfg.get("train") or {}
     if norm != "batchnorm" or patch_multiple(cfg) != 16 or not patch or any(v // 16 != 1 for v in patch):
         return
-    streams = [int(tr.get("batch_labeled") or 0)] + ([int(tr["batch_unlabeled"])] if tr.get("batch_unlabeled") else [])
-    if min(streams) == 1:
+    if int(tr.get("batch_labeled") or 0) + int(tr.get("batch_unlabeled") or 0) == 1:  # one image per forward
         raise ConfigError(f"data.patch_size {list(patch)} leaves one voxel per channel at the {network_of(cfg)} "
                           "bottleneck, and BatchNorm cannot train on a single value per channel with a batch of 1 "
                           "(train.batch_labeled/batch_unlabeled); use a larger patch (e.g. a side of 32) or batches "
