@@ -20,7 +20,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
            "train", "--method", "mcnet", "--data", str(data), "--labeled", "2", "--iterations", "4", "--out", str(run),
            "--device", "cpu", "--val-every", "4", "--set", "method.backbone.n_filters=4",
            "--set", "train.batch_labeled=1", "--set", "train.batch_unlabeled=1", "--set", "train.log_every=2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     envj = json.loads((run / "env.json").read_text(encoding="utf-8"))
     assert envj["world_size"] == 2 and len(envj["sessions"]) == 1  # only rank 0 wrote

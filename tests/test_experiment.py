@@ -273,7 +273,7 @@ def _pdflatex(tmp_path: Path, tex: str, width: str = "") -> tuple[int, str]:
            + tex + "\\end{document}\n")
     (tmp_path / "t.tex").write_text(doc)
     proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
-                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1500)
     return proc.returncode, (tmp_path / "t.log").read_text(errors="replace") if (tmp_path / "t.log").exists() else ""
 
 

@@ -348,7 +348,7 @@ def test_reproduce_script_runs_end_to_end_and_says_the_protocol_is_incomplete(tm
            "EVAL_RESERVE_MIN": "0.1", "PRECISION": "fp32"}
     r = subprocess.run(["bash", str(repo / "scripts/reproduce_monuseg_unet.sh"), str(src), str(out),
                         "--budget-min", "1", "--threads", "1"], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                       timeout=600)
+                       timeout=1500)
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-3000:]
     assert "precision: fp32 (asked fp32" in text
@@ -360,5 +360,5 @@ def test_reproduce_script_runs_end_to_end_and_says_the_protocol_is_incomplete(tm
     assert env_json["precision"]["train"]["precision"] == "fp32"
     # a second run into the same folder is refused before anything is written
     r2 = subprocess.run(["bash", str(repo / "scripts/reproduce_monuseg_unet.sh"), str(src), str(out)], env=env,
-                        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
+                        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1500)
     assert r2.returncode == 2 and "not empty" in r2.stderr

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _pytest(*args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1500)
 
 
 def test_plain_pytest_deselects_benchmarks_and_parity():

@@ -103,7 +103,7 @@ def test_two_concurrent_trainings_into_one_folder_one_is_refused(data, tmp_path)
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
                               encoding="utf-8", errors="replace")
              for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outs
     refused = outs[[p.returncode for p in procs].index(2)]

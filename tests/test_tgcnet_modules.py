@@ -115,6 +115,12 @@ def test_text_changes_output_and_frozen_trainable_split():
     others = [p for n, p in net.named_parameters() if not n.startswith("clip.")]
     assert all(not p.requires_grad and p.grad is None for p in clip)
     assert all(p.requires_grad for p in others) and all(p.grad is not None for p in net.decoder.parameters())
+    # the text path is trained: the gradient reaches P_T (text → model width) and depends on which text it was
+    g_text = net.text_proj.weight.grad.clone()
+    assert g_text.abs().sum() > 0
+    net.zero_grad()
+    net(x, [T1, T1]).square().mean().backward()
+    assert not torch.allclose(net.text_proj.weight.grad, g_text, atol=1e-8)
     n_frozen = sum(p.numel() for p in clip)
     n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert n_frozen == sum(p.numel() for p in net.clip.clip.parameters()) and n_train == sum(p.numel() for p in others)

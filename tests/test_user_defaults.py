@@ -262,3 +262,17 @@ def test_models_counts_tgcnet_on_the_meta_device_without_warnings(monkeypatch):
     assert devices and set(devices) == {"meta"}, devices
     assert "No pretrained weights loaded" not in out and "initialized randomly" not in out, out
     assert "439,165,026" in out and "427,944,193" in out  # tgcnet and its frozen CLIP: the counts of a real build
+
+
+def test_tgcnet_class_prompts_speak_class_names_without_underscores():
+    """The same rule as `textseg encode` (point 5) for TGC-Net's own class prompts (more than two classes)."""
+    from textseg_cli.methods.tgcnet import TGCNetMethod
+    from textseg_cli.models.tgcnet.clip_backbone import TINY_CLIP
+
+    net = dict(clip_model=TINY_CLIP, d_model=64, cnn_channels=(8, 16, 32, 32, 64), sse_layers=1, decoder_hidden=32,
+               window=4, date_heads=4)
+    cfg = {"method": {"clip_model": "tiny", "date": "main-only", "net": {k: v for k, v in net.items()
+                                                                           if k != "clip_model"}}}
+    m = TGCNetMethod(cfg, 1, 3, dim=2, data_root=None, class_names=["background", "left_atrium", "right_atrium"])
+    assert m.class_prompts == ["a photo of the background.", "a photo of the left atrium.",
+                               "a photo of the right atrium."]

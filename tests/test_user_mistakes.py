@@ -169,7 +169,7 @@ def test_file_size_limit_while_resuming_names_the_checkpoint_and_keeps_the_old_o
               "from textseg_cli.cli import run; sys.exit(run(sys.argv[1:]))" % (limit, limit))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script, "train", "--resume", "--out", str(run), "--iterations", "2",
-                           "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, cwd=REPO, env=env)
+                           "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1500, cwd=REPO, env=env)
     text = proc.stdout + proc.stderr
     line = _one_line_error(proc.returncode, text, run / "checkpoints", ".pt", "file-size limit")
     assert "log.csv" not in line

@@ -100,7 +100,8 @@ class TGCNetMethod(Method):
         self.referring = num_classes == 2
         names = list(context.get("class_names") or [])
         template = hp.get("class_template", "a photo of the {}.")
-        self.class_prompts = [template.format(n) for n in names] if not self.referring else []
+        self.class_prompts = ([template.format(n.replace("_", " ")) for n in names]  # "left_atrium" → "left atrium"
+                              if not self.referring else [])
         if not self.referring and len(self.class_prompts) != num_classes:
             raise ConfigError("tgcnet with more than two classes needs the data set's class names")
         self._case_text = _SharedSlot()
