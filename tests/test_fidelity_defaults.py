@@ -119,3 +119,20 @@ def test_models_fidelity_points_every_method_to_the_ledger():
         assert cls.official_code and cls.ledger.startswith("docs/"), name
     code, out = run_cli("models", "--fidelity")
     assert code == 0 and "HiLab-git/DTC" in out and "2525b9c" in out and "docs/fidelity" in out
+
+
+def test_tgcnet_optimiser_is_the_listed_interpretation():
+    """docs/fidelity.md (TGC-Net, "optimiser and schedule"): the paper names AdamW and per-data-set lr only."""
+    from textseg_cli.runs.config import build_config
+
+    cfg = build_config("tgcnet", "qata-cov19", 2, [224, 224])
+    assert (cfg["optim"]["name"], cfg["optim"]["schedule"], cfg["optim"]["weight_decay"]) == ("adamw", "constant", 1e-4)
+    assert cfg["optim"]["lr"] == 2e-5 and cfg["train"]["iterations"] == 20000 and cfg["train"]["batch_labeled"] == 8
+
+
+def test_text_semiseg_lung_and_brats_use_the_official_rotflip():
+    """docs/fidelity.md (Text-SemiSeg, augmentation): train.py:113-119 applies RandomRotFlip on BraTS and Lung."""
+    from textseg_cli.runs.config import build_config
+
+    for profile in ("lung", "brats"):
+        assert build_config("text-semiseg", profile, 3, [96, 96, 96])["data"]["augment"]["rotflip"] is True

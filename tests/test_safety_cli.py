@@ -100,7 +100,7 @@ def test_two_concurrent_trainings_into_one_folder_one_is_refused(data, tmp_path)
     cmd = [sys.executable, "-m", "textseg_cli", "train", "--method", "mcnet", "--data", str(data), "--labeled", "2",
            "--iterations", "3", "--val-every", "0", "--out", str(out), "--force", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               encoding="utf-8", errors="replace")
              for _ in range(2)]
     outs = [p.communicate(timeout=1500)[0] for p in procs]

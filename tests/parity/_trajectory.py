@@ -6,9 +6,10 @@ How the official script runs: its source is executed as `__main__` with its code
 same-named modules of other checkouts evicted, as `parity_helpers.official_module`), argparse reading the argv the
 test gives, and an import hook that hands the script stand-ins for what touches the outside world only: the
 DataLoader (replaced by the test's batches), the data-set classes, logging, tensorboard, tqdm, shutil and
-torchvision's image helpers. Source edits are limited to the hard-coded patch size and ramp divisor; each must
-match the source (a changed script fails loudly). Module attributes can be wrapped (e.g. the network class with a
-smaller `n_filters`) for the duration of the run.
+torchvision's image helpers. Source edits are limited to hard-coded patch sizes (in the script, or in a helper
+module via `module_edits`) and the lengths the test scales identically on both sides (ramp divisor, lr step,
+phase length, evaluation interval); each must match the source (a changed script fails loudly). Module
+attributes can be wrapped (e.g. the network class with a smaller `n_filters`) for the duration of the run.
 
 How the two sides see the same draws (`shared_draws`): `torch.randn_like` and channel/element dropout draw from
 private generators seeded identically for each side, so both get the same noise and the same dropout masks as
@@ -470,7 +471,8 @@ class _Stop(Exception):
     """Ends the official script early (the textseg side failed)."""
 
 
-def _sync(off_nets: dict[str, nn.Module], off_opt: torch.optim.Optimizer | list[torch.optim.Optimizer], our_nets: dict[str, nn.Module],
+def _sync(off_nets: dict[str, nn.Module], off_opt: torch.optim.Optimizer | list[torch.optim.Optimizer],
+          our_nets: dict[str, nn.Module],
           our_opt: torch.optim.Optimizer, mapping: dict[str, dict[str, str]]) -> None:
     """textseg's networks (weights and buffers) and momentum buffers ← the official's (a parameter without an
     official momentum buffer, e.g. under a phase's fresh optimiser, loses textseg's)."""
@@ -503,7 +505,9 @@ def lockstep(*, script: Path, argv: list[str], cwd: Path, official_parts: Callab
              run_dir: Path, sets: list[str], textseg_nets: Callable[[Method], dict[str, nn.Module]],
              batches: list[Batch], term_map: dict[str, str] | Callable[[int], dict[str, str]], seed: int,
              rtol: float, atol: float, phase_starts: tuple[int, ...] = (), randint: bool = False,
-             skip: tuple[str, ...] = (), **official_kw) -> tuple[list[str], Trainer]:
+             skip: tuple[str, ...] = (),
+             reorder: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+             **official_kw) -> tuple[list[str], Trainer]:
     """Run the official script (in a worker thread, paused whenever a step is done) and textseg's Trainer
     (`Trainer.run`, this thread) step by step on `batches`: textseg's step k, then the official's step k from
     the same draws (`shared_draws`, rewound), then every weight, buffer, momentum buffer, lr and loss term is
@@ -526,7 +530,9 @@ def lockstep(*, script: Path, argv: list[str], cwd: Path, official_parts: Callab
     networks present before are compared (weights, buffers) and the lr, not the loss terms (none yet) or the
     momentum (the official's fresh optimiser has none), and textseg's momentum is synchronised to none as well.
     randint: as `shared_draws`; skip: name prefixes of official state-dict entries with no textseg counterpart
-    (heads the script never calls; their parameters get no gradient). Returns (mismatch lines, the trainer)."""
+    (heads the script never calls; their parameters get no gradient); reorder: official state dict → the same
+    entries in textseg's registration order, where the two register heads in different orders.
+    Returns (mismatch lines, the trainer)."""
     to_main: queue.Queue = queue.Queue()
     to_official: queue.Queue = queue.Queue()
 
@@ -552,7 +558,8 @@ def lockstep(*, script: Path, argv: list[str], cwd: Path, official_parts: Callab
     terms_at = term_map if callable(term_map) else (lambda _k: term_map)
 
     def kept(net: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: t for n, t in net.state_dict().items() if not n.startswith(skip)}
+        state = {n: t for n, t in net.state_dict().items() if not n.startswith(skip)}
+        return reorder(state) if reorder is not None else state
 
     bad: list[str] = []
     thread = threading.Thread(target=worker, daemon=True)
