@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -103,3 +104,34 @@ def synthetic_data(tmp_path_factory) -> Path:
     prep_synthetic(out, n_cases=10, size=(32, 32, 24), n_classes=1, seed=0, n_val=2, n_test=2,
                    patch_size=(32, 32, 16))
     return out
+
+
+def one_line_error(code: int, text: str, *needles) -> str:
+    """Assert a user error: exit 2, exactly one `error` line holding every needle, no traceback; return the line."""
+    assert code == 2, text
+    err = [line for line in text.splitlines() if "error" in line]
+    assert len(err) == 1 and "Traceback" not in text and "internal error" not in text, text
+    for n in needles:
+        assert str(n) in err[0], err[0]
+    return err[0]
+
+
+def fingerprint_outside(root: Path, sandbox: Path) -> dict[str, str]:
+    """Every path under `root` outside `sandbox` with a sha256 of its content (a symlink: its target; a folder:
+    "dir"), to show that a command wrote nothing outside its sandbox."""
+    seen = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if here == sandbox or sandbox in here.parents:
+            continue
+        for name in dirnames + filenames:
+            p = here / name
+            if p == sandbox:
+                continue
+            if p.is_symlink():
+                seen[str(p)] = "link:" + os.readlink(p)
+            elif p.is_file():
+                seen[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                seen[str(p)] = "dir"
+    return seen

@@ -16,16 +16,14 @@ The parent holds planted files a hostile name would hit: `x.nii.gz`, `x_0000.nii
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import fingerprint_outside, run_cli
 from raw_fakes import phantom_ct, write_image
 
 HOSTILE = ["..", "../x", "ABS", "a/b", ".", "", "LINK"]
@@ -70,25 +68,6 @@ def world(tmp_path_factory):
     return root, sandbox, data, run, raw, nn
 
 
-def _fingerprint(root: Path, sandbox: Path) -> dict[str, str]:
-    seen = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        if here == sandbox or sandbox in here.parents:
-            continue
-        for name in dirnames + filenames:
-            p = here / name
-            if p == sandbox:
-                continue
-            if p.is_symlink():
-                seen[str(p)] = "link:" + os.readlink(p)
-            elif p.is_file():
-                seen[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-            else:
-                seen[str(p)] = "dir"
-    return seen
-
-
 def _name(world, hostile: str) -> str:
     root = world[0]
     return {"ABS": str(root / "abs_x"), "LINK": "lnk"}.get(hostile, hostile)
@@ -112,11 +91,11 @@ class Sandboxed:
         self.scratch.mkdir(parents=True)
 
     def __enter__(self):
-        self.before = _fingerprint(self.root, self.sandbox)
+        self.before = fingerprint_outside(self.root, self.sandbox)
         return self
 
     def __exit__(self, *exc):
-        assert _fingerprint(self.root, self.sandbox) == self.before, "a file outside the sandbox changed"
+        assert fingerprint_outside(self.root, self.sandbox) == self.before, "a file outside the sandbox changed"
         return False
 
 
@@ -229,7 +208,7 @@ def _hostile_data(box: Sandboxed, split: str, hostile: str) -> Path:
                 target = box.root / "outside" / f"{key}_{src.name}"
                 if not target.exists():
                     shutil.copy(src, target)
-                    box.before = _fingerprint(box.root, box.sandbox)  # planted by the test, not by textseg
+                    box.before = fingerprint_outside(box.root, box.sandbox)  # planted by the test, not by textseg
                 src.unlink()
                 src.symlink_to(target)
     for c in spec["cases"]:

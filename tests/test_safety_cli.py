@@ -18,22 +18,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from raw_fakes import phantom_ct, write_image
 from textseg_cli.data.io import read_nifti, write_nifti
 from textseg_cli.storage.outputs import LOCK
 
 TINY = ["--device", "cpu", "--set", "method.backbone.n_filters=2", "--set", "train.batch_labeled=1",
         "--set", "train.batch_unlabeled=1"]
-
-
-def _one_line_error(code: int, text: str, *needles) -> str:
-    assert code == 2, text
-    err = [line for line in text.splitlines() if "error" in line]
-    assert len(err) == 1 and "Traceback" not in text and "internal error" not in text, text
-    for n in needles:
-        assert str(n) in err[0], err[0]
-    return err[0]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +67,7 @@ def test_a_run_in_use_is_refused_to_train_resume_and_eval_and_a_stale_lock_is_ta
                      ["eval", r, "--checkpoint", "last", "--device", "cpu"],
                      ["train", "--method", "mcnet", "--data", data, "--labeled", "2", "--iterations", "1", "--out", r,
                       "--force", *TINY]):
-            _one_line_error(*run_cli(*args), "in use by `textseg train`", f"pid {holder.pid}")
+            one_line_error(*run_cli(*args), "in use by `textseg train`", f"pid {holder.pid}")
         assert (r / "checkpoints" / "last.pt").read_bytes() == before and not (r / "eval").exists()
     finally:
         holder.kill()
@@ -90,7 +81,7 @@ def test_a_run_in_use_is_refused_to_train_resume_and_eval_and_a_stale_lock_is_ta
 def test_a_lock_from_another_host_is_never_guessed_about(run, tmp_path):
     r = _copy_run(run, tmp_path)
     _hold_lock(r, 1, host="other-node-17")
-    _one_line_error(*run_cli("train", "--resume", "--out", r, "--iterations", "3", "--device", "cpu"),
+    one_line_error(*run_cli("train", "--resume", "--out", r, "--iterations", "3", "--device", "cpu"),
                     "other-node-17", f"delete {r / LOCK}")
 
 
@@ -199,7 +190,7 @@ def test_nan_voxels_are_refused_by_default_and_zeroed_on_request(tmp_path):
     code, text = _prep_custom(raw, tmp_path / "out2", "--nan-policy", "zero")
     assert code == 0 and "case 'c2': 4 NaN/Inf voxel(s) replaced by 0" in text, text
     assert np.isfinite(read_nifti(tmp_path / "out2" / "images" / "c2.nii.gz").array).all()
-    _one_line_error(*_prep_custom(raw, tmp_path / "out3", "--nan-policy", "mean"), "--nan-policy", "refuse or zero")
+    one_line_error(*_prep_custom(raw, tmp_path / "out3", "--nan-policy", "mean"), "--nan-policy", "refuse or zero")
 
 
 # --- 5 and 13. predict: NaN inputs and one bad file among good ones ----------------------------------------
@@ -245,19 +236,19 @@ def test_train_test_overlap_is_refused_by_prep_check_train_and_eval(data, tmp_pa
     d = _edit_splits(data, tmp_path, lambda s: s["test"].append(s["train"][0]))
     case = json.loads((d / "dataset.json").read_text(encoding="utf-8"))["splits"]["train"][0]
     needles = (case, "'train' and 'test'")
-    _one_line_error(*run_cli("prep", "check", d), *needles)
-    _one_line_error(*run_cli("train", "--method", "mcnet", "--data", d, "--iterations", "1", "--out",
+    one_line_error(*run_cli("prep", "check", d), *needles)
+    one_line_error(*run_cli("train", "--method", "mcnet", "--data", d, "--iterations", "1", "--out",
                              tmp_path / "r", *TINY), *needles)
     assert not (tmp_path / "r").exists()
-    _one_line_error(*run_cli("eval", "--pred", d / "labels", "--labels", d, "--split", "test", "--out",
+    one_line_error(*run_cli("eval", "--pred", d / "labels", "--labels", d, "--split", "test", "--out",
                              tmp_path / "e"), *needles)
 
 
 def test_duplicates_and_a_string_split_are_refused(data, tmp_path):
     d = _edit_splits(data, tmp_path, lambda s: s["val"].append(s["val"][0]))
-    _one_line_error(*run_cli("prep", "check", d), "split 'val'", "more than once")
+    one_line_error(*run_cli("prep", "check", d), "split 'val'", "more than once")
     d2 = _edit_splits(data, tmp_path / "b", lambda s: s.__setitem__("train", ",".join(s["train"])))
-    _one_line_error(*run_cli("prep", "check", d2), "splits.train", "must be a list", "str")
+    one_line_error(*run_cli("prep", "check", d2), "splits.train", "must be a list", "str")
 
 
 # --- 7. eval --pred geometry and missing predictions -------------------------------------------------
@@ -277,17 +268,17 @@ def test_eval_pred_checks_origin_and_direction(masks, tmp_path):
     ref, pred = masks
     m = read_nifti(pred / "c1.nii.gz").array
     write_nifti(pred / "c1.nii.gz", m, (1.0, 1.0, 2.0), origin=(50.0, 0.0, 0.0))
-    _one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e1"),
+    one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e1"),
                     "case 'c1'", "origin", "(50.0, 0.0, 0.0)")
     write_nifti(pred / "c1.nii.gz", m, (1.0, 1.0, 2.0), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))  # LAS vs RAS
-    _one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e2"),
+    one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e2"),
                     "case 'c1'", "direction", "flipped")
 
 
 def test_missing_prediction_is_an_error_unless_allowed_and_then_counted(masks, tmp_path):
     ref, pred = masks
     (pred / "c2.nii.gz").unlink()
-    _one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e"),
+    one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e"),
                     "1 reference case(s) have no prediction: c2", "--allow-missing")
     code, text = run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e", "--allow-missing",
                          "--table", "md")
@@ -302,7 +293,7 @@ def test_negative_label_values_are_an_error_naming_the_case(masks, tmp_path):
     m = read_nifti(ref / "c1.nii.gz").array.astype(np.int16)
     m[0, 0, 0] = -1
     write_nifti(ref / "c1.nii.gz", m, (1.0, 1.0, 2.0))
-    _one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e"),
+    one_line_error(*run_cli("eval", "--pred", pred, "--labels", ref, "--out", tmp_path / "e"),
                     "case 'c1'", "[-1]", "outside 0..1")
 
 
@@ -326,7 +317,7 @@ def test_one_multichannel_file_among_single_channel_ones_fails_prep_naming_the_c
 def test_resume_with_fewer_iterations_than_done_is_refused(run, tmp_path):
     r = _copy_run(run, tmp_path)
     cfg = (r / "config.yaml").read_text(encoding="utf-8")
-    _one_line_error(*run_cli("train", "--resume", "--out", r, "--iterations", "1", "--device", "cpu"),
+    one_line_error(*run_cli("train", "--resume", "--out", r, "--iterations", "1", "--device", "cpu"),
                     "--iterations 1", "current iteration 2")
     assert (r / "config.yaml").read_text(encoding="utf-8") == cfg
 
@@ -384,7 +375,7 @@ def test_usage_errors_are_one_line_with_exit_2(args, needles):
 ])
 def test_bad_training_values_are_usage_errors_and_leave_no_run_folder(data, tmp_path, extra, needles):
     out = tmp_path / "r"
-    _one_line_error(*run_cli("train", "--method", "mcnet", "--data", data, "--iterations", "1", "--out", out,
+    one_line_error(*run_cli("train", "--method", "mcnet", "--data", data, "--iterations", "1", "--out", out,
                              "--set", "method.backbone.n_filters=2", *extra), *needles)
     assert not out.exists()
 
@@ -420,7 +411,7 @@ def test_disk_full_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
 
     out = tmp_path / "d.json"
     monkeypatch.setattr(Path, "write_text", full)
-    _one_line_error(*run_cli("describe", "--dataset", "synthetic", "--llm", "offline", "--out", out),
+    one_line_error(*run_cli("describe", "--dataset", "synthetic", "--llm", "offline", "--out", out),
                     str(out), "no space left")
     assert not out.exists() and not list(tmp_path.glob(".d.json.*"))
 
@@ -460,7 +451,7 @@ def test_describe_non_utf8_reply_is_a_clear_error(llm_env, tmp_path):
 
     with FakeOpenAIServer() as s:
         s.push(body=b'{"choices": [{"message": {"content": "caf\xe9"}}]}')
-        _one_line_error(*run_cli("describe", "--dataset", "pancreas", "--llm", "gpt-4", "--base-url", s.url,
+        one_line_error(*run_cli("describe", "--dataset", "pancreas", "--llm", "gpt-4", "--base-url", s.url,
                                  "--out", tmp_path / "a.json", "--retries", "0"), "not valid UTF-8", s.url)
     assert not list((tmp_path / "cache").rglob("*.json"))
 
@@ -517,5 +508,5 @@ def test_labeled_percentage_on_the_command_line(data, tmp_path):
                          "--val-every", "0", "--out", out, *TINY)
     assert code == 0, text
     assert len(json.loads((out / "cases.json").read_text(encoding="utf-8"))["labeled"]) == 3
-    _one_line_error(*run_cli("train", "--method", "mcnet", "--data", data, "--labeled", "1%", "--iterations", "1",
+    one_line_error(*run_cli("train", "--method", "mcnet", "--data", data, "--labeled", "1%", "--iterations", "1",
                              "--out", tmp_path / "r2", *TINY), "--labeled '1%'", "gives 0 cases")

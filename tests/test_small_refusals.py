@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from raw_fakes import phantom_ct, write_image
 from textseg_cli.data.io import write_nifti
 from textseg_cli.errors import ConfigError
@@ -30,15 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--device", "cpu", "--set", "method.backbone.n_filters=2", "--set", "train.batch_labeled=1",
         "--set", "train.batch_unlabeled=1"]
 SYN_SPACING = (1.5, 1.5, 2.0)  # textseg_cli.data.synthetic.SPACING, the training spacing of `synthetic_data`
-
-
-def _one_line_error(code: int, text: str, *needles) -> str:
-    assert code == 2, text
-    err = [line for line in text.splitlines() if "error" in line]
-    assert len(err) == 1 and "Traceback" not in text and "internal error" not in text, text
-    for n in needles:
-        assert str(n) in err[0], err[0]
-    return err[0]
 
 
 def _spec(tmp_path: Path, data: Path, **over) -> Path:
@@ -57,7 +48,7 @@ def test_train_iterations_below_one_is_refused_before_a_run_folder(synthetic_dat
     run = tmp_path / "run"
     code, text = run_cli("train", "--method", "mcnet", "--data", synthetic_data, "--iterations", value,
                          "--out", run, *TINY)
-    _one_line_error(code, text, f"--iterations {value}", "untrained")
+    one_line_error(code, text, f"--iterations {value}", "untrained")
     assert not run.exists()
 
 
@@ -65,7 +56,7 @@ def test_train_iterations_below_one_is_refused_before_a_run_folder(synthetic_dat
 def test_a_config_of_no_length_is_refused_naming_its_key(synthetic_data, tmp_path, key):
     run = tmp_path / "run"
     code, text = run_cli("train", "--method", "mcnet", "--data", synthetic_data, "--set", key, "--out", run, *TINY)
-    _one_line_error(code, text, key.replace("=", " "))
+    one_line_error(code, text, key.replace("=", " "))
     assert not run.exists()
 
 
@@ -75,7 +66,7 @@ def test_a_config_of_no_length_is_refused_naming_its_key(synthetic_data, tmp_pat
 def test_experiment_of_no_length_is_refused_before_it_writes(synthetic_data, tmp_path, over):
     spec = _spec(tmp_path, synthetic_data, **over)
     code, text = run_cli("experiment", "run", spec, "--quiet")
-    _one_line_error(code, text, "sup/2L_s1", "iterations 0" if over["iterations"] == 0 else "train.iterations 0")
+    one_line_error(code, text, "sup/2L_s1", "iterations 0" if over["iterations"] == 0 else "train.iterations 0")
     assert not (tmp_path / "exp").exists()
 
 
@@ -88,7 +79,7 @@ def test_experiment_gpus_not_visible_are_refused_before_launching(synthetic_data
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)  # 0: this CPU machine; 1: one GPU
     spec = _spec(tmp_path, synthetic_data)
     code, text = run_cli("experiment", "run", spec, "--gpus", "0,1")
-    line = _one_line_error(code, text, "--gpus 0,1", "visible GPUs: " + ("none" if visible == 0 else "1 (0)"))
+    line = one_line_error(code, text, "--gpus 0,1", "visible GPUs: " + ("none" if visible == 0 else "1 (0)"))
     assert ("GPU 0, 1 not visible" if visible == 0 else "GPU 1 not visible") in line
     assert "started" not in text and not (tmp_path / "exp").exists()
 
@@ -250,7 +241,7 @@ def test_prep_killed_in_its_first_write_is_replaced_with_force(tmp_path):
     assert len(_hidden(out / "images")) == 1  # the leftover of the killed write
     args = ["prep", "synthetic", "--out", out, "--cases", "3", "--size", "16,16,16", "--val", "1", "--test", "0",
             "--patch", "16,16,16"]
-    _one_line_error(*run_cli(*args), "--force")  # not resumable: the re-run needs --force ...
+    one_line_error(*run_cli(*args), "--force")  # not resumable: the re-run needs --force ...
     code, text = run_cli(*args, "--force")  # ... which must recognise images/ as textseg's
     assert code == 0, text
     assert _hidden(out) == [] and (out / "dataset.json").exists()

@@ -11,15 +11,13 @@ Every test works inside ROOT/sandbox and checks that nothing else under ROOT cha
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import fingerprint_outside, run_cli
 from raw_fakes import phantom_ct, write_image
 
 from textseg_cli.errors import DataError
@@ -48,32 +46,12 @@ def world(tmp_path_factory):
     return root, sandbox, data, run
 
 
-def _outside(root: Path, sandbox: Path) -> dict[str, str]:
-    """Every path under `root` outside `sandbox` with a hash of its content (a symlink: its target)."""
-    seen = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        if here == sandbox or sandbox in here.parents:
-            continue
-        for name in dirnames + filenames:
-            p = here / name
-            if p == sandbox:
-                continue
-            if p.is_symlink():
-                seen[str(p)] = "link:" + os.readlink(p)
-            elif p.is_file():
-                seen[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-            else:
-                seen[str(p)] = "dir"
-    return seen
-
-
 @contextlib.contextmanager
 def _untouched_outside(world):
     root, sandbox = world[0], world[1]
-    before = _outside(root, sandbox)
+    before = fingerprint_outside(root, sandbox)
     yield
-    assert _outside(root, sandbox) == before, "a file outside the sandbox was written"
+    assert fingerprint_outside(root, sandbox) == before, "a file outside the sandbox was written"
 
 
 def _spec(data: Path) -> dict:
