@@ -21,7 +21,7 @@ the EMA warm start (α = min(1 − 1/(t+1), decay) equals decay 0.99 only from t
 
 Also covered, each with its own scaled lengths (asserted against the unscaled script and shipped values):
 BCP (both phases, BCP_K = 100 iterations, batch 4 + 4 as published, shared cuboid-corner draws), DTC (K, the lr
-step scaled to 60), MCF (MCF_K = 80; the lr step is not exercised, see MCF_STEP). Not covered: URPC, CPS, MLRP.
+step scaled to 60), MCF (MCF_K = 80, the lr step scaled to 30). Not covered: URPC, CPS, MLRP.
 
 Written against UA-MT@88ed29a, MC-Net@fee453c, BCP@7879f98, DTC@2525b9c, MCF@ad20659.
 """
@@ -284,11 +284,10 @@ def test_dtc_trajectory(official_dir, data_dir, tmp_path, float64, record_proper
 # --- MCF ------------------------------------------------------------------------------------------------------
 
 MCF_K = 80
-# The lr step is NOT exercised for MCF: the script drops the lr after its step 2,501 (it tests
-# `iter_num % 2500 == 0 and iter_num != 0` before incrementing iter_num), textseg after step 2,500 (scaled to 30:
-# lr 0.001 vs the official 0.01 from iteration 30 on, weights apart at 31). A one-iteration schedule difference,
-# reported, not fixed here; the scaled step lies beyond MCF_K so everything else is compared.
-MCF_STEP = MCF_K + 10
+# The lr step, scaled to 30 on both sides: the script drops the lr after its step 31 (it tests
+# `iter_num % 2500 == 0 and iter_num != 0` before incrementing iter_num); textseg's shipped `optim.step_offset: 1`
+# does the same (without it textseg stepped one iteration early: lr 0.001 vs 0.01 at iteration 31).
+MCF_STEP = 30
 
 
 class _Width:
