@@ -175,6 +175,36 @@ def test_preset_la_dry_run_lists_every_method_at_4_8_and_16_with_3_seeds():
     assert "BCP [bcp]: patch 112x112x80, stride 18x18x4, 17000 iterations, batch 4+4" in out and "LCC on" in out
 
 
+def test_preset_la_dry_run_shows_the_new_baselines_with_official_settings_and_published_numbers():
+    """Issue 27: AD-MT and CrossMatch at 4, 8 and 16 labeled, their official settings, and the published numbers
+    read from their configs' `published:` blocks (the "+Text" rows have none: they are not the published method)."""
+    from textseg_cli.experiments.table import published_numbers
+    from textseg_cli.experiments.spec import MethodEntry
+    from textseg_cli.runs.config import packaged_config
+
+    code, out = run_cli("experiment", "preset", "la", "--dry-run")
+    assert code == 0, out
+    lines = out.splitlines()
+    for name, method, settings in (("AD-MT", "ad-mt", "15000 iterations, batch 2+2, sgd 0.01 poly"),
+                                   ("CrossMatch", "crossmatch", "14001 iterations, batch 2+4, adamw 0.001 poly")):
+        i = next(i for i, line in enumerate(lines) if line.startswith(f"  {name} [{method}]: "))
+        assert settings in lines[i]
+        pub = packaged_config(method)["published"]["la"]
+        expected = [f"{lab} labeled " + " / ".join(f"{float(pub[lab][k]):g}" for k in ("dice", "jaccard", "hd95",
+                                                                                           "asd"))
+                    for lab in ("4", "8", "16") if lab in pub]
+        assert expected and lines[i + 1].startswith("    published: ") and all(e in lines[i + 1] for e in expected)
+        for lab in (4, 8, 16):
+            for seed in (1337, 1338, 1339):
+                assert f"  {method}/{lab}L_s{seed} " in out
+        text = next(line for line in lines if line.startswith(f"  {name} + Text [{method}]: "))
+        assert "method.text_addon=" in text
+        assert not lines[lines.index(text) + 1].startswith("    published:")
+    assert published_numbers(MethodEntry("ad-mt", "AD-MT + Text", "x", sets=["method.text_addon=tmr+csa"]), "la",
+                             "8") is None
+    assert published_numbers(MethodEntry("ad-mt", "AD-MT", "x"), "la", "8")["dice"] == 90.58
+
+
 def test_preset_writes_a_loadable_file(tmp_path):
     code, out = run_cli("experiment", "preset", "pancreas", "--out", tmp_path / "p.yaml")
     assert code == 0, out

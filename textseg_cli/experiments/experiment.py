@@ -29,6 +29,7 @@ from textseg_cli.experiments.spec import (
     resolved_config,
     run_lcc,
 )
+from textseg_cli.experiments.table import published_numbers
 from textseg_cli.runs.checks import check_run_length
 from textseg_cli.runtime.device import resolve_device
 from textseg_cli.runtime.environment import default_cache_root, hardware_name
@@ -172,6 +173,14 @@ def print_plan(exp: Experiment, rows: list[dict], est: dict | None, gpus: int = 
         say(f"  {e.name} [{e.method}]: patch {r['patch']}, stride {r['stride']}, {r['iterations']} iterations, "
             f"batch {r['batch']}, {r['optim']}, augment {r['augment']}, inference {r['inference']}, decoder "
             f"{r['decoder']}, LCC {'on' if r['lcc'] else 'off'}" + (f", set {' '.join(e.sets)}" if e.sets else ""))
+        pubs = [(lab, published_numbers(e, exp.dataset, lab)) for lab in exp.labeled]
+        known = [(lab, p) for lab, p in pubs if p]
+        if known:
+            say("    published: " + "; ".join(
+                f"{lab} labeled " + " / ".join(f"{p[k]:g}" for k in ("dice", "jaccard", "hd95", "asd") if k in p)
+                for lab, p in known) + " (Dice / Jaccard / 95HD / ASD"
+                + (f"; none for {', '.join(lab for lab, p in pubs if not p)}" if len(known) < len(pubs) else "")
+                + f"; {'; '.join(sorted({p['source'] for _, p in known}))})")
     say("runs (state; each run = the train and eval commands below it):")
     for r in rows:
         run = r["run"]

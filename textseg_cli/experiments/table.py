@@ -55,12 +55,18 @@ class GridRow:
         return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
 
 
-def _published(entry: MethodEntry, profile: str | None, labeled: str) -> dict | None:
+def published_numbers(entry: MethodEntry, profile: str | None, labeled: str) -> dict | None:
+    """The published Dice/Jaccard/95HD/ASD of `entry` on `profile` at `labeled` (the method config's `published:`
+    block, with its source), or None. An entry that adds the "+Text" add-on (`method.text_addon=...`) is not the
+    published method, so it has none."""
+    if any(s.split("=", 1)[0].strip() == "method.text_addon" for s in entry.sets):
+        return None
     block = (packaged_config(entry.method).get("published") or {}).get(str(profile or "").lower()) or {}
     numbers = block.get(str(labeled)) or block.get(labeled.rstrip("%") + "%") if isinstance(block, dict) else None
     if not isinstance(numbers, dict) or numbers.get("dice") is None:
         return None
-    return {"dice": float(numbers["dice"]), "source": numbers.get("source") or block.get("source") or "config"}
+    out = {k: float(numbers[k]) for k in ("dice", "jaccard", "hd95", "asd") if numbers.get(k) is not None}
+    return {**out, "source": numbers.get("source") or block.get("source") or "config"}
 
 
 def collect(exp: Experiment, published: bool = False) -> list[GridRow]:
@@ -92,7 +98,7 @@ def collect(exp: Experiment, published: bool = False) -> list[GridRow]:
             row.cases = pd.concat(frames) if frames else None
             if published:
                 profile = exp.dataset or (row.metas[0].get("dataset") if row.metas else None)
-                row.published = _published(m, profile, lab)
+                row.published = published_numbers(m, profile, lab)
             rows.append(row)
     ref = exp.reference_entry()
     for lab in exp.labeled:
