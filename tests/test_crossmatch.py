@@ -3,6 +3,8 @@ method that the parity tests (tests/parity/test_crossmatch_parity.py) do not rea
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,89 @@ def test_odd_unlabeled_batch_is_refused():
     b = Batch(torch.randn(2, 1, 32, 32, 16), torch.zeros(2, 32, 32, 16, dtype=torch.long), torch.randn(3, 1, 32, 32, 16))
     with pytest.raises(ConfigError, match="batch_unlabeled must be even"):
         m.training_step(b, StepContext(0, 10, torch.device("cpu")))
+
+
+# --- "+Text" (`--text tmr+csa`) -----------------------------------------------------------------------------------
+
+def _grads_seen_by_the_addon(monkeypatch) -> list[dict[str, bool]]:
+    """Per optimiser step of a CLI run: whether every parameter of the text path (TMR fusion, CSA head) got a
+    non-zero gradient. Read in `on_after_optimizer_step`, after the step's backward (the engine zeroes before it)."""
+    from textseg_cli.methods.text_addon import TextAddon
+
+    seen: list[dict[str, bool]] = []
+    original = TextAddon.on_after_optimizer_step
+
+    def spy(self, ctx):
+        def ok(params):
+            params = list(params)
+            return bool(params) and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+        seen.append({"tmr": all(ok(s.encoder.fusion.parameters()) for s in self.students),
+                     "csa": ok(self.csa_heads.parameters())})
+        return original(self, ctx)
+
+    monkeypatch.setattr(TextAddon, "on_after_optimizer_step", spy)
+    return seen
+
+
+def test_text_addon_trains_crossmatch_from_the_cli(synthetic_data, tmp_path, monkeypatch):
+    """`--text tmr+csa` on CrossMatch: the network is called with need_fp=True, which returns a tuple of logits; the
+    add-on pairs the decoder's input and output, so CSA sees every forward and TMR/CSA receive gradients."""
+    from method_matrix import write_inputs
+
+    emb = write_inputs(tmp_path / "inputs")["clip"]
+    seen = _grads_seen_by_the_addon(monkeypatch)
+    run = tmp_path / "text"
+    code, out = _train(synthetic_data, run, 2, "--text", "tmr+csa", "--text-embeddings", emb,
+                       "--set", "train.log_every=1", "--val-every", "0")
+    assert code == 0, out
+    assert seen == [{"tmr": True, "csa": True}] * 2
+    with open(run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(np.isfinite(float(r["loss_csa"])) and float(r["loss_csa"]) > 0 for r in rows)
+    assert "text_addon: tmr+csa" in (run / "config.yaml").read_text(encoding="utf-8")
+
+
+def test_text_addon_sees_the_feature_perturbed_decodings(tmp_path, monkeypatch):
+    """CSA gets one (bottleneck, logits) pair per gradient-carrying forward, with the perturbed copies in both:
+    net([x, u], need_fp) and net([s1, s2], need_fp) decode 2 + 2 + 2·2 = 8 samples each; the teacher passes under
+    no_grad are not recorded."""
+    import textseg_cli.methods.text_addon as text_addon
+    from method_matrix import Spec, batch, build, ctx, write_inputs
+
+    spec = Spec("crossmatch+tmr+csa", "crossmatch", sets=["method.backbone.n_filters=4", "method.text_addon=tmr+csa"],
+                emb="clip")
+    m = build(spec, write_inputs(tmp_path))
+    b = batch(spec)
+    b = Batch(b.image_l, b.label_l, torch.cat([b.image_u, b.image_u.flip(-1)]))  # 4 unlabeled: 2 + 2 CutMix partners
+    shapes = []
+    real = text_addon.csa_loss
+
+    def spy(feats, probs, text, **kw):
+        shapes.append((feats.shape[0], [p.shape[0] for p in probs]))
+        return real(feats, probs, text, **kw)
+
+    monkeypatch.setattr(text_addon, "csa_loss", spy)
+    out = m.training_step(b, ctx(0))
+    assert shapes == [(8, [8]), (8, [8])]
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.base.net.encoder.fusion.parameters())
+    assert all(p.grad is not None for p in m.csa_heads.parameters())
+
+
+@pytest.mark.parametrize("preset", ["la", "pancreas"])
+def test_paper_presets_hold_plus_text_rows_for_the_new_baselines(preset, tmp_path):
+    """The LA and Pancreas tables run CrossMatch and AD-MT both plain and "+Text" (`--text tmr+csa`)."""
+    from textseg_cli.experiments.presets import write_preset
+    from textseg_cli.experiments.spec import commands, load_experiment
+
+    exp = load_experiment(write_preset(preset, tmp_path / f"{preset}.yaml"))
+    for method, display in (("crossmatch", "CrossMatch"), ("ad-mt", "AD-MT")):
+        plain = next(m for m in exp.methods if m.id == method)
+        text = next(m for m in exp.methods if m.id == f"{method}_plustext")
+        assert (plain.method, plain.name, plain.sets) == (method, display, ["train.precision=fp32"])
+        assert (text.method, text.name) == (method, f"{display} + Text")
+        assert text.sets == ["method.text_addon=tmr+csa", "train.precision=fp32"]
+        run = next(r for r in exp.runs() if r.entry.id == text.id)
+        assert "--set method.text_addon=tmr+csa" in commands(exp, run, True)[0]
+        cfg = build_config(method, preset, 3, None, sets=text.sets)
+        assert cfg["method"]["text_addon"] == "tmr+csa"

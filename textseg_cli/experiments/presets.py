@@ -2,7 +2,8 @@
 
 Each method runs with its packaged config under the data set's profile (the official patch, stride,
 schedule, batch and decoder of each method, see textseg_cli/configs/); the preset adds only what the
-configs do not hold: the method list, 10 % / 20 % labeled (LA: 4 / 8 / 16 of 80), 3 seeds, and the LCC of each
+configs do not hold: the method list (a "METHOD+text" row: METHOD with the "+Text" add-on), 10 % / 20 % labeled
+(LA: 4 / 8 / 16 of 80), 3 seeds, and the LCC of each
 method's official test script (the `protocol_lcc` of its class, with file:line), and the `--set` items of
 `REPRODUCE_SETS` where a method's packaged default is textseg's interpretation rather than the published code
 (Text-SemiSeg's TMR: the tables run `--tmr official`), and `train.precision=fp32` for every method (the
@@ -23,10 +24,12 @@ from textseg_cli.storage.outputs import guard_output_file
 
 _BASELINES_3D = ["sup", "uamt", "dtc", "urpc", "cps", "mcnet", "mcnet+", "mcf", "mlrp", "bcp"]
 PRESETS = {
-    "la": {"labeled": [4, 8, 16], "methods": _BASELINES_3D + ["crossmatch", "ad-mt", "vclipseg", "llm-segnet"],
+    "la": {"labeled": [4, 8, 16], "methods": _BASELINES_3D + ["crossmatch", "ad-mt", "crossmatch+text", "ad-mt+text",
+                                                             "vclipseg", "llm-segnet"],
            "note": "LA (Yu et al. split: 80 training / 20 test); 4, 8 and 16 labeled = 5 %, 10 % and 20 %"},
     "pancreas": {"labeled": ["10%", "20%"],
-                 "methods": _BASELINES_3D + ["crossmatch", "ad-mt", "vclipseg", "llm-segnet", "text-semiseg"],
+                 "methods": _BASELINES_3D + ["crossmatch", "ad-mt", "crossmatch+text", "ad-mt+text", "vclipseg",
+                                             "llm-segnet", "text-semiseg"],
                  "note": "Pancreas-CT (62 training / 20 test): 10 % and 20 % labeled"},
     "brats": {"labeled": ["10%", "20%"], "methods": _BASELINES_3D + ["llm-segnet", "text-semiseg"],
               "note": "BraTS 2019 (250 training / 25 val / 60 test in the SSL4MIS split): 10 % and 20 % labeled"},
@@ -39,6 +42,10 @@ SEEDS = [1337, 1338, 1339]
 # (taozh2017/Text-SemiSeg model/MC_CLIP.py:382-503; docs/fidelity.md).
 REPRODUCE_SETS = {"text-semiseg": ["method.tmr=official"]}
 PRESET_SETS = ["train.precision=fp32"]  # every method of every preset: the official codes train in fp32
+# A row "METHOD+text" is METHOD with the "+Text" add-on (`textseg train --method METHOD --text tmr+csa`: Text-SemiSeg's
+# TMR and CSA around its V-Net, methods/text_addon.py); its run id is METHOD_plustext, its name "<display> + Text".
+TEXT_ROW = "+text"
+TEXT_ROW_SETS = ["method.text_addon=tmr+csa"]
 
 
 def preset_spec(name: str, data: str | None = None, out_dir: str | None = None) -> dict:
@@ -49,12 +56,15 @@ def preset_spec(name: str, data: str | None = None, out_dir: str | None = None) 
     known = list_methods()
     methods = []
     for m in p["methods"]:
-        if m not in known:
+        text = m.endswith(TEXT_ROW)
+        base = m[:-len(TEXT_ROW)] if text else m
+        if base not in known:
             continue
-        entry = {"method": m, "name": display_name(m), "id": m.replace("+", "_plus")}
-        entry["lcc"] = bool(protocol_lcc(m))  # its class's `protocol_lcc`, as `textseg eval` (inference/protocol.py)
+        entry = {"method": base, "name": display_name(base) + (" + Text" if text else ""),
+                 "id": m.replace("+", "_plus")}
+        entry["lcc"] = bool(protocol_lcc(base))  # its class's `protocol_lcc`, as `textseg eval` (inference/protocol.py)
         # the official codes train in fp32; textseg's auto precision would pick bf16 on capable hardware
-        entry["set"] = list(REPRODUCE_SETS.get(m, [])) + list(PRESET_SETS)
+        entry["set"] = list(REPRODUCE_SETS.get(base, [])) + (list(TEXT_ROW_SETS) if text else []) + list(PRESET_SETS)
         methods.append(entry)
     spec = {"name": f"{name}-table", "description": p["note"], "data": data or f"prepared/{name}", "dataset": name}
     if out_dir:

@@ -31,6 +31,7 @@ from textseg_cli.methods.base import Method, StepContext
 from textseg_cli.methods.text_losses import ProjectionHead, csa_loss
 from textseg_cli.models.text_fusion import TMR, RepeatTextFusion, TMROfficial
 from textseg_cli.models.vnet import VNetEncoder
+from textseg_cli.models.vnet_fp import PerturbedVNet
 from textseg_cli.text.coop import CoOpTextEncoder
 from textseg_cli.text.embeddings import load_embeddings
 from textseg_cli.text.encoders import load_open_clip
@@ -268,6 +269,7 @@ class TextEncoder(nn.Module):
         self.channels = getattr(inner, "channels", None)
         self._text_fn = [text_fn]  # a list: the text source belongs to the method, not to this module
         self.recording = False
+        self.record_here = True  # False: the add-on records the bottleneck where the decoder reads it
         self.records: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -275,7 +277,7 @@ class TextEncoder(nn.Module):
         x5 = feats[-1]
         if self.fusion is not None:
             x5 = self.fusion(x5, self._text_fn[0]())
-        if self.recording and torch.is_grad_enabled():
+        if self.recording and self.record_here and torch.is_grad_enabled():
             self.records.append(x5)
         return [*feats[:-1], x5]
 
@@ -332,15 +334,30 @@ class TextAddon(Method):
         self.csa = csa_settings(hp) if self.csa_heads is not None else None
         self._outputs: list[list[Any]] = [[] for _ in students]
         for i, s in enumerate(students):
-            s.register_forward_hook(self._make_hook(i))
+            if isinstance(s, PerturbedVNet):
+                # CrossMatch's `net([x, u], need_fp=True)` decodes the bottlenecks [x, u, weak(u), strong(u)] (dropout
+                # copies made after the encoder) and returns a tuple of logits: CSA pairs what the decoder reads with
+                # what it writes, on the plain and on the feature-perturbed forwards alike
+                s.encoder.record_here = False
+                s.decoder.register_forward_pre_hook(self._make_decoder_input_hook(s))
+                s.decoder.register_forward_hook(self._make_hook(i, s))
+            else:
+                s.register_forward_hook(self._make_hook(i, s))
 
     def _frozen_text(self) -> torch.Tensor:
         return self.text().detach()
 
-    def _make_hook(self, i: int):
+    def _make_hook(self, i: int, net: nn.Module):
         def hook(module, inputs, output):
-            if module.encoder.recording and torch.is_grad_enabled():
+            if net.encoder.recording and torch.is_grad_enabled():
                 self._outputs[i].append(output)
+        return hook
+
+    @staticmethod
+    def _make_decoder_input_hook(net: nn.Module):
+        def hook(module, inputs):
+            if net.encoder.recording and torch.is_grad_enabled():
+                net.encoder.records.append(inputs[0][-1])  # the (fused, maybe perturbed) bottleneck it decodes
         return hook
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:

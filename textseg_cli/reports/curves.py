@@ -1,7 +1,9 @@
 """Training curves from RUN/log.csv: `RUN/curves.png` (written by training) and `textseg plot RUN [RUN ...]`.
 
 Four panels against iteration: loss terms, learning rate, consistency weight(s) and validation Dice.
-Several runs are overlaid with one colour per run (the total loss solid, its terms dashed).
+Several runs are overlaid with one colour per run (the total loss solid, its terms dashed). `--reference-log FILE`
+adds an official per-iteration log (reports/reference_logs.py) beside them: its total loss, learning rate,
+consistency weight and validation Dice, drawn thin in a colour of its own and labelled with the file's name.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pandas as pd
 
 from textseg_cli.console import err_console
 from textseg_cli.errors import ConfigError, DataError
+from textseg_cli.reports.reference_logs import read_reference_log
 from textseg_cli.storage.files import atomic_path
 
 
@@ -32,8 +35,10 @@ def read_log(run_dir: str | Path):
     return pd.read_csv(path)
 
 
-def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
-    """Draw the curves of one or more runs into `out` (PNG, atomically). Returns `out`."""
+def curves_figure(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None,
+                  reference_logs: Sequence[str | Path] = ()):
+    """The matplotlib Figure of the curves of one or more runs, with the official logs `reference_logs` overlaid
+    (x axis: iterations for both). The caller saves and closes it."""
     try:
         import matplotlib  # lazy: heavy (matplotlib)
     except ImportError:
@@ -45,12 +50,13 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
     runs = [Path(r) for r in run_dirs]
     if not runs:
         raise DataError("no run folders given")
+    logs = [read_log(r) for r in runs]  # every file read before the figure exists: an error leaves none open
+    references = [(Path(p).name, read_reference_log(p)) for p in reference_logs]
     names = list(labels) if labels else [r.name for r in runs]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     (ax_loss, ax_lr), (ax_w, ax_val) = axes
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (run, name) in enumerate(zip(runs, names)):
-        df = read_log(run)
+    for i, (df, name) in enumerate(zip(logs, names)):
         c = colours[i % len(colours)]
         it = df["iteration"]
         terms = loss_columns(df.columns)
@@ -70,6 +76,15 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
         if "val_dice" in df:
             s = df["val_dice"].notna()
             ax_val.plot(it[s], df["val_dice"][s], color=c, marker="o", ms=3, label=name)
+    for k, (fname, ref) in enumerate(references):  # colours after the runs'; thin, so the run stays readable
+        c = colours[(len(runs) + k) % len(colours)] if len(runs) > 1 else "black"
+        for col, ax, label, style in (("loss", ax_loss, f"{fname}: loss", {"lw": 0.6, "alpha": 0.6}),
+                                      ("lr", ax_lr, fname, {"lw": 0.8, "ls": ":"}),
+                                      ("weight", ax_w, fname, {"lw": 0.8, "ls": ":"}),
+                                      ("dice", ax_val, fname, {"lw": 0.8, "marker": "s", "ms": 2})):
+            if col in ref and ref[col].notna().any():
+                s = ref[col].notna()
+                ax.plot(ref["iteration"][s], ref[col][s], color=c, label=label, **style)
     for ax, title in ((ax_loss, "loss terms"), (ax_lr, "learning rate"), (ax_w, "consistency weight"),
                       (ax_val, "validation Dice")):
         ax.set_title(title, fontsize=10)
@@ -81,10 +96,22 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequenc
     for ax in axes[1]:
         ax.set_xlabel("iteration")
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
+                reference_logs: Sequence[str | Path] = ()) -> Path:
+    """Draw the curves of one or more runs (and the official logs `reference_logs`) into `out` (PNG, atomically).
+    Returns `out`."""
+    fig = curves_figure(run_dirs, labels, reference_logs)
+    import matplotlib.pyplot as plt  # lazy: heavy (matplotlib); curves_figure has checked that it is installed
+
     out = Path(out)
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")  # "tight": the legends outside the panels are kept
-    plt.close(fig)
+    try:
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90, bbox_inches="tight")  # "tight": the legends outside the panels are kept
+    finally:
+        plt.close(fig)
     return out
 
 
