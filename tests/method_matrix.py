@@ -59,7 +59,7 @@ def _specs() -> list[Spec]:
         else:
             specs.append(Spec(name, name, sets=list(TINY3)))
     # the "+Text" add-on (TMR and/or CSA) around every V-Net method that accepts it
-    for base in ("sup", "mcnet", "uamt", "dtc", "mcf", "bcp", "mlrp", "cps", "ad-mt"):  # urpc: a U-Net
+    for base in ("sup", "mcnet", "uamt", "dtc", "mcf", "bcp", "mlrp", "cps", "ad-mt", "crossmatch"):  # urpc: a U-Net
         base_sets = next(s.sets for s in specs if s.id == base)
         for addon in ("tmr", "csa", "tmr+csa"):
             specs.append(Spec(f"{base}+{addon}", base, sets=base_sets + [f"method.text_addon={addon}"], emb="clip"))
