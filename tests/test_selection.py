@@ -55,7 +55,10 @@ def test_legacy_test_selection_is_loud_and_marked_in_every_table(runs, synthetic
     assert code == 0, text
     notes = (run / "table.md").read_text(encoding="utf-8")
     assert "best-on-test every 1 it" in notes and "best-on-val" in notes  # MIXED: each row says how it was chosen
-    assert "Training precision: fp32 (the official codes train in fp32)" in notes  # tests run with TEXTSEG_CPU_BF16=0
+    # the precision each run recorded (fp32 with TEXTSEG_CPU_BF16=0, bf16 on a bf16 CPU with =1): the same in both
+    trained = {json.loads((r / "env.json").read_text())["precision"]["train"]["precision"] for r, _ in runs.values()}
+    assert len(trained) == 1 and trained <= {"fp32", "bf16"}
+    assert f"Training precision: {trained.pop()} (the official codes train in fp32)" in notes
 
 
 @pytest.mark.parametrize("sets, needle", [(["--set", "val.split=test"], "val.split=test"),
