@@ -72,6 +72,9 @@ def test_lr_schedules():
     assert lr_factor(500, 1000, {"schedule": "poly", "poly_power": 0.9}) == pytest.approx(0.5 ** 0.9)
     assert lr_factor(5000, 6000, {"schedule": "step", "step_size": 2500, "step_gamma": 0.1}) == pytest.approx(0.01)
     assert lr_factor(250, 1000, {"schedule": "linear"}) == pytest.approx(0.75)
+    # Text-SemiSeg's trainer.py:222 sets lr(t − 1) after step t: steps 0 and 1 at the base lr, step t at 1 − (t − 1)/T
+    lin1 = {"schedule": "linear", "step_offset": 1}
+    assert [lr_factor(t, 1000, lin1) for t in (0, 1, 251)] == [1.0, 1.0, pytest.approx(0.75)]
     assert lr_factor(4, 1000, {"schedule": "constant", "warmup_iterations": 10}) == pytest.approx(0.5)
 
 

@@ -123,6 +123,13 @@ def test_vtcm_loss_hand_computed():
     assert vtcm_loss(proj, labels, [pred_a, pred_b], text2).item() == pytest.approx(0.5, abs=1e-6)
     none = vtcm_loss(proj, labels, [1 - labels], text)  # no agreement anywhere: zero, no NaN
     assert none.item() == 0.0
+    # class 1 without an agreeing voxel: "official" counts it as cosine 0 (the published NaN prototype gets no
+    # gradient, and the mean divides by K); "skip" leaves it out of the mean
+    only0 = [torch.tensor([[[0, 0, 0]]])]
+    assert vtcm_loss(proj, labels, only0, text2, absent="official").item() == pytest.approx(1.0, abs=1e-6)
+    assert vtcm_loss(proj, labels, only0, text, absent="official").item() == pytest.approx(0.5, abs=1e-6)
+    assert vtcm_loss(proj, labels, only0, text, absent="skip").item() == pytest.approx(0.0, abs=1e-6)
+    assert vtcm_loss(proj, labels, [1 - labels], text, absent="official").item() == 1.0
 
 
 def test_vtcm_one_prototype_from_both_heads():

@@ -32,18 +32,19 @@ def lr_factor(iteration: int, max_iterations: int, optim: dict[str, Any],
     if warm and iteration < warm:
         return (iteration + 1) / warm
     sched = optim["schedule"]
-    frac = min(1.0, iteration / max(1, max_iterations))
     if sched == "constant":
         return 1.0
     if sched == "poly":  # over optim.poly_iterations when set (CrossMatch: 17,000 in a 14,001-step run), else the run
         span = int(optim.get("poly_iterations") or max_iterations)
-        return (1.0 - min(1.0, iteration / max(1, span))) ** float(optim.get("poly_power", 0.9))
+        # step_offset: the decay starts that many steps later (URPC's script sets lr(t − 1) after step t)
+        counted = max(0, iteration - int(optim.get("step_offset") or 0))
+        return (1.0 - min(1.0, counted / max(1, span))) ** float(optim.get("poly_power", 0.9))
     if sched == "step":
         # step_offset: where the step count starts (BCP restarts its schedule when self-training begins)
         counted = max(0, iteration - int(optim.get("step_offset") or 0))
         return float(optim.get("step_gamma", 0.1)) ** (counted // int(optim.get("step_size", 2500)))
-    if sched == "linear":
-        return 1.0 - frac
+    if sched == "linear":  # step_offset: as poly (Text-SemiSeg sets lr(t − 1) after step t, trainer.py:222)
+        return 1.0 - min(1.0, max(0, iteration - int(optim.get("step_offset") or 0)) / max(1, max_iterations))
     if sched == "cosine_restarts":
         t = (iteration // max(1, int(iterations_per_epoch or 1))) % int(optim.get("restart_period") or 10)
         lo = float(optim.get("eta_min") or 0.0) / float(optim["lr"])

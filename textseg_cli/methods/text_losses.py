@@ -87,15 +87,20 @@ def _nearest_labels(labels: torch.Tensor, size) -> torch.Tensor:
 
 
 def vtcm_loss(projs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, preds: list[torch.Tensor],
-              text: torch.Tensor) -> torch.Tensor:
+              text: torch.Tensor, absent: str = "skip") -> torch.Tensor:
     """Vision-text consistency (VCLIPSeg): L_reg = 1 − mean_k cos(prototype_k, t_k).
 
     projs: each decoder head's projected features (B, D, *grid) of labeled samples (one tensor = one head);
     labels and each decoder's argmax prediction (B, *full) are nearest-downsampled to the grid. As in the
     published code (train_3d.py:146-155) ONE prototype per class averages the features of all heads together
-    at the voxels where the label and every decoder agree on k. A class with no such voxel is left out (the
-    published code's mean over no voxels is NaN); a zero loss that keeps the graph when none qualifies.
+    at the voxels where the label and every decoder agree on k. A class with no such voxel (the published
+    code's prototype is then a mean over no voxels, NaN; its loss value is NaN, but that class gets no gradient
+    and the mean still divides by K) is, with absent="official", counted as cosine 0: 1 − Σ_present cos / K,
+    the published gradient with a finite value; with absent="skip" it is left out: 1 − mean over the present
+    classes (K / #present times the published gradient). A zero loss that keeps the graph when none qualifies.
     """
+    if absent not in ("official", "skip"):
+        raise ValueError(f"vtcm absent must be 'official' or 'skip', got {absent!r}")
     projs = [projs] if isinstance(projs, torch.Tensor) else list(projs)
     grid = projs[0].shape[2:]
     lab = _nearest_labels(labels, grid)
@@ -110,7 +115,10 @@ def vtcm_loss(projs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, pr
             proto = torch.cat([f[m] for f in feats]).mean(0)
             sims.append(F.cosine_similarity(proto, text[k].to(proto.dtype), dim=0))
     if not sims:
-        return sum(f.sum() for f in projs) * 0.0
+        zero = sum(f.sum() for f in projs) * 0.0
+        return zero if absent == "skip" else 1 + zero
+    if absent == "official":
+        return 1 - torch.stack(sims).sum() / text.shape[0]
     return 1 - torch.stack(sims).mean()
 
 

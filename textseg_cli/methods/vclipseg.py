@@ -12,7 +12,9 @@ published; a file recorded as normalised is refused, `check_raw_rows`) and a V-N
 - VTCM: per decoder a projection head (1×1 conv 256→256, ReLU, 1×1 conv →512) on the fused bottleneck,
   L2-normalised over the last axis as published (VNet_clip.py:204-218; `vtcm_norm: channel` normalises the
   512 channels); ONE prototype per class from both heads at labeled voxels where label and both decoders
-  agree (1/16 grid); L_reg = 1 − mean_k cos(prototype_k, t_k);
+  agree (1/16 grid); L_reg = 1 − mean_k cos(prototype_k, t_k) over all K classes, a class without agreeing
+  voxels counting as cosine 0 (the published NaN prototype gets no gradient; `vtcm_absent: skip` = the mean
+  over the present classes);
 - DLB: w_i = softmax_i(1 − σ(Dice loss_i on labeled data)); pseudo-label argmax Σ_i w_i p_i over the whole
   batch (labeled and unlabeled, train_3d.py:158-193; `pseudo_label: soft` = paper Eq. 9, the soft Σ w_i p_i);
   L_u = Σ_i (CE + foreground Dice)(p_i, pseudo-label).
@@ -109,10 +111,14 @@ class VCLIPSeg(Method):
                                         for _ in modes) if self.use_vtcm else None
         self.vtcm_norm = str(hp.get("vtcm_norm", "official"))
         self.pseudo_label = str(hp.get("pseudo_label", "hard"))
+        self.vtcm_absent = str(hp.get("vtcm_absent", "official"))
         if self.vtcm_norm not in ("official", "channel"):
             raise ConfigError(f"method.vtcm_norm {self.vtcm_norm!r}: expected official (last axis) or channel")
         if self.pseudo_label not in ("hard", "soft"):
             raise ConfigError(f"method.pseudo_label {self.pseudo_label!r}: expected hard (published) or soft (Eq. 9)")
+        if self.vtcm_absent not in ("official", "skip"):
+            raise ConfigError(f"method.vtcm_absent {self.vtcm_absent!r}: expected official (a class without agreeing "
+                              "voxels counts as cosine 0, the published gradient) or skip (mean over present classes)")
 
     def project(self, head: nn.Module, x5: torch.Tensor) -> torch.Tensor:
         """A VTCM head's features, L2-normalised over the last axis (published) or the channels."""
@@ -154,7 +160,7 @@ class VCLIPSeg(Method):
         if self.vtcm_heads is not None:
             preds = [o[:bl].detach().argmax(1) for o in logits]
             projs = [self.project(head, x5[:bl]) for head in self.vtcm_heads]
-            reg = vtcm_loss(projs, batch.label_l, preds, self.text_embeddings.detach())
+            reg = vtcm_loss(projs, batch.label_l, preds, self.text_embeddings.detach(), absent=self.vtcm_absent)
             loss = loss + float(hp.get("reg_weight", 0.5)) * reg
             out["loss_vtcm"] = reg.detach()
         out["loss"] = loss
