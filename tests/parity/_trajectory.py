@@ -52,13 +52,18 @@ from textseg_cli.runtime.precision import inference_precision, training_precisio
 @dataclass
 class Snapshot:
     """The state after `iteration` optimiser steps: networks' state dicts, SGD momentum buffers and learning
-    rates (by parameter name; a side may use one optimiser per network or one for all), and the loss terms of
-    the last step."""
+    rates (by parameter name; a side may use one optimiser per network or one for all), the loss terms of the
+    last step, and Adam/AdamW state (`adam`, empty under SGD)."""
     iteration: int
     nets: dict[str, dict[str, torch.Tensor]]
     momentum: dict[str, dict[str, torch.Tensor]]
     lr: dict[str, dict[str, float]]
     terms: dict[str, float] = field(default_factory=dict)
+    # Adam/AdamW state by network and parameter name: {key: tensor} for the keys of ADAM_STATE it holds
+    adam: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # what Adam/AdamW keep per parameter
 
 
 def _value(v: Any) -> float:
@@ -84,7 +89,12 @@ def take(iteration: int, nets: dict[str, nn.Module], optimizer: torch.optim.Opti
                 for k, m in nets.items()}
     lr_of = {id(p): float(g["lr"]) for o in _optimizers(optimizer) for g in o.param_groups for p in g["params"]}
     lr = {k: {n: lr_of[id(p)] for n, p in m.named_parameters() if id(p) in lr_of} for k, m in nets.items()}
-    return Snapshot(iteration, states, momentum, lr, {k: _value(v) for k, v in (terms or {}).items()})
+    adam = {k: {n: {key: torch.as_tensor(_opt_state(optimizer, p)[key]).detach().clone() for key in ADAM_STATE
+                    if key in _opt_state(optimizer, p)}
+                for n, p in m.named_parameters() if any(key in _opt_state(optimizer, p) for key in ADAM_STATE)}
+            for k, m in nets.items()}
+    return Snapshot(iteration, states, momentum, lr, {k: _value(v) for k, v in (terms or {}).items()},
+                    {k: v for k, v in adam.items() if v})
 
 
 def load_by_order(state: dict[str, torch.Tensor], dst: nn.Module) -> dict[str, str]:
@@ -116,7 +126,7 @@ def compare(official: Snapshot, ours: Snapshot, mapping: dict[str, dict[str, str
                 bad.append(f"{what}: {a.tolist()} vs {b.tolist()}")
             return
         diff = (a - b).abs()
-        if (diff > atol + rtol * b.abs()).any():
+        if not torch.isfinite(diff).all() or (diff > atol + rtol * b.abs()).any():  # a NaN never compares equal
             rel = float((diff / b.abs().clamp_min(1e-300)).max())
             bad.append(f"{what}: max |Δ| {float(diff.max()):.3e}, max rel {rel:.3e}")
 
@@ -125,7 +135,7 @@ def compare(official: Snapshot, ours: Snapshot, mapping: dict[str, dict[str, str
         a, b = ours.terms.get(tn), official.terms.get(on)
         if a is None or b is None:
             bad.append(f"it {it} term {tn}/{on} missing ({a}, {b})")
-        elif abs(a - b) > atol + rtol * abs(b):
+        elif not abs(a - b) <= atol + rtol * abs(b):  # NaN on either side is a mismatch
             bad.append(f"it {it} term {tn}: {a!r} vs official {on} {b!r}")
     for net, names in mapping.items():
         lr_bad = [(tn, ours.lr.get(net, {}).get(tn), official.lr.get(net, {}).get(on)) for on, tn in names.items()
@@ -141,6 +151,12 @@ def compare(official: Snapshot, ours: Snapshot, mapping: dict[str, dict[str, str
                     bad.append(f"it {it} momentum {net}.{tn}: present on one side only")
                 else:
                     check(f"it {it} momentum {net}.{tn}", ours.momentum[net][tn], official.momentum[net][on])
+            a_ours, a_off = ours.adam.get(net, {}).get(tn, {}), official.adam.get(net, {}).get(on, {})
+            for key in ADAM_STATE:  # Adam/AdamW state (absent under SGD on both sides)
+                if (key in a_ours) != (key in a_off):
+                    bad.append(f"it {it} {key} {net}.{tn}: present on one side only")
+                elif key in a_ours:
+                    check(f"it {it} {key} {net}.{tn}", a_ours[key], a_off[key])
     return bad
 
 
@@ -289,17 +305,27 @@ class _Loader:
     (counted over all loaders, so a script with two training phases, each building its own DataLoader, sees
     one sequence), and when asked for a batch after the last one, it calls `on_step(namespace, k)`: the state
     after k steps (the script updates everything before fetching the next batch). namespace: the globals of
-    the frame iterating the loader, overlaid with its locals (a phase function's model and optimizer)."""
+    the frame iterating the loader, overlaid with its locals (a phase function's model and optimizer).
+
+    epoch_length: an epoch-based script's loader (LViT's), iterated once per epoch: each pass hands out at most
+    this many batches (its `len()`), and the next pass continues the sequence; a pass ends without reporting,
+    so the state after an epoch is reported when the next pass fetches its first batch (after what the script
+    does between epochs, e.g. a validation pass that steps the lr scheduler)."""
 
     def __init__(self, batches: list[Any], on_step: Callable[[dict[str, Any], int], None],
-                 cursor: list[int]):
+                 cursor: list[int], epoch_length: int | None = None):
         self.batches, self.on_step, self.cursor = batches, on_step, cursor
+        self.epoch_length = epoch_length
 
     def __len__(self) -> int:
-        return len(self.batches) - self.cursor[0]
+        return len(self.batches) - self.cursor[0] if self.epoch_length is None else self.epoch_length
 
     def __iter__(self):
+        handed = 0
         while True:
+            if self.epoch_length is not None and handed == self.epoch_length:
+                return
+            handed += 1
             caller = sys._getframe(1)
             self.on_step({**caller.f_globals, **caller.f_locals}, self.cursor[0])
             if self.cursor[0] >= len(self.batches):  # asked for one more: the state after the last step is out
@@ -366,7 +392,8 @@ def run_official(script: Path, argv: list[str], *, batches: list[Batch], cwd: Pa
                  import_wraps: dict[str, dict[str, Callable]] | None = None,
                  stubs: dict[str, Any] | None = None,
                  module_edits: dict[str, list[tuple[str, str]]] | None = None,
-                 as_batch: Callable[[Batch], Any] = as_official) -> dict[str, Any]:
+                 as_batch: Callable[[Batch], Any] = as_official,
+                 data_loader: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Execute the official training `script` (its code folder on sys.path) on `batches`, calling
     `on_step(namespace, k)` whenever k steps are done (k = 0 before the first batch, from the loader; k =
     len(batches) from the loader as well when the script asks for one more batch, else with the globals after
@@ -379,7 +406,10 @@ def run_official(script: Path, argv: list[str], *, batches: list[Batch], cwd: Pa
     script's import of that name receives}, on top of the common stand-ins (DataLoader, logging, tensorboardX,
     tqdm, shutil, torchvision); module_edits: {official module: [(old, new)]}, that module of the code folder
     loaded from its source with these replacements (each required to occur), for hard-coded patch sizes
-    outside the script; as_batch: a test batch → the script's `sampled_batch` (default `as_official`)."""
+    outside the script; as_batch: a test batch → the script's `sampled_batch` (default `as_official`);
+    data_loader: the script's DataLoader(*a, **k), called as data_loader(training, *a, **k) where
+    training(epoch_length=None) builds the loader of the test's batches (`_Loader`); it may return another
+    loader instead (a validation loader). Default: every DataLoader is training(None)."""
     src = script.read_text(encoding="utf-8")
     for old, new in edits:
         assert old in src, f"{script.name}: {old!r} not found (the official script changed?)"
@@ -388,7 +418,10 @@ def run_official(script: Path, argv: list[str], *, batches: list[Batch], cwd: Pa
     official_batches, cursor = [as_batch(b) for b in batches], [0]
     common = {
         "torch.utils.data": _module("torch.utils.data",
-                                    DataLoader=lambda *a, **k: _Loader(official_batches, on_step, cursor)),
+                                    DataLoader=lambda *a, **k: (
+                                        data_loader(lambda epoch_length=None: _Loader(
+                                            official_batches, on_step, cursor, epoch_length), *a, **k)
+                                        if data_loader is not None else _Loader(official_batches, on_step, cursor))),
         "logging": _module("logging", basicConfig=_Null(), getLogger=_Null(), StreamHandler=_Null(),
                            info=_Null(), INFO=20),
         "tensorboardX": _module("tensorboardX", SummaryWriter=_Null),
@@ -462,9 +495,10 @@ def tiny_dataset(root: Path, patch: tuple[int, int, int]) -> Path:
     return root
 
 
-def shipped_config(method: str, sets: list[str] = ()) -> dict[str, Any]:
-    """The config `textseg train --method M` resolves on LA (the published setting), with `sets` on top."""
-    return build_config(method, "la", 3, None, sets=list(sets))
+def shipped_config(method: str, sets: list[str] = (), dataset: tuple[str, int] = ("la", 3)) -> dict[str, Any]:
+    """The config `textseg train --method M` resolves on LA (the published setting; `dataset`: another data
+    set's (name, dim), e.g. ("monuseg", 2)), with `sets` on top."""
+    return build_config(method, dataset[0], dataset[1], None, sets=list(sets))
 
 
 class _Stop(Exception):
@@ -489,6 +523,11 @@ def _sync(off_nets: dict[str, nn.Module], off_opt: torch.optim.Optimizer | list[
                     our_opt.state[tparams[tn]]["momentum_buffer"] = buf.detach().clone()
                 elif tparams[tn] in our_opt.state:
                     our_opt.state[tparams[tn]].pop("momentum_buffer", None)
+                for key in ADAM_STATE:  # Adam/AdamW state, where the official optimiser has it
+                    value = _opt_state(off_opt, oparams[on]).get(key)
+                    if value is not None:
+                        our_opt.state[tparams[tn]][key] = (value.detach().clone() if isinstance(value, torch.Tensor)
+                                                           else value)
 
 
 def names_by_order(state: dict[str, torch.Tensor], dst: nn.Module) -> dict[str, str]:
@@ -507,6 +546,7 @@ def lockstep(*, script: Path, argv: list[str], cwd: Path, official_parts: Callab
              rtol: float, atol: float, phase_starts: tuple[int, ...] = (), randint: bool = False,
              skip: tuple[str, ...] = (),
              reorder: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+             dataset: tuple[str, int] = ("la", 3),
              **official_kw) -> tuple[list[str], Trainer]:
     """Run the official script (in a worker thread, paused whenever a step is done) and textseg's Trainer
     (`Trainer.run`, this thread) step by step on `batches`: textseg's step k, then the official's step k from
@@ -531,7 +571,8 @@ def lockstep(*, script: Path, argv: list[str], cwd: Path, official_parts: Callab
     momentum (the official's fresh optimiser has none), and textseg's momentum is synchronised to none as well.
     randint: as `shared_draws`; skip: name prefixes of official state-dict entries with no textseg counterpart
     (heads the script never calls; their parameters get no gradient); reorder: official state dict → the same
-    entries in textseg's registration order, where the two register heads in different orders.
+    entries in textseg's registration order, where the two register heads in different orders; dataset: the
+    (name, dim) textseg's config is resolved for (`shipped_config`; default LA, 3D).
     Returns (mismatch lines, the trainer)."""
     to_main: queue.Queue = queue.Queue()
     to_official: queue.Queue = queue.Queue()
@@ -569,7 +610,7 @@ def lockstep(*, script: Path, argv: list[str], cwd: Path, official_parts: Callab
             k, g = wait()
             assert k == 0
             ds = load_prepared(data_dir)
-            cfg = shipped_config(method, [*RUN_SETS, f"train.iterations={len(batches)}", *sets])
+            cfg = shipped_config(method, [*RUN_SETS, f"train.iterations={len(batches)}", *sets], dataset)
             dev = torch.device("cpu")
             trainer = Trainer(cfg, ds, run_dir, dev, Dist(), quiet=True, precision=training_precision(cfg, dev),
                               val_precision=inference_precision(cfg, dev))

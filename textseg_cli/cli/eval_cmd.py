@@ -13,6 +13,8 @@ from textseg_cli.console import console, err_console
 from textseg_cli.errors import ConfigError
 
 _RUN_SPLITS = ("val", "test")
+_INFERENCE = ("paper", "best", "sliding", "whole")  # settings.INFERENCE_CHOICES, without importing torch
+_BLENDS = ("constant", "gaussian")
 
 
 def warn_test_split() -> None:
@@ -28,14 +30,16 @@ def _forbid(mode: str, **given) -> None:
 
 
 def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc, spacing_mm, empty_policy, table,
-              force, device, name=None, **extra) -> None:
+              force, device, name=None, tta=None, **extra) -> None:
     from textseg_cli.evaluation.run import evaluate_run  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
     split = split or "val"
     if split not in _RUN_SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(_RUN_SPLITS)}")
-    if inference not in (None, "sliding", "whole"):
-        raise ConfigError(f"--inference {inference!r}: expected sliding or whole")
+    if inference not in (None, *_INFERENCE):
+        raise ConfigError(f"--inference {inference!r}: expected {', '.join(_INFERENCE)}")
+    if extra.get("blend") not in (None, *_BLENDS):
+        raise ConfigError(f"--blend {extra['blend']!r}: expected {' or '.join(_BLENDS)}")
     if split == "test":
         warn_test_split()
     # an explicit --out is locked for the whole evaluation (the default one, inside RUN, holds the run's lock)
@@ -43,7 +47,8 @@ def _run_mode(run_dir: Path, *, split, checkpoint, decoder, inference, out, lcc,
         evaluate_run(run_dir, split=split, checkpoint=checkpoint or "best", decoder=decoder,
                      inference=inference, out=out, lcc=lcc, spacing_mm=spacing_mm,
                      empty_policy=empty_policy, table=table, force=force, device=device,
-                     **{k: v for k, v in dict(extra, name=name).items() if v not in (None, False, 0)})
+                     **{k: v for k, v in dict(extra, name=name).items() if v not in (None, False, 0)},
+                     **({} if tta is None else {"tta": tta}))  # --no-tta is False, and still a choice
 
 
 @app.command("eval")
@@ -86,8 +91,23 @@ def eval_command(
                                    "predictions were chosen."),
     decoder: Optional[int] = typer.Option(None, "--decoder", help="RUN_DIR: which decoder of a multi-decoder model "
                                                                   "predicts (default: the method's choice)."),
-    inference: Optional[str] = typer.Option(None, "--inference", help="RUN_DIR: sliding or whole (default: the run's "
-                                                                   "inference.mode; sliding for 3D methods)."),
+    inference: Optional[str] = typer.Option(
+        None, "--inference", help="RUN_DIR: paper (default: the methods' official windows and LCC, for tables), best "
+                                  "(mirroring TTA + Gaussian windows + the post-processing chosen on validation), or "
+                                  "the mode sliding|whole (default: the run's inference.mode; sliding for 3D "
+                                  "methods)."),
+    tta: Optional[bool] = typer.Option(
+        None, "--tta/--no-tta", show_default=False,
+        help="RUN_DIR: mirroring test-time augmentation (every flip of the spatial axes, probabilities averaged); "
+             "default: on with --inference best, off otherwise."),
+    blend: Optional[str] = typer.Option(
+        None, "--blend", help="RUN_DIR: window weights, constant or gaussian (sigma = patch/8); default: gaussian "
+                              "with --inference best, constant otherwise."),
+    choose_postprocessing: bool = typer.Option(
+        False, "--choose-postprocessing",
+        help="RUN_DIR, --split val: keep each class's largest connected component only if it raises the mean "
+             "validation Dice (nnU-Net's rule), record it in RUN/postprocessing.json for --inference best, and "
+             "score with it (default --inference best)."),
     device: Optional[str] = typer.Option(None, "--device", help="RUN_DIR: cpu, cuda or cuda:N."),
     num_classes: Optional[int] = typer.Option(
         None, "--num-classes", help="Classes including background for plain --labels folders (default 2)."),
@@ -139,7 +159,8 @@ def eval_command(
         _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
                 checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
                 labeled=labeled, unlabeled=unlabeled, eval_size=eval_size, per_volume=per_volume, overlays=overlays,
-                uses_text=uses_text, precision=precision, allow_train_cases=allow_train_cases)
+                uses_text=uses_text, precision=precision, allow_train_cases=allow_train_cases, tta=tta, blend=blend,
+                choose_postprocessing=choose_postprocessing)
         if empty_policy is not None:
             raise ConfigError("--empty-policy cannot be used with --compare (each result keeps its own policy)")
         _compare_mode(targets, table, out, force, std, class_name, layout, group_by)
@@ -155,7 +176,7 @@ def eval_command(
         if pred is None or labels is None:
             raise ConfigError("--pred and --labels must be given together")
         _forbid("with --pred/--labels", decoder=decoder, inference=inference, device=device, precision=precision,
-                allow_train_cases=allow_train_cases)
+                allow_train_cases=allow_train_cases, tta=tta, blend=blend, choose_postprocessing=choose_postprocessing)
         policy = {} if empty_policy is None else {"empty_policy": empty_policy}  # None: evaluate_folders' default
         _folder_mode(pred, labels, out=out, table=table, lcc=bool(lcc), spacing_mm=spacing_mm, **policy,
                      name=name, force=force, split=split, checkpoint=checkpoint, num_classes=num_classes,
@@ -172,7 +193,7 @@ def eval_command(
     _run_mode(targets[0], split=split, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
               spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
               eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision, name=name,
-              allow_train_cases=allow_train_cases)
+              allow_train_cases=allow_train_cases, tta=tta, blend=blend, choose_postprocessing=choose_postprocessing)
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from textseg_cli.cli import app
+from textseg_cli.errors import ConfigError
 
 
 @app.command("predict")
@@ -22,8 +24,15 @@ def predict(
     decoder: str = typer.Option(None, "--decoder",
                                 help="Decoder of a multi-decoder method: an index or 'mean' (default: the run's)."),
     inference: str = typer.Option(None, "--inference",
-                                  help="sliding (literature windows) or whole (one pass over the padded volume); "
-                                       "default: the run's setting."),
+                                  help="paper (default: the literature's windows, raw argmax), best (mirroring TTA, "
+                                       "Gaussian windows and the post-processing recorded by `textseg eval RUN "
+                                       "--choose-postprocessing`), or the mode: sliding (literature windows) or "
+                                       "whole (one pass over the padded volume); default: the run's setting."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", show_default=False,
+                                       help="Mirroring test-time augmentation (every flip of the spatial axes); "
+                                            "default: on with --inference best."),
+    blend: str = typer.Option(None, "--blend", help="Window weights: constant or gaussian (sigma = patch/8); "
+                                                    "default: gaussian with --inference best."),
     sw_batch_size: int = typer.Option(None, "--sw-batch-size", help="Windows per forward pass (sliding mode)."),
     buffer_on_cpu: bool = typer.Option(False, "--buffer-on-cpu",
                                        help="Accumulate probabilities on the CPU to save GPU memory on large volumes."),
@@ -47,8 +56,14 @@ def predict(
     from textseg_cli.inference.predict import predict_folder  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
+    if inference not in (None, "paper", "best", "sliding", "whole"):
+        raise ConfigError(f"--inference {inference!r}: expected paper, best, sliding or whole")
+    if blend not in (None, "constant", "gaussian"):
+        raise ConfigError(f"--blend {blend!r}: expected constant or gaussian")
+
     with locked_output(out, "predict", inputs=[run_dir], sources=[images]):  # no concurrent writer in out
         predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
                        device=device, normalize=normalize, sw_batch_size=sw_batch_size,
                        out_device="cpu" if buffer_on_cpu else None, precision=precision,
-                       preprocessed=preprocessed, save_probabilities=save_probabilities, nan_policy=nan_policy)
+                       preprocessed=preprocessed, save_probabilities=save_probabilities, nan_policy=nan_policy,
+                       tta=tta, blend=blend)

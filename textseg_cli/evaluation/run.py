@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Iterator
@@ -11,21 +12,30 @@ import numpy as np
 from textseg_cli.console import err_console
 from textseg_cli.data.io import read_input_image, write_mask
 from textseg_cli.data.prep.slices import restack_pairs, slice_info
-from textseg_cli.errors import DataError, TextsegError
+from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.evaluation.folders import (
     check_eval_size,
     evaluate_pairs,
+    foreground_names,
     overlay_pairs,
     run_empty_policy,
     scoring_meta,
     write_evaluation,
+)
+from textseg_cli.inference.postprocessing import (
+    POSTPROCESSING_FILE,
+    choose_lcc,
+    describe,
+    lcc_classes,
+    read_postprocessing,
+    write_postprocessing,
 )
 from textseg_cli.inference.predict import (
     checkpoint_rule,
     predict_case,
     probs_to_mask,
 )
-from textseg_cli.inference.settings import InferenceSettings
+from textseg_cli.inference.settings import NO_RECORD, InferenceSettings, resolve_preset
 from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
 from textseg_cli.runs.cases import read_cases
 from textseg_cli.runs.config import selection_rule
@@ -79,9 +89,11 @@ def _trained_cases(run_dir: Path, split: str, ids: list[str], allow: bool) -> li
     return trained
 
 
-def default_eval_dir(run_dir: Path, split: str, checkpoint: str, inference: str, decoder) -> Path:
+def default_eval_dir(run_dir: Path, split: str, checkpoint: str, inference: str, decoder, tag: str = "") -> Path:
+    """RUN/eval/<split>-<checkpoint>-<mode>[-decN][tag]; `tag` ('-best', ...: `InferenceSettings.tag`) is empty
+    for the papers' protocol, so those folders keep their names."""
     ckpt = checkpoint if checkpoint in ("best", "last") else Path(checkpoint).stem
-    name = f"{split}-{ckpt}-{inference}" + (f"-dec{decoder}" if decoder is not None else "")
+    name = f"{split}-{ckpt}-{inference}" + (f"-dec{decoder}" if decoder is not None else "") + tag
     return run_dir / "eval" / name
 
 
@@ -109,14 +121,20 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                   spacing_mm: bool = False, empty_policy: str | None = None, table: str | None = None,
                   force: bool = False, device: str | None = None, eval_size: int | None = None,
                   per_volume: bool = False, overlays: int = 0, threshold: float = 0.5, precision: str | None = None,
-                  name: str | None = None, allow_train_cases: bool = False):
+                  name: str | None = None, allow_train_cases: bool = False, tta: bool | None = None,
+                  blend: str | None = None, choose_postprocessing: bool = False):
     """Predict every case of `split` with the run's `checkpoint` and score the masks.
 
     Writes `out/predictions/<case>.nii.gz` (argmax of the network, before any post-processing, with
     the image's geometry) and, through `textseg_cli.evaluation.folders.write_evaluation`, `per_case.csv`,
     `summary.csv`, `meta.json` (+ `table`). `out` defaults to `RUN_DIR/eval/<split>-<checkpoint>-<mode>[-decN]`.
     `inference` ("sliding" or "whole") defaults to the run's `inference.mode` (sliding for the 3D methods,
-    whole images for the 2D ones).
+    whole images for the 2D ones); "paper" (the default preset: the official protocol) or "best" (mirroring,
+    Gaussian windows, and the post-processing recorded in RUN/postprocessing.json) keep the run's mode;
+    `tta`/`blend` override the preset (`InferenceSettings.from_config`).
+    `choose_postprocessing` (split val only; preset default best): predict the validation cases, decide per class
+    whether LCC raises the mean Dice (`inference.postprocessing.choose_lcc`, nnU-Net's rule), write the decision
+    to RUN/postprocessing.json and score the cases with it.
     Returns the per-case DataFrame. Evaluating `split="test"` is allowed but flagged loudly: test
     numbers must never choose checkpoints or settings.
 
@@ -148,8 +166,21 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     if isinstance(method_name, dict):
         method_name = method_name.get("name")
     method_name = method_name or getattr(run.method, "name", None)
-    settings = InferenceSettings.from_config(run.config, device=dev, mode=inference, decoder=decoder,
-                                             precision=precision, lcc=lcc, method=method_name, ndim=ds.dim)
+    if choose_postprocessing:
+        if split != "val":
+            raise ConfigError("--choose-postprocessing decides on the validation split only (--split val); "
+                              "test cases must never choose post-processing")
+        if lcc is not None:
+            raise ConfigError("--choose-postprocessing decides the LCC itself; drop --lcc/--no-lcc")
+        inference = inference or "best"
+    preset = resolve_preset(run.config, inference)
+    record = read_postprocessing(run_dir) if preset == "best" and not choose_postprocessing else None
+    settings = InferenceSettings.from_config(
+        run.config, device=dev, mode=inference, decoder=decoder, precision=precision, lcc=lcc, method=method_name,
+        ndim=ds.dim, tta=tta, blend=blend, postprocessing=record,
+        **({"lcc_source": "choosing (--choose-postprocessing)"} if choose_postprocessing else {}))
+    if settings.lcc_source == NO_RECORD:
+        err_console.print(f"note: {NO_RECORD}", highlight=False, markup=False, soft_wrap=True)
     if per_volume:
         if slice_info(ds) is None:
             raise DataError("--per-volume needs a run trained on a slices folder (`textseg prep slices`)",
@@ -164,7 +195,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
     trained = _trained_cases(run_dir, split, ids, allow_train_cases)
     rule = getattr(run, "checkpoint_rule", checkpoint)  # "best" falls back to "last" when validation was off
     out = Path(out) if out is not None else default_eval_dir(run_dir, split, rule if rule != "file" else checkpoint,
-                                                              settings.mode, settings.decoder)
+                                                              settings.mode, settings.decoder, settings.tag)
     prepare_output_dir(out, force=force, command="eval", inputs=[run_dir, ds.root])
     pred_dir = out / "predictions"
 
@@ -180,14 +211,32 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
                        read_input_image(ds.image_path(cid), ds.dim, name=cid))
             yield cid, mask, case.label, tuple(case.spacing)
 
-    stream = pairs()
+    stream: Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]] = pairs()
+    chosen = None
+    if choose_postprocessing:  # every raw mask first: the decision needs all validation cases
+        cases = list(stream)
+        chosen = choose_lcc(((cid, m, lab) for cid, m, lab, _ in cases), ds.num_classes,
+                            foreground_names(ds.class_names, ds.num_classes), empty_policy)
+        chosen.update(checkpoint=str(run.checkpoint_path), split=split,
+                      inference={k: v for k, v in settings.record().items()
+                                 if k not in ("out_device", "postprocessing")})
+        path = write_postprocessing(run_dir, chosen)
+        classes = lcc_classes(chosen)
+        settings = dataclasses.replace(settings, lcc=bool(classes), lcc_classes=classes,
+                                       lcc_source=f"{POSTPROCESSING_FILE}, chosen on validation: {describe(chosen)}")
+        err_console.print(f"wrote {path}: {describe(chosen)}", highlight=False, markup=False, soft_wrap=True)
+        stream = iter(cases)
     written: list[Path] = []
     if overlays:
         stream = overlay_pairs(stream, overlays, out / "overlays", ds, force, written)
     if per_volume:
         stream = restack_pairs(stream, ds)
+    if settings.lcc_classes is not None:  # the post-processing chosen on validation (--inference best)
+        stream = ((cid, settings.postprocess(m), lab, sp) for cid, m, lab, sp in stream)
     df = evaluate_pairs(stream, ds.num_classes, ds.class_names, spacing_mm=spacing_mm, empty_policy=empty_policy,
-                        lcc=settings.lcc, total=None if per_volume else len(ids), eval_size=eval_size)
+                        lcc=settings.lcc if settings.lcc_classes is None else False,
+                        total=None if per_volume else len(ids), eval_size=eval_size)
+    df.attrs["lcc"] = bool(settings.lcc)
 
     n_lab, n_unlab = _labeled_counts(run)
     meta = {
@@ -203,6 +252,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
         "iteration": getattr(run, "iteration", None),
         "decoder": settings.decoder,
         "inference": settings.mode,
+        "inference_preset": settings.preset,
         "inference_settings": {k: v for k, v in settings.record().items() if k != "out_device"},
         "labeled": n_lab,
         "unlabeled": n_unlab,
@@ -216,6 +266,7 @@ def _evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str = "be
         **scoring_meta(3 if per_volume else ds.dim, ds.name, per_volume, method_uses_text(run.method)),
         "overlays": [p.name for p in written],
         "train_cases_evaluated": trained,  # None: the run records no cases.json, nothing could be checked
+        **({"postprocessing_chosen": chosen} if chosen is not None else {}),
     }
     if run_uses_random_clip(run.config):  # an explicit choice at train time; every row of this result says so
         meta["clip"] = RANDOM_LABEL
@@ -231,7 +282,8 @@ def evaluate_run(run_dir: str | Path, *args, **kwargs):
 
     out = kwargs.get("out")
     run = Path(run_dir)
-    inside = out is None or run.resolve() in Path(out).resolve().parents
+    # --choose-postprocessing writes RUN/postprocessing.json: it holds the run's lock wherever --out is
+    inside = out is None or run.resolve() in Path(out).resolve().parents or bool(kwargs.get("choose_postprocessing"))
     if not (inside and (run / "config.yaml").is_file()):
         return _evaluate_run(run_dir, *args, **kwargs)
     with run_lock(run, "eval"):

@@ -41,9 +41,11 @@ def validation_scores(per_case: pd.DataFrame, class_names: Sequence[str]) -> dic
 def validation_settings(cfg: dict[str, Any], precision: Precision | torch.device | str) -> InferenceSettings:
     """The run's inference settings with `val.mode`/`val.stride` applied, built once per run by the trainer.
     precision: the run's inference precision resolved once by `textseg train` (auto follows training, so
-    train.amp=false validates in fp32), or the device to resolve it on. Validation scores the raw argmax."""
+    train.amp=false validates in fp32), or the device to resolve it on. Validation scores the raw argmax of the
+    papers' protocol (preset "paper": no mirroring, constant window weights), whatever the config's preset, so
+    checkpoints are selected as the official codes select them and validation does not cost 8 passes per window."""
     val, resolved = cfg["val"], isinstance(precision, Precision)
-    return InferenceSettings.from_config(cfg, mode=val.get("mode"), stride=val.get("stride"),
+    return InferenceSettings.from_config(cfg, mode=val.get("mode"), stride=val.get("stride"), preset="paper",
                                          precision=precision if resolved else None,
                                          device=None if resolved else precision,
                                          lcc=False, lcc_source="validation scores the raw argmax")

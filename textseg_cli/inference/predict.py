@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,8 +17,10 @@ from textseg_cli.data.preprocessing import zscore
 from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.inference import replay
 from textseg_cli.inference.fusion import fused_for_inference
-from textseg_cli.inference.settings import InferenceSettings
+from textseg_cli.inference.postprocessing import read_postprocessing
+from textseg_cli.inference.settings import NO_RECORD, InferenceSettings, resolve_preset
 from textseg_cli.inference.sliding_window import (
+    mirrored,
     sliding_window_inference,
     whole_volume_inference,
 )
@@ -41,7 +44,8 @@ def predict_case(method, image: np.ndarray | torch.Tensor, settings: InferenceSe
     memory, faster with cuDNN and oneDNN), `fuse_bn` (predict with a cached copy whose BatchNorms are folded
     into the preceding convs, ~8 % faster on CPU; off, the method itself is used and converted to
     channels-last in place) and `out_device` (where probabilities accumulate; default the compute device).
-    The result stays on `out_device`.
+    `tta` averages the probabilities of every flip of the spatial axes (each window's flips share its forward
+    passes) and `blend` weights the windows (constant, or gaussian). The result stays on `out_device`.
     """
     dev = resolve_device(device)
     s = settings if isinstance(settings, InferenceSettings) else InferenceSettings.from_section(settings)
@@ -67,25 +71,60 @@ def predict_case(method, image: np.ndarray | torch.Tensor, settings: InferenceSe
     if channels_last:
         model.to(memory_format=memory_format)
 
-    def predict_fn(batch: torch.Tensor) -> torch.Tensor:
+    def network_fn(batch: torch.Tensor) -> torch.Tensor:
         if channels_last:
             batch = batch.contiguous(memory_format=memory_format)
         with precision.autocast():
             return model.predict_proba(batch, s.decoder).float().contiguous()
 
+    sw_batch = s.sw_batch_size or (1 if s.mode == "whole" else 4)
+    predict_fn = mirrored(network_fn, ndim, max_batch=sw_batch) if s.tta else network_fn
     try:
         with torch.inference_mode():
             if s.mode == "whole":
                 return whole_volume_inference(
                     predict_fn, x, multiple=s.multiple, max_voxels=s.max_voxels, patch_size=s.patch_size,
-                    stride=s.stride, sw_batch_size=s.sw_batch_size or 1, out_device=s.out_device)
+                    stride=s.stride, sw_batch_size=sw_batch, out_device=s.out_device, blend=s.blend)
             if s.patch_size is None:
                 raise ConfigError("inference.patch_size is required for sliding-window inference")
             return sliding_window_inference(predict_fn, x, s.patch_size, s.stride,
-                                            sw_batch_size=s.sw_batch_size or 4, out_device=s.out_device)
+                                            sw_batch_size=sw_batch, out_device=s.out_device, blend=s.blend)
     finally:
         if was_training:
             method.train()
+
+
+@dataclass(frozen=True)
+class Member:
+    """One trained run as `textseg predict` uses it: the loaded run and its inference settings, built once."""
+    run: Any  # runs.load.LoadedRun
+    settings: InferenceSettings
+
+
+def load_member(run_dir: str | Path, checkpoint: str, device: torch.device, *, inference: str | None = None,
+                decoder: int | str | None = None, precision: str | None = None, sw_batch_size: int | None = None,
+                out_device: str | None = None, tta: bool | None = None, blend: str | None = None) -> Member:
+    """Load a run and build its settings (`--inference best` reads RUN/postprocessing.json; without one it
+    says so in one line on stderr and applies none)."""
+    run = load_run(run_dir, checkpoint, device=str(device))
+    dim = int(getattr(run.method, "dim", 3))
+    record = read_postprocessing(run_dir) if resolve_preset(run.config, inference) == "best" else None
+    settings = InferenceSettings.from_config(run.config, device=device, mode=inference, decoder=decoder,
+                                             precision=precision, sw_batch_size=sw_batch_size, out_device=out_device,
+                                             ndim=dim, tta=tta, blend=blend, postprocessing=record)
+    if settings.lcc_source == NO_RECORD:
+        err_console.print(f"note: {NO_RECORD}", highlight=False, markup=False, soft_wrap=True)
+    return Member(run, settings)
+
+
+def ensemble_probs(members: Sequence[Member], image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Probabilities (K, *spatial) of `image`: `predict_case` of each member with its own settings, averaged."""
+    total: torch.Tensor | None = None
+    for m in members:
+        p = predict_case(m.run.method, image, m.settings, device)
+        total = p if total is None else total.add_(p.to(total.device))
+    assert total is not None
+    return total if len(members) == 1 else total.div_(len(members))
 
 
 def probs_to_mask(probs: torch.Tensor) -> np.ndarray:
@@ -128,7 +167,8 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                    device: str | None = None, normalize: str = "none",
                    sw_batch_size: int | None = None, out_device: str | None = None,
                    precision: str | None = None, preprocessed: bool = False,
-                   save_probabilities: bool = False, nan_policy: str = "refuse") -> list[Path]:
+                   save_probabilities: bool = False, nan_policy: str = "refuse", tta: bool | None = None,
+                   blend: str | None = None) -> list[Path]:
     """Segment new images (one file, a folder of NIfTI/NRRD/MHA files, or a prepared folder) with a trained run.
 
     Raw images go through the run's data-set preprocessing chain (`inference/replay.py`: resampling,
@@ -143,6 +183,9 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     then a DataError lists the failed files. An input whose spacing is far from the training spacing
     (`spacing_warning`) is segmented with a one-line warning on stderr, recorded in predict.json
     `spacing_warnings`.
+    `inference` "paper" (default) or "best" (mirroring, Gaussian windows and the run's recorded
+    post-processing applied to the masks), or a mode (sliding | whole); `tta`/`blend` override the preset.
+    The probabilities come from `ensemble_probs` over the run's `Member` (one run today).
     """
     images, out = Path(images), Path(out)
     if not images.exists():
@@ -152,11 +195,10 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     if normalize not in ("none", "zscore"):
         raise ConfigError(f"normalize must be 'none' or 'zscore', got {normalize!r}")
     dev = resolve_device(device)
-    run = load_run(run_dir, checkpoint, device=str(dev))
+    members = [load_member(run_dir, checkpoint, dev, inference=inference, decoder=decoder, precision=precision,
+                           sw_batch_size=sw_batch_size, out_device=out_device, tta=tta, blend=blend)]
+    run, settings = members[0].run, members[0].settings
     dim = int(getattr(run.method, "dim", 3))
-    settings = InferenceSettings.from_config(run.config, device=dev, mode=inference, decoder=decoder,
-                                             precision=precision, sw_batch_size=sw_batch_size, out_device=out_device,
-                                             ndim=dim)
     skipped: list[str] = []  # label-looking files of an --images folder, not segmented
     if images.is_dir() and (images / "dataset.json").exists():
         ds = load_prepared(images)
@@ -212,12 +254,12 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                         console.print(f"[yellow]warning:[/] {note}", highlight=False)
                 if normalize == "zscore":
                     arr = np.stack([zscore(c) for c in arr])
-                probs = predict_case(run.method, arr, settings, dev)
+                probs = ensemble_probs(members, arr, dev)
             except TextsegError as exc:  # one bad file must not cost the others
                 failed[name] = str(exc)
                 bar.advance(task)
                 continue
-            mask = probs_to_mask(probs)
+            mask = settings.postprocess(probs_to_mask(probs))
             target = child_path(out, replay.output_name(files[0], name))
             shift = spacing_warning(files[0], in_spacing, training_spacing, chain.target_spacing is not None)
             if shift is not None:
