@@ -38,7 +38,7 @@ def reliability(teacher_probs: torch.Tensor, teacher_feat: torch.Tensor) -> torc
     b, k = teacher_probs.shape[:2]
     c = teacher_feat.shape[1]
     feat = teacher_feat.float().reshape(b, c, -1)
-    assign = F.one_hot(teacher_probs.argmax(1).reshape(b, -1), k).float()  # (B, N, K)
+    assign = F.one_hot(teacher_probs.argmax(1).reshape(b, -1), k).to(feat.dtype)  # (B, N, K), feat's precision
     protos = torch.einsum("bcn,bnk->bkc", feat, assign) / (assign.sum(1).unsqueeze(-1) + 1e-6)
     protos = F.normalize(protos, dim=-1)
     # cosine similarity of every voxel feature with every prototype, without a (B, K, C, N) intermediate
