@@ -21,7 +21,7 @@ the EMA warm start (α = min(1 − 1/(t+1), decay) equals decay 0.99 only from t
 
 Also covered, each with its own scaled lengths (asserted against the unscaled script and shipped values):
 BCP (both phases, BCP_K = 100 iterations, batch 4 + 4 as published, shared cuboid-corner draws), DTC (K, the lr
-step scaled to 60), MCF (MCF_K = 80, the lr step scaled to 30). Not covered: URPC, CPS, MLRP.
+step scaled to 60), MCF (MCF_K = 80, the lr step scaled to 30). MLRP, VCLIPSeg, Text-SemiSeg, URPC, CPS and the new baselines have their own files (test_trajectory_*.py).
 
 Written against UA-MT@88ed29a, MC-Net@fee453c, BCP@7879f98, DTC@2525b9c, MCF@ad20659.
 """
