@@ -75,6 +75,11 @@ def test_lr_schedules():
     # Text-SemiSeg's trainer.py:222 sets lr(t − 1) after step t: steps 0 and 1 at the base lr, step t at 1 − (t − 1)/T
     lin1 = {"schedule": "linear", "step_offset": 1}
     assert [lr_factor(t, 1000, lin1) for t in (0, 1, 251)] == [1.0, 1.0, pytest.approx(0.75)]
+    # URPC's 3D script (SSL4MIS :208 before :212) does the same with poly; MCF steps after its step 2,501
+    poly1 = {"schedule": "poly", "poly_power": 0.9, "step_offset": 1}
+    assert [lr_factor(t, 1000, poly1) for t in (0, 1, 501)] == [1.0, 1.0, pytest.approx(0.5 ** 0.9)]
+    step1 = {"schedule": "step", "step_size": 2500, "step_gamma": 0.1, "step_offset": 1}
+    assert [lr_factor(t, 6000, step1) for t in (2500, 2501, 5001)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
     assert lr_factor(4, 1000, {"schedule": "constant", "warmup_iterations": 10}) == pytest.approx(0.5)
 
 
