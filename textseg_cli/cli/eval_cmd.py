@@ -61,6 +61,10 @@ def eval_command(
     labels: Optional[Path] = typer.Option(
         None, "--labels", help="Folder of reference masks (<case id>.nii.gz), or a prepared data folder."),
     compare: bool = typer.Option(False, "--compare", help="Combine the RESULTS arguments into one results table."),
+    cv: bool = typer.Option(False, "--cv", help="RUN_DIR... = one run per cross-validation fold (`train --fold k`): "
+                                               "each predicts its own validation cases, all cases pooled into one "
+                                               "table (n = every fold's validation cases), plus per_fold.csv. "
+                                               "Needs --out."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Output folder (default <pred>/../eval_<name>); with --compare, the table file "
                             "(default: print only)."),
@@ -149,12 +153,24 @@ def eval_command(
     textseg eval --compare EVAL_A EVAL_B ... --table latex --out table.tex
     textseg eval --compare "MC-Net=RUN_S1/eval/val-best" "MC-Net=RUN_S2/eval/val-best" ... --group-by method
     textseg eval RUN_DIR --eval-size 224 --overlays 6        (2D: mDice / mIoU)
+    textseg eval RUN_F0 RUN_F1 ... RUN_F4 --cv --out CV_DIR  (pooled cross-validation, as nnU-Net)
     """
     from textseg_cli.evaluation.folders import check_empty_policy  # lazy: keeps `textseg --help` torch-free
 
     targets = list(targets or [])
     if empty_policy is not None:
         check_empty_policy(empty_policy)
+    if cv:
+        _forbid("with --cv", compare=compare, pred=pred, labels=labels, num_classes=num_classes, labeled=labeled,
+                unlabeled=unlabeled, uses_text=uses_text, allow_missing=allow_missing, std=std,
+                class_name=class_name, group_by=group_by, eval_size=eval_size, per_volume=per_volume,
+                overlays=overlays, allow_train_cases=allow_train_cases, choose_postprocessing=choose_postprocessing)
+        if split not in (None, "val"):
+            raise ConfigError("--cv scores each fold's run on its own validation cases; --split test does not apply")
+        _cv_mode(targets, checkpoint=checkpoint, decoder=decoder, inference=inference, out=out, lcc=lcc,
+                 spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
+                 precision=precision, name=name, tta=tta, blend=blend)
+        return
     if compare:
         _forbid("with --compare", pred=pred, labels=labels, lcc=lcc, spacing_mm=spacing_mm, name=name, split=split,
                 checkpoint=checkpoint, decoder=decoder, inference=inference, device=device, num_classes=num_classes,
@@ -194,6 +210,23 @@ def eval_command(
               spacing_mm=spacing_mm, empty_policy=empty_policy, table=table, force=force, device=device,
               eval_size=eval_size, per_volume=per_volume, overlays=overlays, precision=precision, name=name,
               allow_train_cases=allow_train_cases, tta=tta, blend=blend, choose_postprocessing=choose_postprocessing)
+
+
+def _cv_mode(targets: list[Path], *, out: Optional[Path], inference, blend, checkpoint, **kw) -> None:
+    from textseg_cli.evaluation.run import evaluate_cv  # lazy: keeps `textseg --help` torch-free
+    from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
+    if len(targets) < 2:
+        raise ConfigError("--cv needs one run folder per fold (two or more)")
+    if out is None:
+        raise ConfigError("--cv needs --out (a folder for the pooled table and each fold's evaluation)")
+    if inference not in (None, *_INFERENCE):
+        raise ConfigError(f"--inference {inference!r}: expected {', '.join(_INFERENCE)}")
+    if blend not in (None, *_BLENDS):
+        raise ConfigError(f"--blend {blend!r}: expected {' or '.join(_BLENDS)}")
+    with locked_output(out, "eval", inputs=targets):
+        evaluate_cv(targets, out, checkpoint=checkpoint or "best", inference=inference, blend=blend, **kw)
+    console.print(f"[green]wrote[/] pooled cross-validation: {out} (per_fold.csv: each fold's means)",
+                  highlight=False, soft_wrap=True)
 
 
 def _folder_mode(pred: Path, labels: Path, **kw) -> None:

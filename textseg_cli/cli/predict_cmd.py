@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -13,7 +13,10 @@ from textseg_cli.errors import ConfigError
 
 @app.command("predict")
 def predict(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `textseg train` (config.yaml + checkpoints/)."),
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...",
+                                          help="Run folder written by `textseg train` (config.yaml + checkpoints/); "
+                                               "several (e.g. the folds of a cross-validation): an ensemble that "
+                                               "averages their softmax probabilities."),
     images: Path = typer.Option(..., "--images",
                                 help="An image file or a folder of them (NIfTI, NRRD, MHA; nnU-Net channel files "
                                      "case_0000, case_0001 form one image), or a prepared folder."),
@@ -52,7 +55,14 @@ def predict(
                                    "file fails, the others are segmented) or zero (replace them by 0, with a warning)."),
 ) -> None:
     """Segment new images with a trained run: the training data's preprocessing is replayed and the masks are
-    mapped back onto each input's own grid (spacing, origin, direction)."""
+    mapped back onto each input's own grid (spacing, origin, direction).
+
+    \b
+    textseg predict RUN --images DIR --out OUT
+    textseg predict RUN_F0 RUN_F1 ... --images DIR --out OUT      (ensemble: mean of the runs' probabilities;
+        the runs must share classes, channels and preprocessing; --inference best post-processes only when all
+        runs chose the same post-processing)
+    """
     from textseg_cli.inference.predict import predict_folder  # lazy: keeps `textseg --help` torch-free
     from textseg_cli.storage.outputs import locked_output  # lazy: keeps `textseg --help` torch-free
 
@@ -61,8 +71,8 @@ def predict(
     if blend not in (None, "constant", "gaussian"):
         raise ConfigError(f"--blend {blend!r}: expected constant or gaussian")
 
-    with locked_output(out, "predict", inputs=[run_dir], sources=[images]):  # no concurrent writer in out
-        predict_folder(run_dir, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
+    with locked_output(out, "predict", inputs=run_dirs, sources=[images]):  # no concurrent writer in out
+        predict_folder(run_dirs[0] if len(run_dirs) == 1 else run_dirs, images, out, checkpoint=checkpoint, decoder=decoder, inference=inference, force=force,
                        device=device, normalize=normalize, sw_batch_size=sw_batch_size,
                        out_device="cpu" if buffer_on_cpu else None, precision=precision,
                        preprocessed=preprocessed, save_probabilities=save_probabilities, nan_policy=nan_policy,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 
 from textseg_cli.console import err_console
 from textseg_cli.data.io import read_input_image, write_mask
@@ -37,11 +38,12 @@ from textseg_cli.inference.predict import (
 )
 from textseg_cli.inference.settings import NO_RECORD, InferenceSettings, resolve_preset
 from textseg_cli.methods.clip_weights import RANDOM_LABEL, run_uses_random_clip
+from textseg_cli.reports.summary import summarize
 from textseg_cli.runs.cases import read_cases
-from textseg_cli.runs.config import selection_rule
+from textseg_cli.runs.config import load_config, selection_rule
 from textseg_cli.runs.load import load_run
 from textseg_cli.runtime.device import resolve_device
-from textseg_cli.storage.files import child_path, read_json
+from textseg_cli.storage.files import atomic_path, child_path, read_json
 from textseg_cli.storage.outputs import prepare_output_dir, run_lock
 
 
@@ -288,3 +290,110 @@ def evaluate_run(run_dir: str | Path, *args, **kwargs):
         return _evaluate_run(run_dir, *args, **kwargs)
     with run_lock(run, "eval"):
         return _evaluate_run(run_dir, *args, **kwargs)
+
+
+# --- cross-validation --------------------------------------------------------------------------------
+def _fold_of(run_dir: Path, index: int) -> int:
+    """The fold a run trained on (config data.fold, `train --fold k`), else its position in the list."""
+    fold = (load_config(run_dir / "config.yaml").get("data") or {}).get("fold")
+    return int(fold) if isinstance(fold, int) else index
+
+
+def check_disjoint_validation(run_dirs: list[Path], vals: list[list[str]]) -> None:
+    """Refuse folds whose validation cases overlap: a pooled table must count each case once."""
+    seen: dict[str, Path] = {}
+    for run_dir, ids in zip(run_dirs, vals):
+        for cid in ids:
+            if cid in seen:
+                raise DataError(f"validation case '{cid}' of run {run_dir} is also a validation case of run "
+                                f"{seen[cid]}; --cv pools folds with disjoint validation cases (one run per fold)")
+        for cid in ids:
+            seen[cid] = run_dir
+
+
+def evaluate_cv(run_dirs: list[str | Path], out: str | Path, *, checkpoint: str = "best",
+                decoder: int | str | None = None, inference: str | None = None, lcc: bool | None = None,
+                spacing_mm: bool = False, empty_policy: str | None = None, table: str | None = None,
+                force: bool = False, device: str | None = None, precision: str | None = None,
+                tta: bool | None = None, blend: str | None = None, name: str | None = None) -> pd.DataFrame:
+    """The pooled cross-validation table, as nnU-Net reports it: each fold's run predicts ITS OWN validation
+    cases (`evaluate_run`, split val, written to `out/fold_<k>/`), then all cases go into one table
+    (`out/per_case.csv`, `summary.csv`, `meta.json`: per class mean Dice etc. over n = every fold's validation
+    cases together) and `out/per_fold.csv` holds each fold's own summary (its mean over its cases).
+
+    Folds whose validation cases overlap are refused (RUN/cases.json before predicting, the scored cases after),
+    as are runs that score different classes or units. `empty_policy` None: the first run's `val.empty_policy`,
+    used for every fold. The other options are `evaluate_run`'s, the same for every fold.
+    """
+    dirs = [Path(r) for r in run_dirs]
+    if len(dirs) < 2:
+        raise ConfigError("--cv pools the validation cases of two or more fold runs; give one run per fold")
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise ConfigError("--cv: the same run is given twice; give one run per fold")
+    out = Path(out)
+    folds = [_fold_of(d, i) for i, d in enumerate(dirs)]
+    if len(set(folds)) != len(folds):
+        raise ConfigError(f"--cv: runs {[str(d) for d in dirs]} record folds {folds}; give one run per fold")
+    recorded = [read_cases(d) for d in dirs]
+    if all(c is not None for c in recorded):
+        check_disjoint_validation(dirs, [c.val for c in recorded])  # before any prediction
+    if empty_policy is None:
+        empty_policy = run_empty_policy(load_config(dirs[0] / "config.yaml"))
+    prepare_output_dir(out, force=force, command="eval", inputs=dirs)
+    frames: list[pd.DataFrame] = []
+    metas: list[dict] = []
+    for d, fold in zip(dirs, folds):
+        sub = out / f"fold_{fold}"
+        df = evaluate_run(d, split="val", checkpoint=checkpoint, decoder=decoder, inference=inference, out=sub,
+                          lcc=lcc, spacing_mm=spacing_mm, empty_policy=empty_policy, force=force, device=device,
+                          precision=precision, tta=tta, blend=blend, name=name)
+        frames.append(df)
+        metas.append(read_json(sub / "meta.json"))
+    check_disjoint_validation(dirs, [sorted(f["case"].astype(str).unique()) for f in frames])
+    first = frames[0].attrs
+    for d, f in zip(dirs[1:], frames[1:]):
+        for key in ("num_classes", "class_names", "distance_unit", "eval_size"):
+            if f.attrs.get(key) != first.get(key):
+                raise ConfigError(f"--cv: run {d} scores {key} {f.attrs.get(key)!r} but run {dirs[0]} scores "
+                                  f"{first.get(key)!r}; the folds of one cross-validation share them")
+    pooled = pd.concat(frames, ignore_index=True)
+    pooled.attrs.update({k: v for k, v in first.items()})
+    pooled.attrs["lcc"] = all(bool(f.attrs.get("lcc")) for f in frames)
+    per_fold = []
+    for d, fold, f in zip(dirs, folds, frames):
+        summary = summarize(f)
+        summary.insert(0, "run_dir", str(d.resolve()))
+        summary.insert(0, "fold", fold)
+        per_fold.append(summary)
+    per_fold_df = pd.concat(per_fold, ignore_index=True)
+    base = metas[0]
+    n_cases = int(pooled["case"].nunique())
+    meta = {k: base.get(k) for k in ("method", "checkpoint_rule", "decoder", "inference", "inference_preset",
+                                      "inference_settings", "labeled", "unlabeled", "device", "precision",
+                                      "train_precision", "dim", "dataset", "per_volume", "uses_text", "clip")
+            if k in base}
+    meta.update({
+        "name": name or (f"{base.get('name') or base.get('method')} (CV)"),
+        "split": "val",
+        "test_split_warning": False,
+        "cases": n_cases,
+        "lcc_source": "; ".join(dict.fromkeys(str(m.get("lcc_source")) for m in metas)),
+        "cross_validation": {
+            "pooled": "every fold's run on its own validation cases, all cases in one table (nnU-Net's "
+                      "cross-validation summary); per_fold.csv: each fold's own means",
+            "folds": [{"fold": fold, "run_dir": str(d.resolve()), "cases": int(f["case"].nunique()),
+                       "eval_dir": str((out / f"fold_{fold}").resolve()), "checkpoint": m.get("checkpoint"),
+                       "lcc": bool(f.attrs.get("lcc"))} for d, fold, f, m in zip(dirs, folds, frames, metas)],
+        },
+        "train_cases_evaluated": sorted({c for m in metas for c in (m.get("train_cases_evaluated") or [])}) or None,
+    })
+    write_evaluation(pooled, out, meta, table=table, force=force)
+    with atomic_path(out / "per_fold.csv") as tmp:
+        per_fold_df.to_csv(tmp, index=False)
+    err_console.print("per fold (mean over each fold's validation cases; the table above pools all "
+                      f"{n_cases} cases):", highlight=False, markup=False)
+    for fold, f in zip(folds, per_fold):
+        head = f[f["class"].astype(str) == str(f["class"].iloc[-1])]
+        err_console.print(f"  fold {fold}: n={int(head['n_cases'].iloc[0])} " + ", ".join(
+            f"{r['metric']} {r['mean']:.4g}" for r in head.to_dict("records")), highlight=False, markup=False)
+    return pooled

@@ -159,8 +159,9 @@ def print_plan(exp: Experiment, rows: list[dict], est: dict | None, gpus: int = 
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     say(f"experiment {exp.name}: {len(exp.methods)} method(s) x {len(exp.labeled)} labeled "
-        f"({', '.join(exp.labeled)}) x {len(exp.seeds)} seed(s) ({', '.join(map(str, exp.seeds))}) = "
-        f"{len(rows)} runs -> {exp.out}")
+        f"({', '.join(exp.labeled)}) x {len(exp.seeds)} seed(s) ({', '.join(map(str, exp.seeds))})"
+        + (f" x {len(exp.folds)} fold(s) ({', '.join(map(str, exp.folds))})" if exp.folds else "")
+        + f" = {len(rows)} runs -> {exp.out}")
     say(f"evaluation: split {exp.eval['split']}, checkpoint {exp.eval['checkpoint']}, LCC {exp.eval['lcc']}, "
         f"empty-mask policy {exp.eval['empty_policy']}, distances in {'mm' if exp.eval['spacing_mm'] else 'voxels'}")
     say("settings per method (its packaged config under this data set's profile, plus the file's overrides):")
@@ -184,7 +185,8 @@ def print_plan(exp: Experiment, rows: list[dict], est: dict | None, gpus: int = 
     say("runs (state; each run = the train and eval commands below it):")
     for r in rows:
         run = r["run"]
-        say(f"  {run.key}  {run.entry.name}, {run.labeled} labeled, seed {run.seed}: {r['state']}")
+        fold = "" if run.fold is None else f", fold {run.fold}"
+        say(f"  {run.key}  {run.entry.name}, {run.labeled} labeled, seed {run.seed}{fold}: {r['state']}")
         say(f"    {r['train']}")
         say(f"    {r['eval']}")
     if est:
@@ -245,6 +247,7 @@ def run_experiment(spec: str | Path, *, dry_run: bool = False, fail_fast: bool =
             raise ConfigError(f"--only {bad[0]!r}: not a run of this experiment (e.g. {runs[0].key})")
         runs = [r for r in runs if r.key in set(only)]
     ds = _dataset(exp, required=not dry_run)
+    exp.check_folds(ds)  # `folds:` on a set without (enough) folds: refused before any write
     for r in runs:  # a run of 0 iterations (`iterations: 0`, a method's set/config) is refused before any write
         try:
             cfg = resolved_config(exp, r, ds)

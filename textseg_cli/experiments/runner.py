@@ -65,7 +65,8 @@ def run_state(exp: Experiment, run: Run) -> str:
 def _write_status(exp: Experiment, run: Run, **fields) -> dict:
     st = read_status(exp, run)
     st.update(fields, run=run.key, method=run.entry.method, name=run.entry.name, labeled=run.labeled,
-              seed=run.seed, run_dir=str(run.dir), target_iterations=run.iterations)
+              seed=run.seed, run_dir=str(run.dir), target_iterations=run.iterations,
+              **({} if run.fold is None else {"fold": run.fold}))
     atomic_write_json(status_path(exp, run), st)
     return st
 
@@ -87,7 +88,7 @@ def run_one(exp: Experiment, run: Run, *, launcher: str = "local", quiet: bool =
                       threads=exp.threads)
         else:
             train(run.entry.method, exp.data, labeled=run.labeled, iterations=run.iterations, out=run.dir,
-                      seed=run.seed, device=exp.device, force=run.dir.exists(), sets=run.entry.sets,
+                      seed=run.seed, device=exp.device, force=run.dir.exists(), sets=fold_sets(run),
                       config=run.entry.config or None, quiet=quiet, threads=exp.threads)
         cfg = load_config(run.dir / "config.yaml")
         lcc = run_lcc(exp, run, cfg)
@@ -106,6 +107,11 @@ def run_one(exp: Experiment, run: Run, *, launcher: str = "local", quiet: bool =
     _write_status(exp, run, state="done", finished=_now(), eval_dir=str(exp.eval_dir(run)), lcc=lcc,
                   iterations=int(cfg["train"]["iterations"]))
     return "done"
+
+
+def fold_sets(run: Run) -> list[str]:
+    """The run's `--set` overrides, plus `data.fold=k` for a run of the fold axis (as `textseg train --fold k`)."""
+    return list(run.entry.sets) + ([] if run.fold is None else [f"data.fold={run.fold}"])
 
 
 def find_run(exp: Experiment, key: str) -> Run:
@@ -142,7 +148,8 @@ def run_sequential(exp: Experiment, runs: list[Run], *, fail_fast: bool = False,
         if state == "done":
             out.skipped.append(run.key)
             continue
-        log(f"run {i + 1}/{len(runs)}: {run.key} ({run.entry.name}, {run.labeled} labeled, seed {run.seed}; "
+        fold = "" if run.fold is None else f", fold {run.fold}"
+        log(f"run {i + 1}/{len(runs)}: {run.key} ({run.entry.name}, {run.labeled} labeled, seed {run.seed}{fold}; "
             f"{ {'partial': 'resuming', 'failed': 'retrying', 'started': 'restarting'}.get(state, 'starting') })")
         try:
             run_one(exp, run, quiet=quiet)

@@ -8,11 +8,14 @@
     out: null                       # the experiment folder (default: <this file's folder>/<its stem>)
     labeled: [8, 16]                # counts or percentages ("10%") of splits.train
     seeds: [1337, 1338, 1339]
+    folds: null                     # cross-validation: 5 (folds 0-4) or a list such as [0, 2]; needs a set prepared
+                                    # with --folds K (dataset.json extra.folds); runs become method x labeled x seed x fold
     iterations: null                # the budget of every run; null = each method's own (official) budget
     device: null                    # cpu, cuda, cuda:N (null = cuda when present)
     threads: null                   # CPU threads per run
     reference: null                 # Wilcoxon reference row (a method's name or id; default: the first method)
     eval: {split: val, checkpoint: best-on-val, lcc: protocol, inference: null, empty_policy: nan, spacing_mm: false}
+                                    # inference: null (the run's), paper, best (`textseg eval --inference`), sliding, whole
     methods:
       - method: mcnet               # a registered method (`textseg models`)
         name: MC-Net                # display name in tables (default: the method)
@@ -22,8 +25,10 @@
         iterations: null            # this method's budget (overrides the experiment's)
         lcc: null                   # true/false: this method's LCC at evaluation (overrides eval.lcc)
 
-Runs live at `OUT/runs/<id>/<labeled>L_s<seed>/` (a normal `textseg train` run folder; its evaluation in
-`eval/<split>-<checkpoint>/`), their state in `OUT/status/`. A run is the same whichever launcher started it.
+Runs live at `OUT/runs/<id>/<labeled>L_s<seed>/` (with folds `.../<labeled>L_s<seed>_f<k>/`, trained as
+`textseg train --fold k`; a normal `textseg train` run folder; its evaluation in `eval/<split>-<checkpoint>/`, with
+folds on that fold's own validation cases), their state in `OUT/status/`. A run is the same whichever launcher
+started it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import yaml
 from textseg_cli.data.names import case_id_problem
 from textseg_cli.errors import ConfigError
 from textseg_cli.evaluation.folders import check_empty_policy
+from textseg_cli.inference.settings import INFERENCE_CHOICES
 from textseg_cli.methods.registry import list_methods
 from textseg_cli.runs.config import build_config
 from textseg_cli.storage.files import read_text
@@ -48,8 +54,8 @@ CHECKPOINT_RULES = {"best-on-val": "best", "best": "best", "last": "last"}
 LCC_MODES = ("protocol", "on", "off")
 EVAL_DEFAULTS = {"split": "val", "checkpoint": "best-on-val", "lcc": "protocol", "inference": None,
                  "empty_policy": "nan", "spacing_mm": False}
-_TOP_KEYS = {"name", "data", "dataset", "dim", "patch", "out", "labeled", "seeds", "iterations", "device", "threads", "reference",
-             "eval", "methods", "description"}
+_TOP_KEYS = {"name", "data", "dataset", "dim", "patch", "out", "labeled", "seeds", "folds", "iterations", "device",
+             "threads", "reference", "eval", "methods", "description"}
 _METHOD_KEYS = {"method", "name", "id", "set", "config", "iterations", "lcc", "note"}
 SPEC_COPY = "experiment.yaml"
 
@@ -72,6 +78,7 @@ class Run:
     seed: int
     dir: Path
     iterations: int | None
+    fold: int | None = None  # cross-validation fold (`train --fold k`); None: the set's own train/val split
 
     @property
     def key(self) -> str:
@@ -98,16 +105,31 @@ class Experiment:
     eval: dict
     methods: list[MethodEntry]
     raw: dict
+    folds: list[int] | None = None  # cross-validation folds; None: no fold axis
 
     def runs(self) -> list[Run]:
-        """method × labeled × seed, in that nesting order."""
+        """method × labeled × seed (× fold), in that nesting order."""
         out = []
         for m in self.methods:
             for lab in self.labeled:
                 for seed in self.seeds:
-                    d = self.out / "runs" / m.id / f"{lab.replace('%', 'pct')}L_s{seed}"
-                    out.append(Run(m, lab, seed, d, m.iterations if m.iterations is not None else self.iterations))
+                    for fold in (self.folds if self.folds is not None else [None]):
+                        d = self.out / "runs" / m.id / (f"{lab.replace('%', 'pct')}L_s{seed}"
+                                                         + ("" if fold is None else f"_f{fold}"))
+                        out.append(Run(m, lab, seed, d, m.iterations if m.iterations is not None else self.iterations,
+                                       fold))
         return out
+
+    def check_folds(self, dataset) -> None:
+        """Refuse a fold axis the prepared set cannot serve: no `extra.folds`, or fewer folds than asked."""
+        if not self.folds or dataset is None:
+            return
+        have = len((dataset.spec.get("extra") or {}).get("folds") or [])
+        if not have:
+            raise ConfigError(f"folds: {dataset.root} records no folds (prepare it with --folds K)", self.path)
+        if max(self.folds) >= have:
+            raise ConfigError(f"folds: asks for fold {max(self.folds)} but {dataset.root} records {have} fold(s) "
+                              f"(0 to {have - 1})", self.path)
 
     def checkpoint(self) -> str:
         return CHECKPOINT_RULES[self.eval["checkpoint"]]
@@ -194,8 +216,9 @@ def load_experiment(path: str | Path) -> Experiment:
     ev["lcc"] = {True: "on", False: "off"}.get(ev["lcc"], ev["lcc"])
     if ev["lcc"] not in LCC_MODES:
         raise ConfigError(f"eval.lcc {ev['lcc']!r}: expected protocol, on or off", path)
-    if ev["inference"] not in (None, "sliding", "whole"):
-        raise ConfigError(f"eval.inference {ev['inference']!r}: expected sliding or whole", path)
+    if ev["inference"] not in (None, *INFERENCE_CHOICES):
+        raise ConfigError(f"eval.inference {ev['inference']!r}: expected {', '.join(INFERENCE_CHOICES)}", path)
+    folds = _folds(raw.get("folds"), path)
 
     check_empty_policy(ev["empty_policy"])
 
@@ -235,9 +258,25 @@ def load_experiment(path: str | Path) -> Experiment:
                      data=data, dataset=raw.get("dataset"), out=out, labeled=[_labeled(v, path) for v in labeled],
                      seeds=[int(s) for s in seeds], iterations=None if it is None else int(it),
                      device=raw.get("device"), threads=raw.get("threads"), reference=raw.get("reference"), eval=ev,
-                     methods=methods, raw=raw)
+                     methods=methods, raw=raw, folds=folds)
     exp.reference_entry()
     return exp
+
+
+def _folds(value: Any, path: Path) -> list[int] | None:
+    """`folds: 5` -> [0, 1, 2, 3, 4]; `folds: [0, 2]` -> [0, 2]; null -> None (no fold axis)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"folds: {value}: expected a number of folds ≥ 1 or a list of fold indices", path)
+        return list(range(value))
+    if (isinstance(value, list) and value
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"folds: {value} repeats a fold", path)
+        return [int(v) for v in value]
+    raise ConfigError(f"folds: expected a number of folds (5) or a list of fold indices ([0, 2]), got {value!r}", path)
 
 
 def _rejoin_sets(items: list[str], where: str, path: Path) -> list[str]:
@@ -271,7 +310,7 @@ def resolved_config(exp: Experiment, run: Run, dataset=None) -> dict:
     name = dataset.name if dataset is not None else exp.dataset
     dim = dataset.dim if dataset is not None else int(exp.raw.get("dim") or 3)
     patch = (list(dataset.patch_size) if dataset.patch_size else None) if dataset is not None else exp.raw.get("patch")
-    flags = {"data.labeled": run.labeled, "train.iterations": run.iterations, "seed": run.seed}
+    flags = {"data.labeled": run.labeled, "train.iterations": run.iterations, "seed": run.seed, "data.fold": run.fold}
     return build_config(run.entry.method, name, dim, patch, user_config=run.entry.config or None, flags=flags,
                         sets=run.entry.sets)
 
@@ -295,6 +334,8 @@ def commands(exp: Experiment, run: Run, lcc: bool) -> tuple[str, str]:
     data = str(exp.data) if exp.data is not None else f"<{exp.dataset} prepared folder>"
     train = ["textseg", "train", "--method", run.entry.method, "--data", data, "--labeled", run.labeled,
              "--seed", str(run.seed), "--out", str(run.dir)]
+    if run.fold is not None:
+        train += ["--fold", str(run.fold)]
     if run.iterations is not None:
         train += ["--iterations", str(run.iterations)]
     if exp.device:

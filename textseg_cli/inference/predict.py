@@ -17,7 +17,7 @@ from textseg_cli.data.preprocessing import zscore
 from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.inference import replay
 from textseg_cli.inference.fusion import fused_for_inference
-from textseg_cli.inference.postprocessing import read_postprocessing
+from textseg_cli.inference.postprocessing import apply_lcc, read_postprocessing
 from textseg_cli.inference.settings import NO_RECORD, InferenceSettings, resolve_preset
 from textseg_cli.inference.sliding_window import (
     mirrored,
@@ -117,14 +117,54 @@ def load_member(run_dir: str | Path, checkpoint: str, device: torch.device, *, i
     return Member(run, settings)
 
 
+def check_members(members: Sequence[Member]) -> None:
+    """Refuse an ensemble whose runs do not predict the same thing from the same input: each member must share the
+    first's dimensionality, image channels, classes (names included) and recorded preprocessing (dataset.json
+    `preprocessing`, the chain `textseg predict` replays). The ConfigError names the run that differs."""
+    def facts(m: Member) -> dict[str, Any]:
+        ds = m.run.dataset
+        return {"dimensionality": int(getattr(m.run.method, "dim", ds.dim)),
+                "image channels": list(ds.spec.get("channel_names") or []) or ds.in_channels,
+                "classes": ds.class_names,
+                "preprocessing": [s for s in ds.spec.get("preprocessing") or []
+                                  if not (isinstance(s, dict) and s.get("step") in replay.SOURCE_STEPS)]}
+    first = facts(members[0])
+    for m in members[1:]:
+        for key, value in facts(m).items():
+            if value != first[key]:
+                raise ConfigError(f"ensemble: run {m.run.run_dir} has {key} {_short(value)} but run "
+                                  f"{members[0].run.run_dir} has {_short(first[key])}; an ensemble averages runs "
+                                  "trained on the same classes, channels and preprocessing")
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def ensemble_lcc_classes(members: Sequence[Member]) -> tuple[tuple[int, ...] | None, str]:
+    """The post-processing of an ensemble's averaged prediction and why: a member's chosen LCC classes
+    (`--inference best`) apply only when every member made the same choice; otherwise none is applied (a choice
+    made on one fold's validation cases says nothing about the average of others)."""
+    choices = {m.settings.lcc_classes for m in members}
+    if len(choices) == 1:
+        classes = next(iter(choices))
+        return classes, ("all members agree" if len(members) > 1 else members[0].settings.lcc_source)
+    return None, ("none: the members' post-processing differs (" + "; ".join(
+        f"{Path(m.run.run_dir).name}: {'LCC ' + ','.join(map(str, m.settings.lcc_classes)) if m.settings.lcc_classes else 'none'}"
+        for m in members) + ")")
+
+
 def ensemble_probs(members: Sequence[Member], image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Probabilities (K, *spatial) of `image`: `predict_case` of each member with its own settings, averaged."""
+    """Probabilities (K, *spatial) of `image`: `predict_case` of each member with its own settings, averaged
+    (summed in the members' order, then divided by their number)."""
     total: torch.Tensor | None = None
     for m in members:
         p = predict_case(m.run.method, image, m.settings, device)
-        total = p if total is None else total.add_(p.to(total.device))
+        # out of place: predict_case returns inference tensors, which refuse in-place updates outside inference mode
+        total = p if total is None else total + p.to(total.device)
     assert total is not None
-    return total if len(members) == 1 else total.div_(len(members))
+    return total if len(members) == 1 else total / len(members)
 
 
 def probs_to_mask(probs: torch.Tensor) -> np.ndarray:
@@ -162,7 +202,8 @@ def spacing_warning(file: str | Path, spacing: Sequence[float], training: Sequen
             "resampled": resampled, "warning": msg}
 
 
-def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, checkpoint: str = "best",
+def predict_folder(run_dir: str | Path | Sequence[str | Path], images: str | Path, out: str | Path,
+                   checkpoint: str = "best",
                    decoder: int | str | None = None, inference: str | None = None, force: bool = False,
                    device: str | None = None, normalize: str = "none",
                    sw_batch_size: int | None = None, out_device: str | None = None,
@@ -185,7 +226,10 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     `spacing_warnings`.
     `inference` "paper" (default) or "best" (mirroring, Gaussian windows and the run's recorded
     post-processing applied to the masks), or a mode (sliding | whole); `tta`/`blend` override the preset.
-    The probabilities come from `ensemble_probs` over the run's `Member` (one run today).
+    `run_dir` may list several runs (an ensemble, e.g. the folds of a cross-validation): each is a `Member` with
+    the same command options, `check_members` refuses runs that differ in classes, channels or preprocessing,
+    `ensemble_probs` averages their softmax probabilities, and the post-processing applies only when every member
+    chose the same (`ensemble_lcc_classes`). predict.json `members` lists each run, checkpoint and settings.
     """
     images, out = Path(images), Path(out)
     if not images.exists():
@@ -195,9 +239,19 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
     if normalize not in ("none", "zscore"):
         raise ConfigError(f"normalize must be 'none' or 'zscore', got {normalize!r}")
     dev = resolve_device(device)
-    members = [load_member(run_dir, checkpoint, dev, inference=inference, decoder=decoder, precision=precision,
-                           sw_batch_size=sw_batch_size, out_device=out_device, tta=tta, blend=blend)]
+    run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(r) for r in run_dir]
+    if not run_dirs:
+        raise ConfigError("give at least one run folder")
+    if len({r.resolve() for r in run_dirs}) != len(run_dirs):
+        raise ConfigError("the same run is given twice; an ensemble lists each run once")
+    members = [load_member(r, checkpoint, dev, inference=inference, decoder=decoder, precision=precision,
+                           sw_batch_size=sw_batch_size, out_device=out_device, tta=tta, blend=blend) for r in run_dirs]
+    check_members(members)
     run, settings = members[0].run, members[0].settings
+    post_classes, post_source = ensemble_lcc_classes(members)
+    if len(members) > 1 and any(m.settings.lcc_classes for m in members):
+        err_console.print(f"note: ensemble post-processing: {post_source}", highlight=False, markup=False,
+                          soft_wrap=True)
     dim = int(getattr(run.method, "dim", 3))
     skipped: list[str] = []  # label-looking files of an --images folder, not segmented
     if images.is_dir() and (images / "dataset.json").exists():
@@ -230,7 +284,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
 
     if nan_policy not in NAN_POLICIES:
         raise ConfigError(f"--nan-policy {nan_policy!r}: expected refuse or zero")
-    prepare_output_dir(out, force=force, command="predict", inputs=[run_dir], sources=[images])
+    prepare_output_dir(out, force=force, command="predict", inputs=run_dirs, sources=[images])
 
     written: list[Path] = []
     failed: dict[str, str] = {}
@@ -259,7 +313,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                 failed[name] = str(exc)
                 bar.advance(task)
                 continue
-            mask = settings.postprocess(probs_to_mask(probs))
+            mask = apply_lcc(probs_to_mask(probs), post_classes)
             target = child_path(out, replay.output_name(files[0], name))
             shift = spacing_warning(files[0], in_spacing, training_spacing, chain.target_spacing is not None)
             if shift is not None:
@@ -272,9 +326,18 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, che
                                   p if raw is None else raw.restore_probs(p), files[0], channels=True)
             written.append(target)
             bar.advance(task)
+    listed = [{"run_dir": str(Path(m.run.run_dir).resolve()), "checkpoint": str(m.run.checkpoint_path),
+               "checkpoint_rule": checkpoint_rule(getattr(m.run, "checkpoint_rule", checkpoint), m.run.checkpoint_path),
+               "inference": m.settings.record()} for m in members]
+    one = len(members) == 1
     atomic_write_json(out / "predict.json", {
-        "run_dir": str(Path(run_dir).resolve()), "checkpoint": str(run.checkpoint_path),
-        "checkpoint_rule": checkpoint_rule(getattr(run, "checkpoint_rule", checkpoint), run.checkpoint_path),
+        "run_dir": listed[0]["run_dir"] if one else [m["run_dir"] for m in listed],
+        "checkpoint": listed[0]["checkpoint"] if one else [m["checkpoint"] for m in listed],
+        "checkpoint_rule": listed[0]["checkpoint_rule"] if one else [m["checkpoint_rule"] for m in listed],
+        "ensemble": None if one else {"members": len(members), "combine": "mean of the members' softmax probabilities",
+                                      "postprocessing": {"lcc_classes": None if post_classes is None
+                                                         else list(post_classes), "source": post_source}},
+        "members": listed,
         "images": str(images.resolve()), "preprocessing": steps, "normalize": normalize,
         "probabilities": "<name>_probs: float32 softmax, classes on the last axis" if save_probabilities else None,
         "inference": settings.record(), "device": str(dev), "precision": settings.precision.name,
