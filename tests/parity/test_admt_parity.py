@@ -322,7 +322,8 @@ def test_admt_rpa_teacher_updates_over_steps(off, monkeypatch):
                                                                                   m.counter)
         states.append(m.active_first)
         lr_official = ns["optimizer"].param_groups[0]["lr"]  # what the script runs step start + k with
-        assert lr_official == pytest.approx(ns["base_lr"] * lr_factor(start + k - 1, ns["max_iterations"],
+        # the script's lag (step t runs lr(t − 1)) is the shipped step_offset 1: textseg's schedule gives the same
+        assert lr_official == pytest.approx(ns["base_lr"] * lr_factor(start + k, ns["max_iterations"],
                                                                       cfg["optim"]), rel=1e-12)
         lr_textseg = cfg["optim"]["lr"] * lr_factor(start + k, cfg["train"]["iterations"], cfg["optim"])
         assert opt.param_groups[0]["lr"] == pytest.approx(lr_textseg, rel=1e-12)
