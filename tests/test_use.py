@@ -197,5 +197,5 @@ def test_curves_piped_lines_plot_and_export(tmp_path, synthetic_data):
     assert code == 0, text
     prog = torch.export.load(str(tmp_path / "exp2" / "model.pt2")).module()
     torch.testing.assert_close(prog(x), model(x), atol=1e-4, rtol=0)
-    code, text = run_cli("export", run_dir, "--format", "onnx", "--out", tmp_path / "exp3")
+    code, text = run_cli("export", run_dir, "--format", "tflite", "--out", tmp_path / "exp3")
     assert code == 2 and "--format" in text
