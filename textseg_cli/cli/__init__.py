@@ -76,6 +76,7 @@ _COMMAND_MODULES: list[str] = [
     "prep_nnunet",
     "export_data_cmd",
     "experiment_cmd",
+    "plan_cmd",
 ]
 for _mod in _COMMAND_MODULES:
     importlib.import_module(f"textseg_cli.cli.{_mod}")

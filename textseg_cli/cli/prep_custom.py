@@ -16,6 +16,7 @@ from textseg_cli.cli.prep_msd import (
     _report,
 )
 from textseg_cli.cli.prep_pancreas import LABEL_GEOMETRY_HELP
+from textseg_cli.console import console, err_console
 
 
 @prep_app.command("custom")
@@ -50,6 +51,9 @@ def prep_custom_cmd(
     drop_failed: bool = typer.Option(False, "--drop-failed", help="Write the data set without cases that failed."),
     nan_policy: str = typer.Option("refuse", "--nan-policy", help="NaN/Inf voxels in an image: refuse (the case "
                                    "fails, naming the count) or zero (replace them by 0, with a warning)."),
+    plan: bool = typer.Option(False, "--plan", help="Then plan a training on the prepared set (`textseg plan OUT` "
+                              "with its defaults: mcnet, the default device, 60 minutes) and (re)write OUT/plan.yaml; "
+                              "run `textseg plan` itself for another method, device or budget."),
 ) -> None:
     """Prepare your own NIfTI / NRRD / MHA image and label folders.
 
@@ -66,3 +70,15 @@ def prep_custom_cmd(
                          require_labels=require_labels, label_geometry=label_geometry, workers=workers, force=force,
                          drop_failed=drop_failed, folds=folds, nan_policy=nan_policy)
     _report(ds.name, ds, out)
+    if plan:
+        from textseg_cli.experiments.plan import (  # lazy: keeps `textseg --help` torch-free
+            make_plan,
+            plan_table,
+            write_plan,
+        )
+
+        made = make_plan(out, log=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+        written = write_plan(made, out / "plan.yaml", force=True)  # the plan of this prep run: replaces an older one
+        console.print(plan_table(made))
+        console.print(f"plan written to {written}: textseg train --method {made.method} --data {out} --config "
+                      f"{written}", highlight=False, soft_wrap=True)
