@@ -23,6 +23,8 @@ Also covered, each with its own scaled lengths (asserted against the unscaled sc
 BCP (both phases, BCP_K = 100 iterations, batch 4 + 4 as published, shared cuboid-corner draws), DTC (K, the lr
 step scaled to 60), MCF (MCF_K = 80, the lr step scaled to 30). MLRP, VCLIPSeg, Text-SemiSeg, URPC, CPS and the new baselines have their own files (test_trajectory_*.py).
 
+MC-Net+ runs the same script with --model mcnet3d_v2 (its three decoders).
+
 Written against UA-MT@88ed29a, MC-Net@fee453c, BCP@7879f98, DTC@2525b9c, MCF@ad20659.
 """
 
@@ -124,9 +126,12 @@ def test_uamt_trajectory(official_dir, data_dir, tmp_path, float64, record_prope
                 ("iter_num//150", f"iter_num//{PER}")])
 
 
-def test_mcnet_trajectory(official_dir, data_dir, tmp_path, float64, record_property):
+@pytest.mark.parametrize("method,model,cls", [("mcnet", "mcnet3d_v1", "MCNet3d_v1"),
+                                              ("mcnet+", "mcnet3d_v2", "MCNet3d_v2")])
+def test_mcnet_trajectory(official_dir, data_dir, tmp_path, float64, record_property, method, model, cls):
+    """MC-Net, and MC-Net+ (the same script with --model mcnet3d_v2: three decoders, upsampling modes 0, 1, 2)."""
     script = "train_mcnet_3d.py"
-    _check_unscaled_ramp((official_dir / "MC-Net" / "code" / script).read_text(encoding="utf-8"), "mcnet")
+    _check_unscaled_ramp((official_dir / "MC-Net" / "code" / script).read_text(encoding="utf-8"), method)
 
     def parts(g):
         terms = {n: g[n] for n in ("loss", "loss_seg", "loss_seg_dice", "loss_consist", "consistency_weight")
@@ -136,11 +141,12 @@ def test_mcnet_trajectory(official_dir, data_dir, tmp_path, float64, record_prop
     stubs = {"dataloaders.dataset": _module("dataloaders.dataset", LAHeart=_Null, Pancreas=_Null,
                                             RandomRotFlip=_Null, RandomCrop=_Null, ToTensor=_Null,
                                             TwoStreamBatchSampler=_Null)}
-    _run(official_dir, "MC-Net", script, "mcnet", tmp_path, data_dir, record_property,
-         argv=["--max_iteration", str(K)], official_parts=parts, textseg_nets=lambda m: {"net": m.net},
+    _run(official_dir, "MC-Net", script, method, tmp_path, data_dir, record_property,
+         argv=["--max_iteration", str(K), "--model", model], official_parts=parts,
+         textseg_nets=lambda m: {"net": m.net},
          term_map={"loss": "loss", "loss_seg": "loss_ce", "loss_seg_dice": "loss_dice",
                    "loss_consist": "loss_consistency", "consistency_weight": "consistency_weight"},
-         stubs=stubs, wraps={"networks.net_factory": {"MCNet3d_v1": _narrow}},
+         stubs=stubs, wraps={"networks.net_factory": {cls: _narrow}},
          edits=[("patch_size = (112, 112, 80)", f"patch_size = ({P})"), ("iter_num//150", f"iter_num//{PER}")])
 
 
