@@ -340,3 +340,29 @@ def test_mcf_trajectory(official_dir, data_dir, tmp_path, float64, record_proper
          import_wraps={"networks.vnet": {"VNet": _narrow}, "networks.ResNet34": {"Resnet34": _narrow}},
          edits=[("patch_size = (112, 112, 80)", f"patch_size = ({P})"), ("iter_num//150", f"iter_num//{PER}"),
                 ("if iter_num % 2500 == 0 and iter_num!= 0:", f"if iter_num % {MCF_STEP} == 0 and iter_num!= 0:")])
+
+
+# --- V-Net, labeled only (the baselines' "sup." row) ------------------------------------------------------------
+
+def test_sup_trajectory(official_dir, data_dir, tmp_path, float64, record_property):
+    """The supervised V-Net of UA-MT's train_LA.py (what `--method sup` reproduces): batch 4 labeled, 0.5·(CE +
+    Dice of the foreground), SGD with the stepped lr (scaled to DTC_STEP on both sides, asserted unscaled)."""
+    script = "train_LA.py"
+    src = (official_dir / "UA-MT" / "code" / script).read_text(encoding="utf-8")
+    _check_unscaled_step(src, "sup")
+    shipped = shipped_config("sup")
+    assert _argparse_default(src, "batch_size") == shipped["train"]["batch_labeled"] == 4
+    assert shipped["train"]["batch_unlabeled"] == 0 and "loss = 0.5*(loss_seg+loss_seg_dice)" in src
+
+    def parts(g):
+        terms = {n: g[n] for n in ("loss", "loss_seg", "loss_seg_dice") if n in g}
+        return {"net": g["net"]}, g["optimizer"], terms
+
+    _run(official_dir, "UA-MT", script, "sup", tmp_path, data_dir, record_property, bl=4, bu=0,
+         argv=["--max_iterations", str(K)], official_parts=parts, textseg_nets=lambda m: {"net": m.net},
+         term_map={"loss": "loss", "loss_seg": "loss_ce", "loss_seg_dice": "loss_dice"},
+         extra_sets=[f"optim.step_size={DTC_STEP}", "train.batch_labeled=4", "train.batch_unlabeled=0"],
+         stubs=LA_STUBS, import_wraps={"networks.vnet": {"VNet": _narrow}},
+         edits=[("patch_size = (112, 112, 80)", f"patch_size = ({P})"),
+                ("iter_num % 2500 == 0", f"iter_num % {DTC_STEP} == 0"),
+                ("iter_num // 2500", f"iter_num // {DTC_STEP}")])
