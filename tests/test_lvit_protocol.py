@@ -273,6 +273,19 @@ def test_explicit_iterations_override_epochs(tiny_2d, tmp_path, one_thread):
     assert res.iteration == 2 and json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))["ended"] == "completed"
 
 
+def test_time_budget_in_iteration_mode_is_checked_between_validations(tiny_2d, tmp_path, one_thread):
+    """A run that validates only at its end (what `textseg plan` writes for a tight budget) still stops at its
+    budget: in iteration mode the budget is checked after every step, not only where a validation ends (it used
+    to run on past the budget until the final validation)."""
+    from textseg_cli.engine.setup import train
+
+    res = train("lvit-unet", tiny_2d, out=tmp_path / "run", quiet=True, iterations=40,
+                sets=["train.epochs=null", "val.every=40", "train.time_budget_min=1e-6", "method.backbone.base=2"])
+    end = json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))
+    assert end["ended"] == "time_budget" and res.iteration == 1 and "next step" in res.stop_reason
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
 # --- data: LViT's loader resize -----------------------------------------------------------------------
 
 def test_lvit_loader_resize_is_bilinear_255_and_dilating_masks():

@@ -379,13 +379,21 @@ class Trainer:
                            time.perf_counter() - t_start, stop_reason=self.stop.reason)
 
     def _should_stop(self, it: int, do_val: bool, t_start: float) -> bool:
-        """Early stopping after a validation, or the time budget, checked where a validation (in epoch
-        mode: an epoch) ends, or at every step when the run does not validate."""
-        if it >= self.max_iterations or (self.val_ids and not do_val):
+        """Early stopping after a validation; the time budget where a validation (in epoch mode: an epoch)
+        ends, and, in iteration mode, also after every step (a planned run may validate only at its end: without
+        the per-step check its budget was never looked at). Every rank takes the same branch (config facts)."""
+        if it >= self.max_iterations:
             return False
         now = time.perf_counter()
-        chunk, self._chunk_t0 = now - getattr(self, "_chunk_t0", t_start), now
-        stop = (do_val and self.stop.early_stop(it, self.best_iteration)) or self.stop.time_up(now - t_start, chunk)
+        step_s, self._step_t0 = now - getattr(self, "_step_t0", t_start), now
+        if self.val_ids and not do_val:
+            if self.stop.per_epoch or self.stop.budget_s is None:
+                return False
+            stop = self.stop.time_up(now - t_start, step_s)  # the next step would pass the budget
+        else:
+            chunk, self._chunk_t0 = now - getattr(self, "_chunk_t0", t_start), now
+            stop = ((do_val and self.stop.early_stop(it, self.best_iteration))
+                    or self.stop.time_up(now - t_start, chunk))
         if not self._from_main(bool(stop)):
             return False
         if not do_val:  # after a validation, last.pt was just written
