@@ -254,16 +254,18 @@ def test_experiments_la_settings_table_matches_resolved_configs(la_plan):
         assert (row["augment"] == "rotflip") == bool(got["cfg"]["data"]["augment"].get("rotflip")), row["id"]
 
 
-def test_experiments_dry_run_excerpt_is_real_output(capsys):
+def test_experiments_dry_run_excerpt_is_real_output():
+    from conftest import run_cli  # the console's file redirected as for every CLI test (capsys alone saw '' when an
+    # earlier test of the session had bound the rich console to another stream)
+
     text = (DOCS / "experiments.md").read_text()
     block = text.split("Excerpt of `textseg experiment preset la --dry-run`", 1)[1].split("```", 2)[1]
     with tempfile.TemporaryDirectory() as d:
         cwd = os.getcwd()
         os.chdir(d)
         try:
-            capsys.readouterr()
-            assert run(["experiment", "preset", "la", "--dry-run"]) == 0
-            out = capsys.readouterr().out
+            code, out = run_cli("experiment", "preset", "la", "--dry-run")
+            assert code == 0, out
         finally:
             os.chdir(cwd)
     flat = " ".join(out.split())  # rich wraps long lines at spaces
