@@ -54,7 +54,7 @@ BASE_SETS = ["data.patch_size={},{},{}".format(*PATCH), f"method.backbone.n_filt
 
 ADMT_K = 150  # α = 0 until iteration 80, then the warm start (ema_decay itself from 278 on: admt RPA test)
 PER = 3  # the ramp divisor (unscaled 150): the λ ramp of length 40 completes at iteration 120
-CM_K = 150
+CM_K = 100
 CM_SPAN = 200  # poly lr and τ ramp length (unscaled 17,000)
 
 

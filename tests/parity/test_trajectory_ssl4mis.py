@@ -8,7 +8,7 @@ test_trajectory_parity.py). Counters, lr schedules and ramps are each side's own
 
 Neither method has an EMA teacher (no warm start to pass), so what K must cover is the consistency ramp and the
 poly lr: both sides ramp their weight on iteration // 150, scaled to iteration // PER on both, so the LA profile's
-ramp (length 40) completes at iteration 40 · PER, before K (URPC: 80 of K = 100; CPS: 120 of K = 150), and the
+ramp (length 40) completes at iteration 40 · PER, before K (URPC: 80 of K = 100; CPS: 80 of K = 100), and the
 poly lr decays over the K iterations of each run (`--max_iterations K`, `train.iterations = K`), its first steps
 included (where URPC's one-step lag shows: it sets lr(t − 1) after step t, textseg's `optim.step_offset: 1`). URPC
 runs K = 100 because its U-Net is ~6× slower per step than CPS's V-Nets on CPU (the test stays < 60 s CPU). No
@@ -48,7 +48,7 @@ from textseg_cli.runs.config import build_config
 
 # URPC: K, ramp divisor (both sides; unscaled 150), U-Net width and patch; CPS: the same for its V-Nets
 URPC_K, URPC_PER, URPC_WIDTH, URPC_PATCH = 100, 2, 2, (32, 16, 16)
-CPS_K, CPS_PER, CPS_WIDTH, CPS_PATCH = 150, 3, 4, (16, 16, 16)
+CPS_K, CPS_PER, CPS_WIDTH, CPS_PATCH = 100, 2, 4, (16, 16, 16)
 LA_RAMPUP = 40  # the LA profile's ramp length (textseg's choice; the scripts' defaults: URPC 400, CPS 200)
 RTOL, ATOL = 1e-9, 1e-12
 SEED = 7  # of the shared noise/dropout generators

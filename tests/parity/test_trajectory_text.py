@@ -19,16 +19,16 @@ Presets (experiments/presets.py): `train.precision=fp32` (PRESET_SETS, also in R
 Text-SemiSeg `method.tmr=official`, the published TMR layer the paper-table presets use (textseg's default TMR is a
 documented interpretation with no official counterpart). Everything else comes from each side's own defaults.
 
-- VCLIPSeg (code/train_3d.py with train.sh's `--scale_factor 0.0625 --sim_w 0.5`), VC_K = 150 iterations: the
-  ramp divisor 150 is scaled to 3 on both sides (ramp of length 40 complete at iteration 120). At a 16³ patch the
-  VTCM grid is one voxel per sample, so most steps have a class with no agreeing voxel: the official prototype of
+- VCLIPSeg (code/train_3d.py with train.sh's `--scale_factor 0.0625 --sim_w 0.5`), VC_K = 50 iterations: the
+  ramp divisor 150 is scaled to VC_PER = 1 on both sides (ramp of length 40 complete at iteration 40). At a
+  16×16×32 patch the VTCM grid is 1×1×2 voxels per sample, so most steps have a class with no agreeing voxel: the official prototype of
   that class is NaN (its loss value is NaN) but its gradient is finite, 1/K of each present class's; the test
   counts such steps, requires both kinds (all classes present / one absent) to occur, and compares the official
   value with the absent class counted as cosine 0 (textseg's `vtcm_absent: official`, docs/fidelity.md).
-- Text-SemiSeg (train.py + trainer.py, default data set /Pancreas: the script trains no LA), TS_K = 150: the ramp
-  divisor 150 scaled to 1 (0.1 · ramp(t, 200), so t = 0..149 climbs the ramp) and the DCA start 6,000 scaled to
-  TS_DCA = 100 on both sides, so iterations 1..101 run without DCA and 102..150 with it (the switch is at 0-based
-  t > TS_DCA); the linear lr decays over TS_K on both sides.
+- Text-SemiSeg (train.py + trainer.py, default data set /Pancreas: the script trains no LA), TS_K = 40: the ramp
+  divisor 150 scaled to TS_PER = 1 (t = 0..39 climbs the ramp) and the DCA start 6,000 scaled to TS_DCA = 20 on
+  both sides, so iterations 1..21 run without DCA and 22..40 with it (the switch is at 0-based t > TS_DCA); the
+  linear lr decays over TS_K on both sides.
 
 Written against VCLIPSeg@fe50145, Text-SemiSeg@18ceced.
 """
