@@ -126,8 +126,8 @@ def _random_batch(in_channels: int, num_classes: int, patch: tuple[int, ...], n_
 def _bench_training(method, batch, dev: torch.device, iterations: int, repeats: int, prec: Precision,
                     reference: bool = False) -> dict[str, Any]:
     """Median seconds per step of `method`: textseg's step under `prec` (channels-last and bf16 autocast as
-    resolved), or with `reference` the papers' step (fp32, contiguous; `bench_reference.reference_train_step`).
-    Keys get a "ref_" prefix for the reference."""
+    resolved), or with `reference` the papers' step (fp32, contiguous;
+    `textseg_cli.bench.reference.reference_train_step`). Keys get a "ref_" prefix for the reference."""
     method.to(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -205,7 +205,7 @@ def _bench_inference(method, volume: tuple[int, ...], patch, stride, sw_batch_si
 
 def _bench_reference_sliding(method, volume: tuple[int, ...], patch, stride, dev: torch.device,
                              repeats: int) -> dict[str, Any]:
-    """The papers' window loop (`bench_reference.reference_sliding_window`) on the same random volume."""
+    """The papers' window loop (`textseg_cli.bench.reference.reference_sliding_window`) on the same random volume."""
 
     image = torch.rand((method.in_channels,) + volume, generator=torch.Generator().manual_seed(1)).numpy()
     if callable(getattr(method, "set_case_text", None)):

@@ -93,6 +93,15 @@ def from_main(dist: Dist, flag: bool) -> bool:
     return bool(box[0])
 
 
+def main_value(dist: Dist, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a value every rank must agree on, e.g. a run length fitted to a budget)."""
+    if not dist.enabled:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(dist: Dist, obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (RNG and sampler states for a checkpoint)."""
     if not dist.enabled:

@@ -29,11 +29,12 @@ from textseg_cli.engine.distributed import (
     any_rank,
     from_main,
     gather_objects,
+    main_value,
     wrap_for_training,
 )
-from textseg_cli.engine.optim import build_optimizer, build_scheduler
+from textseg_cli.engine.optim import build_optimizer, build_scheduler, lr_factor
 from textseg_cli.engine.runlog import RunLog, progress_line
-from textseg_cli.engine.stopping import StopRules, resolve_epochs
+from textseg_cli.engine.stopping import StopRules, fitted_iterations, resolve_epochs
 from textseg_cli.errors import ConfigError, DataError, TextsegError
 from textseg_cli.evaluation.validation import validate, validation_settings
 from textseg_cli.inference.fusion import release_inference_copy
@@ -46,7 +47,7 @@ from textseg_cli.runs.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from textseg_cli.runs.config import selection_split
+from textseg_cli.runs.config import save_config, selection_split
 from textseg_cli.runs.load import build_run_method
 from textseg_cli.runtime.determinism import seed_everything
 from textseg_cli.runtime.precision import (
@@ -313,6 +314,7 @@ class Trainer:
         old_handlers = self._install_signals()
         history: list[tuple[int, float]] = []
         t_start, it_start = time.perf_counter(), self.iteration
+        t_first = t_start
         self.method.train()
         try:
             with self._progress() as bar:
@@ -335,6 +337,13 @@ class Trainer:
                         self.window[k] = self.window.get(k, 0.0) + v
                     self.window_n += 1
                     it = self.iteration
+                    if it == it_start + 1:
+                        t_first = time.perf_counter()  # the first step (warm-up) is not timed for the fit
+                    if self.stop.fit_after and it_start + 2 <= it == self.stop.fit_after:  # ≥ 1 timed step
+                        now = time.perf_counter()
+                        self._fit_to_budget(it, now - t_start, (now - t_first) / (it - it_start - 1),
+                                            it - it_start - 1)
+                        bar.update(task, total=self.max_iterations)
                     row: dict[str, Any] = {}
                     if it % tr["log_every"] == 0 or it == self.max_iterations:
                         row.update(self._log_window(self.scheduler.get_last_lr()[0], t_start, it_start))
@@ -377,6 +386,36 @@ class Trainer:
                         raise
         return TrainResult(self.run_dir, self.iteration, self.best_metric, self.best_iteration, history,
                            time.perf_counter() - t_start, stop_reason=self.stop.reason)
+
+    def _fit_to_budget(self, it: int, elapsed_s: float, step_s: float, timed: int) -> None:
+        """`train.fit_budget_after`: set the run's length from the seconds per step measured over the last
+        `timed` steps so it ends at `train.time_budget_min` (rank 0's measurement on every rank); the lr schedule
+        is rebuilt over the new length at the current step, ramps read it from the step context, a validation
+        planned only at the end moves with the end, and config.yaml records the fitted length (a resumed run
+        continues it)."""
+        tr, val = self.cfg["train"], self.cfg["val"]
+        old = self.max_iterations
+        new = int(main_value(self.dist, fitted_iterations(it, elapsed_s, step_s, self.stop.budget_s,
+                                                          self.stop.fit_reserve_s, old)))
+        self.stop.fitted = {"after": it, "s_per_it": round(step_s, 4), "elapsed_s": round(elapsed_s, 3),
+                            "reserve_s": self.stop.fit_reserve_s, "planned": old, "fitted": new}
+        if new == old:
+            return
+        self.max_iterations = tr["iterations"] = new
+        if val.get("every") == old:  # one validation, at the end
+            val["every"] = self.stop.every = new
+        last_lr = self.scheduler.last_epoch
+        self.scheduler = build_scheduler(self.optimizer, new, self.cfg["optim"], tr.get("iterations_per_epoch"))
+        self.scheduler.last_epoch = last_lr
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = base * lr_factor(last_lr, new, self.cfg["optim"], tr.get("iterations_per_epoch"))
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.dist.main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            if not self.quiet:
+                err_console.print(f"fitted to the time budget: {old} → {new} iterations ({step_s:.3g} s per step "
+                                  f"measured over steps {it - timed + 1}–{it}, {elapsed_s:.0f} s used, "
+                                  f"{self.stop.fit_reserve_s:.0f} s kept for validation)", highlight=False)
 
     def _should_stop(self, it: int, do_val: bool, t_start: float) -> bool:
         """Early stopping after a validation; the time budget where a validation (in epoch mode: an epoch)

@@ -5,7 +5,10 @@ iterations (the sampler's shuffled passes are those epochs) with one validation 
 `val.patience` (validations without a new best before stopping) and `val.best_after` (the first N
 validations never become best) read as epochs; `val.best_floor` is what the first best must beat.
 `train.time_budget_min` stops cleanly, with a checkpoint and the reason recorded, before an epoch (or,
-without validation, a step) that would not fit in the budget.
+without validation, a step) that would not fit in the budget. With `train.fit_budget_after: N` the run's length
+is fitted to the budget instead: after N steps the measured seconds per step set `train.iterations` so that the
+run ends at the budget, less `train.fit_budget_reserve_s` for validations (`fitted_iterations`); the lr schedule
+and the methods' ramps then run over the fitted length, and the stop stays as the safety net.
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ def resolve_epochs(cfg: dict[str, Any], n_labeled: int) -> int:
         v = sect.get(key)
         if v is not None and float(v) <= 0:
             raise ConfigError(f"{'val' if sect is val else 'train'}.{key} {v!r}: expected a positive number or null")
+    fit = tr.get("fit_budget_after")
+    if fit is not None:
+        if isinstance(fit, bool) or not isinstance(fit, int) or fit < 2:
+            raise ConfigError(f"train.fit_budget_after {fit!r}: expected a whole number of steps ≥ 2 (the first "
+                              "one is not timed) or null")
+        if tr.get("time_budget_min") is None or tr.get("epochs") is not None:
+            raise ConfigError("train.fit_budget_after fits the iterations to train.time_budget_min: set the budget, "
+                              "and use iterations, not train.epochs")
+    if not float(tr.get("fit_budget_reserve_s") or 0) >= 0:
+        raise ConfigError(f"train.fit_budget_reserve_s {tr.get('fit_budget_reserve_s')!r}: expected ≥ 0 seconds")
     if int(val.get("best_after") or 0) < 0:
         raise ConfigError(f"val.best_after {val['best_after']!r}: expected ≥ 0")
     if tr.get("epochs") is None:
@@ -50,6 +63,9 @@ class StopRules:
         self.floor = -math.inf if val.get("best_floor") is None else float(val["best_floor"])
         budget = tr.get("time_budget_min")
         self.budget_s = None if budget is None else float(budget) * 60.0
+        self.fit_after = None if tr.get("fit_budget_after") is None else int(tr["fit_budget_after"])
+        self.fit_reserve_s = float(tr.get("fit_budget_reserve_s") or 0.0)
+        self.fitted: dict[str, Any] | None = None  # what the fit measured and set (training.json)
         self.reason: str | None = None
 
     def is_best(self, iteration: int, value: float, best: float | None) -> bool:
@@ -92,6 +108,16 @@ class StopRules:
         return math.ceil(iteration / self.per_epoch)
 
 
+def fitted_iterations(done: int, elapsed_s: float, step_s: float, budget_s: float, reserve_s: float,
+                      planned: int) -> int:
+    """The run length that ends at the budget: `done` steps took `elapsed_s` of it, a step now takes `step_s`,
+    and `reserve_s` stays for validations and the last save. Never below `done` (the run then ends now), never
+    above 10 × `planned` (a mismeasured step must not make a run endless)."""
+    left = budget_s - elapsed_s - reserve_s
+    more = int(left // step_s) if step_s > 0 and left > 0 else 0
+    return max(int(done), min(int(done) + more, 10 * int(planned)))
+
+
 def write_summary(run_dir, result, stop: StopRules, max_iterations: int) -> None:
     """RUN/training.json: how the run ended (completed, early stopping, time budget) and its best epoch."""
 
@@ -103,5 +129,5 @@ def write_summary(run_dir, result, stop: StopRules, max_iterations: int) -> None
         "ended": ended, "reason": stop.reason, "iterations": result.iteration, "max_iterations": max_iterations,
         "epochs": stop.epoch(result.iteration), "best_iteration": result.best_iteration,
         "best_epoch": stop.epoch(result.best_iteration), "best_val_dice": result.best_metric,
-        "train_seconds": round(result.seconds, 3),
+        "train_seconds": round(result.seconds, 3), "fitted_to_budget": stop.fitted,
         "val_history": [[it, d] for it, d in result.val_history]})

@@ -69,6 +69,7 @@ MAX_BATCH = 8
 BATCH_VOXEL_SHARE = 0.05  # nnU-Net: one batch covers at most 5 % of the data set's voxels
 VAL_SHARE = 0.15  # of the budget spent validating, at most
 MAX_VALIDATIONS = 10
+FIT_AFTER_MAX = 20  # steps a planned run times before refitting its length (fit_after)
 MARGIN = 0.05  # of the budget kept for start-up (loading the cases, building the method) and checkpoints
 VAL_OVERHEAD = 1.1  # window blending, copies and the argmax on top of the timed forward passes
 TIMED_STEPS = 3
@@ -464,6 +465,12 @@ class Schedule:
     reason_val: str
 
 
+def fit_after(iterations: int) -> int:
+    """Steps a planned run times before it refits its length to the budget: 5 % of the planned iterations,
+    between 2 and FIT_AFTER_MAX (the first step is warm-up and not timed)."""
+    return max(2, min(FIT_AFTER_MAX, iterations // 20))
+
+
 def fit_budget(budget_s: float, s_per_it: float, s_per_case: float, n_val_cases: int) -> Schedule:
     """Iterations and validation interval within `budget_s`: MARGIN of it kept for start-up and checkpoints,
     at most VAL_SHARE of it validating (at most MAX_VALIDATIONS full validations, the last at the end; when
@@ -709,7 +716,10 @@ def make_plan(data: str | Path, *, method: str = DEFAULT_METHOD, device: str | N
                     "configs pair them)" if two_streams else f"{method} trains on labelled images only"))
     cfg: dict[str, Any] = {"data": {"patch_size": patch},
                            "train": {"iterations": sched.iterations, "batch_labeled": bl, "batch_unlabeled": bu,
-                                     "time_budget_min": float(budget_min)},
+                                     "time_budget_min": float(budget_min),
+                                     "fit_budget_after": fit_after(sched.iterations),
+                                     "fit_budget_reserve_s": round(sched.seconds - sched.iterations * s_it
+                                                                   + MARGIN * budget_s, 1)},
                            "val": {"every": sched.val_every}}
     if base["train"].get("epochs") is not None:
         cfg["train"]["epochs"] = None
@@ -723,6 +733,11 @@ def make_plan(data: str | Path, *, method: str = DEFAULT_METHOD, device: str | N
         reasons.append(("val.max_cases", str(sched.max_cases), "validation cases that fit the validation share"))
     reasons.append(("train.time_budget_min", f"{budget_min:g}", "the engine stops cleanly (last.pt saved) before a "
                     "validation round or step that would pass the budget, if the run is slower than measured"))
+    reasons.append(("train.fit_budget_after", str(cfg["train"]["fit_budget_after"]),
+                    "the run times its own steps this far and refits train.iterations to end at the budget (a trial "
+                    "step alone is not the loop: the machine, the data path and the allocator differ), keeping "
+                    f"train.fit_budget_reserve_s = {cfg['train']['fit_budget_reserve_s']:g} s for validation and the "
+                    f"{MARGIN:.0%} start-up margin"))
     scaled = _scaled_schedule(base, sched.iterations, reasons)
     if scaled:
         cfg["optim"] = scaled
