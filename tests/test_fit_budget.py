@@ -55,29 +55,36 @@ def tiny_2d(tmp_path_factory):
     return root
 
 
-def test_a_fitted_run_ends_at_its_budget_with_schedule_and_validation_moved(tiny_2d, tmp_path, monkeypatch,
-                                                                            one_thread):
-    clock = types.SimpleNamespace(t=0.0)
+def _fake_clock(monkeypatch, step_seconds):
+    """The loop's clock advances only in training steps: step k (1-based) takes step_seconds(k) seconds."""
+    clock = types.SimpleNamespace(t=0.0, k=0)
     monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock.t))
     real_step = loop_mod.Trainer._step
 
-    def two_seconds(self):
+    def timed_step(self):
         out = real_step(self)
-        clock.t += 2.0
+        clock.k += 1
+        clock.t += step_seconds(clock.k)
         return out
 
-    monkeypatch.setattr(loop_mod.Trainer, "_step", two_seconds)
+    monkeypatch.setattr(loop_mod.Trainer, "_step", timed_step)
+
+
+SETS = ["val.every=1000", "val.at_start=false", "train.time_budget_min=1", "train.fit_budget_after=3",
+        "train.fit_budget_reserve_s=10", "train.log_every=1", "optim.schedule=poly", "method.backbone.base=2"]
+
+
+def test_a_fitted_run_ends_at_its_budget_with_schedule_and_validation_moved(tiny_2d, tmp_path, monkeypatch,
+                                                                            one_thread):
+    _fake_clock(monkeypatch, lambda k: 2.0)
     run = tmp_path / "run"
-    # planned 1000 steps, validation only at the end; 60 s budget, 10 s reserved: after 3 steps (6 s) the fit
-    # gives 3 + (60 − 6 − 10) // 2 = 25 steps
-    res = train("lvit-unet", tiny_2d, out=run, quiet=True, iterations=1000,
-                sets=["val.every=1000", "val.at_start=false", "train.time_budget_min=1", "train.fit_budget_after=3",
-                      "train.fit_budget_reserve_s=10", "train.log_every=1", "optim.schedule=poly",
-                      "method.backbone.base=2"])
+    # planned 1000 steps, validation only at the end; 60 s budget, 10 s reserved: at step 3 (6 s used, 2 s a
+    # step) the fit gives 3 + (60 − 6 − 10) // 2 = 25 steps; the refits every 3 steps keep 25
+    res = train("lvit-unet", tiny_2d, out=run, quiet=True, iterations=1000, sets=SETS)
     end = json.loads((run / "training.json").read_text(encoding="utf-8"))
     assert res.iteration == 25 and end["ended"] == "completed" and end["max_iterations"] == 25
-    assert end["fitted_to_budget"] == {"after": 3, "s_per_it": 2.0, "elapsed_s": 6.0, "reserve_s": 10.0,
-                                       "planned": 1000, "fitted": 25}
+    assert end["fitted_to_budget"] == {"after": 3, "planned": 1000, "refits": 8, "s_per_it": 2.0, "elapsed_s": 48.0,
+                                       "reserve_s": 10.0, "fitted": 25}
     assert [it for it, _ in end["val_history"]] == [25]  # the validation planned at the end moved with the end
     cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     assert cfg["train"]["iterations"] == 25 and cfg["val"]["every"] == 25  # a resume continues the fitted run
@@ -88,3 +95,13 @@ def test_a_fitted_run_ends_at_its_budget_with_schedule_and_validation_moved(tiny
     assert rows[2] == pytest.approx(base * lr_factor(2, 1000, cfg["optim"]))
     for k in (3, 10, 24):
         assert rows[k] == pytest.approx(base * lr_factor(k, 25, cfg["optim"]))
+
+
+def test_a_run_that_gets_faster_is_refitted_longer(tiny_2d, tmp_path, monkeypatch, one_thread):
+    _fake_clock(monkeypatch, lambda k: 2.0 if k <= 6 else 1.0)
+    run = tmp_path / "run"
+    # 25 steps fitted at steps 3 and 6; at step 9 (15 s used, 1 s a step over steps 7-9): 9 + (60 − 15 − 10) = 44
+    res = train("lvit-unet", tiny_2d, out=run, quiet=True, iterations=1000, sets=SETS)
+    end = json.loads((run / "training.json").read_text(encoding="utf-8"))
+    assert res.iteration == 44 and end["ended"] == "completed"
+    assert end["fitted_to_budget"]["fitted"] == 44 and end["fitted_to_budget"]["s_per_it"] == 1.0

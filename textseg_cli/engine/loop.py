@@ -133,6 +133,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.max_iterations, cfg["optim"],
                                          tr.get("iterations_per_epoch"))
         self.iteration = 0
+        self._val_seconds = 0.0  # spent validating in this process (the budget fit keeps it apart from steps)
+        self._planned_iterations = int(self.max_iterations)  # before any fit to the time budget
         self.best_metric: float | None = None
         self.best_iteration: int | None = None
         self.window: dict[str, float] = {}
@@ -294,6 +296,7 @@ class Trainer:
         finally:
             release_inference_copy(self.method)  # built on demand; no second copy between validations
         res["val_seconds"] = round(time.perf_counter() - t0, 3)
+        self._val_seconds += res["val_seconds"]
         if self.stop.is_best(self.iteration, res["val_dice"], self.best_metric):
             self.best_metric, self.best_iteration = res["val_dice"], self.iteration
             res["val_best"] = 1
@@ -314,7 +317,7 @@ class Trainer:
         old_handlers = self._install_signals()
         history: list[tuple[int, float]] = []
         t_start, it_start = time.perf_counter(), self.iteration
-        t_first = t_start
+        fit_t0, fit_it0, fit_val0 = t_start, self.iteration, 0.0
         self.method.train()
         try:
             with self._progress() as bar:
@@ -337,12 +340,14 @@ class Trainer:
                         self.window[k] = self.window.get(k, 0.0) + v
                     self.window_n += 1
                     it = self.iteration
-                    if it == it_start + 1:
-                        t_first = time.perf_counter()  # the first step (warm-up) is not timed for the fit
-                    if self.stop.fit_after and it_start + 2 <= it == self.stop.fit_after:  # ≥ 1 timed step
+                    if it == it_start + 1:  # the first step (warm-up) is not timed for the fit
+                        fit_t0, fit_it0, fit_val0 = time.perf_counter(), it, self._val_seconds
+                    if (self.stop.fit_after and it - it_start >= 2 and it % self.stop.fit_after == 0
+                            and it < self.max_iterations):  # refit every fit_after steps, on the recent speed
                         now = time.perf_counter()
-                        self._fit_to_budget(it, now - t_start, (now - t_first) / (it - it_start - 1),
-                                            it - it_start - 1)
+                        steps_s = now - fit_t0 - (self._val_seconds - fit_val0)
+                        self._fit_to_budget(it, now - t_start, steps_s / (it - fit_it0), it - fit_it0)
+                        fit_t0, fit_it0, fit_val0 = now, it, self._val_seconds
                         bar.update(task, total=self.max_iterations)
                     row: dict[str, Any] = {}
                     if it % tr["log_every"] == 0 or it == self.max_iterations:
@@ -388,17 +393,22 @@ class Trainer:
                            time.perf_counter() - t_start, stop_reason=self.stop.reason)
 
     def _fit_to_budget(self, it: int, elapsed_s: float, step_s: float, timed: int) -> None:
-        """`train.fit_budget_after`: set the run's length from the seconds per step measured over the last
-        `timed` steps so it ends at `train.time_budget_min` (rank 0's measurement on every rank); the lr schedule
-        is rebuilt over the new length at the current step, ramps read it from the step context, a validation
-        planned only at the end moves with the end, and config.yaml records the fitted length (a resumed run
-        continues it)."""
+        """`train.fit_budget_after`: set the run's length from the seconds per step of the last `timed` steps
+        (validation time taken out) so it ends at `train.time_budget_min`, keeping what is left of
+        `train.fit_budget_reserve_s` once validations have spent part of it; called every fit_after steps, so a
+        machine that gets slower or faster mid-run is followed (rank 0's measurement on every rank). The lr
+        schedule is rebuilt over the new length at the current step, ramps read it from the step context, a
+        validation planned only at the end moves with the end, and config.yaml records the fitted length (a
+        resumed run continues it)."""
         tr, val = self.cfg["train"], self.cfg["val"]
         old = self.max_iterations
-        new = int(main_value(self.dist, fitted_iterations(it, elapsed_s, step_s, self.stop.budget_s,
-                                                          self.stop.fit_reserve_s, old)))
-        self.stop.fitted = {"after": it, "s_per_it": round(step_s, 4), "elapsed_s": round(elapsed_s, 3),
-                            "reserve_s": self.stop.fit_reserve_s, "planned": old, "fitted": new}
+        reserve = max(0.0, self.stop.fit_reserve_s - self._val_seconds)
+        new = int(main_value(self.dist, fitted_iterations(it, elapsed_s, step_s, self.stop.budget_s, reserve,
+                                                          self._planned_iterations)))
+        fitted = self.stop.fitted or {"after": it, "planned": self._planned_iterations, "refits": 0}
+        fitted.update({"s_per_it": round(step_s, 4), "elapsed_s": round(elapsed_s, 3),
+                       "reserve_s": round(reserve, 3), "fitted": new, "refits": fitted["refits"] + 1})
+        self.stop.fitted = fitted
         if new == old:
             return
         self.max_iterations = tr["iterations"] = new
@@ -413,9 +423,9 @@ class Trainer:
         if self.dist.main:
             save_config(self.cfg, self.run_dir / "config.yaml")
             if not self.quiet:
-                err_console.print(f"fitted to the time budget: {old} → {new} iterations ({step_s:.3g} s per step "
-                                  f"measured over steps {it - timed + 1}–{it}, {elapsed_s:.0f} s used, "
-                                  f"{self.stop.fit_reserve_s:.0f} s kept for validation)", highlight=False)
+                err_console.print(f"fitted to the time budget at step {it}: {old} → {new} iterations ({step_s:.3g} s "
+                                  f"per step over the last {timed}, {elapsed_s:.0f} s used, {reserve:.0f} s kept for "
+                                  "validation)", highlight=False)
 
     def _should_stop(self, it: int, do_val: bool, t_start: float) -> bool:
         """Early stopping after a validation; the time budget where a validation (in epoch mode: an epoch)

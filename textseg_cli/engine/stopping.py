@@ -6,8 +6,9 @@ iterations (the sampler's shuffled passes are those epochs) with one validation 
 validations never become best) read as epochs; `val.best_floor` is what the first best must beat.
 `train.time_budget_min` stops cleanly, with a checkpoint and the reason recorded, before an epoch (or,
 without validation, a step) that would not fit in the budget. With `train.fit_budget_after: N` the run's length
-is fitted to the budget instead: after N steps the measured seconds per step set `train.iterations` so that the
-run ends at the budget, less `train.fit_budget_reserve_s` for validations (`fitted_iterations`); the lr schedule
+is fitted to the budget instead: every N steps the seconds per step of the last ones set `train.iterations` so
+that the run ends at the budget, less what is left of `train.fit_budget_reserve_s` for validations
+(`fitted_iterations`); the lr schedule
 and the methods' ramps then run over the fitted length, and the stop stays as the safety net.
 """
 

@@ -734,7 +734,8 @@ def make_plan(data: str | Path, *, method: str = DEFAULT_METHOD, device: str | N
     reasons.append(("train.time_budget_min", f"{budget_min:g}", "the engine stops cleanly (last.pt saved) before a "
                     "validation round or step that would pass the budget, if the run is slower than measured"))
     reasons.append(("train.fit_budget_after", str(cfg["train"]["fit_budget_after"]),
-                    "the run times its own steps this far and refits train.iterations to end at the budget (a trial "
+                    "every this many steps the run times its recent steps and refits train.iterations to end at the "
+                    "budget (a trial "
                     "step alone is not the loop: the machine, the data path and the allocator differ), keeping "
                     f"train.fit_budget_reserve_s = {cfg['train']['fit_budget_reserve_s']:g} s for validation and the "
                     f"{MARGIN:.0%} start-up margin"))
