@@ -317,7 +317,7 @@ class Trainer:
         old_handlers = self._install_signals()
         history: list[tuple[int, float]] = []
         t_start, it_start = time.perf_counter(), self.iteration
-        fit_t0, fit_it0, fit_val0 = t_start, self.iteration, 0.0
+        fit_t0, fit_it0, fit_val0 = t_start, self.iteration, 0.0  # set after the first (untimed) step
         self.method.train()
         try:
             with self._progress() as bar:

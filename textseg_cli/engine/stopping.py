@@ -8,8 +8,8 @@ validations never become best) read as epochs; `val.best_floor` is what the firs
 without validation, a step) that would not fit in the budget. With `train.fit_budget_after: N` the run's length
 is fitted to the budget instead: every N steps the seconds per step of the last ones set `train.iterations` so
 that the run ends at the budget, less what is left of `train.fit_budget_reserve_s` for validations
-(`fitted_iterations`); the lr schedule
-and the methods' ramps then run over the fitted length, and the stop stays as the safety net.
+(`fitted_iterations`); the lr schedule and the methods' ramps then run over the fitted length, and the stop stays
+as the safety net.
 """
 
 from __future__ import annotations
